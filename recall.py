@@ -72,7 +72,8 @@ from train import ConfigError, get_lr, load_checkpoint, save_checkpoint
 REPO = pathlib.Path(__file__).resolve().parent
 ALL_MODELS = ("moneta", "yaad", "memora", "transformer", "moneta_linear")
 ALL_TASKS = ("mqar", "passkey")
-TRAIN_SEED_BASE, EVAL_SEED_BASE = 1_000_003, 7_000_003  # generator seeds: training batches and evaluation sets
+# generator seeds: training batches, the validation set (picks the lr) and the evaluation sets
+TRAIN_SEED_BASE, VAL_SEED_BASE, EVAL_SEED_BASE = 1_000_003, 5_000_011, 7_000_003
 
 
 def model_spec(model):
@@ -98,7 +99,7 @@ class Setting:
     eval_lens: tuple
     steps: int
     batch_size: int
-    learning_rate: float
+    learning_rate: float         # this run's peak lr (one of lr_grid; main() makes one run per value)
     warmup_iters: int
     eval_samples: int            # per eval length (mqar) or per (length, depth) (passkey)
     num_kv_pairs: int = 0        # mqar
@@ -111,27 +112,54 @@ class Setting:
     grad_clip: float = 1.0
     ckpt_interval: int = 100
     seed: int = 0
+    lr_grid: tuple = ()          # peak lrs swept per model; the best by validation accuracy is reported
+    model_overrides: dict = dataclasses.field(default_factory=dict)  # per study model: config fields to set
+    passkey_loss: str = "answer"   # passkey training loss: "answer" (the digits) or "text" (every next char)
+
+    def __post_init__(self):
+        if self.passkey_loss not in ("answer", "text"):
+            raise ConfigError(f"passkey_loss={self.passkey_loss!r}: use 'answer' or 'text'")
 
     def to_dict(self):
+        """What identifies one run: every field but lr_grid (widening the grid must not redo finished runs)."""
         d = dataclasses.asdict(self)
+        del d["lr_grid"]
         d["eval_lens"], d["depths"] = list(self.eval_lens), list(self.depths)
         return d
 
+    def runs(self):
+        """This setting once per learning rate of its grid."""
+        return [dataclasses.replace(self, learning_rate=lr) for lr in (self.lr_grid or (self.learning_rate,))]
+
+
+# The peak lrs swept for every model, and each Miras model's inner learning rate scale eta_base for this study.
+# With the language-model defaults (3e-4; Yaad 1e-4) no Miras model learned MQAR at this budget: the in-context
+# updates are too small to move M(q) through the memory's LayerNorm, and the learned gate (eta_base * softplus)
+# does not grow by orders of magnitude in a few thousand steps. The right scale depends on the retention's
+# parametrization: Memora's weights are c * softmax rows with entries ~1 and its step acts on their logits, so it
+# needs ~300x Moneta's. Picked on MQAR width-64 pilots (results/recall/README.md), not on the evaluation sets.
+# The tasks are one to four chunks long, so the cross-chunk gradient growth that set the smaller LM defaults
+# (README "Stability") does not arise in training here.
+LR_GRID = (1e-3, 3e-3)
+RECALL_ETA = dict(moneta=1e-3, moneta_linear=1e-3, yaad=1e-3, memora=0.3)
+
+
+def _setting(**kw):
+    over = {m: dict(eta_base=eta) for m, eta in RECALL_ETA.items()}
+    kw = dict(dict(lr_grid=LR_GRID, learning_rate=LR_GRID[0], model_overrides=over), **kw)
+    return Setting(warmup_iters=max(1, kw["steps"] // 10), **kw)
+
 
 def _mqar(name, C, steps, **kw):
-    base = dict(task="mqar", name=name, n_layer=2, n_embd=C, n_head=C // 32, num_kv_pairs=4, vocab_size=64,
-                train_len=32, eval_lens=(32, 64, 128, 256), steps=steps, batch_size=32, learning_rate=5e-3,
-                warmup_iters=max(1, steps // 10), eval_samples=256)
-    base.update(kw)
-    return Setting(**base)
+    return _setting(**dict(dict(task="mqar", name=name, n_layer=2, n_embd=C, n_head=C // 32, num_kv_pairs=4,
+                                vocab_size=64, train_len=32, eval_lens=(32, 64, 128, 256), steps=steps,
+                                batch_size=32, eval_samples=256), **kw))
 
 
 def _passkey(name, C, steps, **kw):
-    base = dict(task="passkey", name=name, n_layer=2, n_embd=C, n_head=C // 32, train_len=256,
-                eval_lens=(256, 512, 1024, 2048, 4096), depths=(0.0, 0.25, 0.5, 0.75, 1.0), steps=steps,
-                batch_size=8, learning_rate=2e-3, warmup_iters=max(1, steps // 10), eval_samples=8)
-    base.update(kw)
-    return Setting(**base)
+    return _setting(**dict(dict(task="passkey", name=name, n_layer=2, n_embd=C, n_head=C // 32, train_len=256,
+                                eval_lens=(256, 512, 1024, 2048, 4096), depths=(0.0, 0.25, 0.5, 0.75, 1.0),
+                                steps=steps, batch_size=8, eval_samples=8), **kw))
 
 
 # SwiGLU widths that match non-embedding parameters to the full-memory Miras models (see the module doc). A
@@ -145,8 +173,8 @@ MATCH_HIDDEN = {32: dict(transformer=384, moneta_linear=320),
 PRESETS = {
     "cpu": [
         _mqar("mqar_d32", 32, 2000, mlp_hidden=MATCH_HIDDEN[32]),
-        _mqar("mqar_d64", 64, 1500, mlp_hidden=MATCH_HIDDEN[64]),
-        _passkey("passkey", 64, 1200, mlp_hidden=MATCH_HIDDEN[64]),
+        _mqar("mqar_d64", 64, 2000, mlp_hidden=MATCH_HIDDEN[64]),
+        _passkey("passkey", 64, 2000, mlp_hidden=MATCH_HIDDEN[64]),
     ],
     "micro": [
         _mqar("mqar_d32", 32, 3, n_layer=1, vocab_size=32, train_len=16, eval_lens=(16, 32),
@@ -178,9 +206,9 @@ def train_batch(s, step):
     """(x, y) of training step `step`: a pure function of (seed, step)."""
     b = task_batch(s, s.batch_size, seed=TRAIN_SEED_BASE + 1009 * s.seed + step)
     x = torch.from_numpy(b.inputs)
-    if s.task == "passkey":  # next-character loss everywhere; the last position's target is the last digit
+    if s.task == "passkey" and s.passkey_loss == "text":  # every next char; the last target is the last digit
         y = torch.from_numpy(np.concatenate([b.inputs[:, 1:], b.targets[:, -1:]], axis=1))
-    else:
+    else:  # the answer positions only
         y = torch.from_numpy(b.targets)
     return x, y
 
@@ -194,6 +222,7 @@ def model_config(model, s):
                 vocab_size=vocab_size(s), learning_rate=s.learning_rate)
     if s.mlp_hidden.get(model):
         over["mlp_hidden"] = s.mlp_hidden[model]
+    over.update(s.model_overrides.get(model, {}))
     return models.make_config(name, variant, **over)
 
 
@@ -267,37 +296,52 @@ def train_run(model, s, ckpt_path, log=print):
 
 
 @torch.no_grad()
-def evaluate(net, s, max_tokens=8192):
-    """Records (without the model fields) of accuracy at every eval length (x depth)."""
+def score(net, b, max_tokens=8192):
+    """(exact-match accuracy, token accuracy) of `net` on TaskBatch `b`, in batches of <= max_tokens tokens."""
+    was_training = net.training
     net.eval()
+    L = b.inputs.shape[1]
+    bs = max(1, max_tokens // L)
+    right, tok_right, tok_n = [], 0, 0
+    for i in range(0, len(b), bs):
+        y = b.targets[i:i + bs]
+        pred = net(torch.from_numpy(b.inputs[i:i + bs]))[0].argmax(-1).numpy()
+        right.append(recall_tasks.exact_match(pred, y, per_sample=True))
+        mask = y != recall_tasks.IGNORE
+        tok_right += int((pred[mask] == y[mask]).sum())
+        tok_n += int(mask.sum())
+    net.train(was_training)
+    return float(np.concatenate(right).mean()), tok_right / tok_n
+
+
+def validate(net, s):
+    """Accuracy at the training length on a held-out validation set (random depths for passkey): what picks
+    the learning rate, so that the reported evaluation sets play no part in the choice."""
+    n = s.eval_samples * max(1, len(s.depths))
+    acc, tok = score(net, task_batch(s, n, seed=VAL_SEED_BASE + 7919 * s.seed))
+    return dict(val_accuracy=acc, val_token_accuracy=tok, num_val_samples=n)
+
+
+def evaluate(net, s):
+    """Records (without the model fields) of accuracy at every eval length (x depth)."""
     out = []
     cells = [(L, d) for L in s.eval_lens for d in (s.depths if s.task == "passkey" else (None,))]
     for ci, (L, depth) in enumerate(cells):
         seed = EVAL_SEED_BASE + 7919 * s.seed + 31 * ci
         b = task_batch(s, s.eval_samples, seed=seed, seq_len=L, depth=depth)
-        bs = max(1, max_tokens // L)
-        right, tok_right, tok_n = [], 0, 0
-        for i in range(0, len(b), bs):
-            x = torch.from_numpy(b.inputs[i:i + bs])
-            y = b.targets[i:i + bs]
-            logits, _ = net(x)
-            pred = logits.argmax(-1).numpy()
-            right.append(recall_tasks.exact_match(pred, y, per_sample=True))
-            mask = y != recall_tasks.IGNORE
-            tok_right += int((pred[mask] == y[mask]).sum())
-            tok_n += int(mask.sum())
-        rec = dict(eval_len=L, depth=depth, accuracy=float(np.concatenate(right).mean()),
-                   token_accuracy=tok_right / tok_n, num_eval_samples=len(b), eval_seed=seed)
+        acc, tok = score(net, b)
+        rec = dict(eval_len=L, depth=depth, accuracy=acc, token_accuracy=tok, num_eval_samples=len(b),
+                   eval_seed=seed)
         if s.task == "passkey":
             rec["mean_actual_depth"] = float(np.mean(b.info["depths"]))
         out.append(rec)
-    net.train()
     return out
 
 
 def run_one(model, s, out, preset, force=False, keep_ckpt=False, log=print):
     """Train + evaluate one (model, setting), or read it from the cache. Returns (records, cached)."""
-    run_path = out / "runs" / f"{model}__{s.name}.json"
+    run_id = f"{model}__{s.name}__lr{s.learning_rate:g}"
+    run_path = out / "runs" / f"{run_id}.json"
     settings = s.to_dict()
     if run_path.exists() and not force:
         try:
@@ -311,16 +355,17 @@ def run_one(model, s, out, preset, force=False, keep_ckpt=False, log=print):
             log(f"  {run_path.name}: unreadable, rerunning")
     (out / "runs").mkdir(parents=True, exist_ok=True)
     (out / "ckpt").mkdir(parents=True, exist_ok=True)
-    ckpt_path = out / "ckpt" / f"{model}__{s.name}.pt"
+    ckpt_path = out / "ckpt" / f"{run_id}.pt"
     if force:
         ckpt_path.unlink(missing_ok=True)
     net, stats = train_run(model, s, ckpt_path, log)
     t0 = time.time()
+    stats.update(validate(net, s))
     evals = evaluate(net, s)
     eval_time = time.time() - t0
     name, variant = model_spec(model)
     base = dict(model=model, registry_model=name, variant=variant, task=s.task, setting=s.name,
-                train_len=s.train_len, num_kv_pairs=s.num_kv_pairs if s.task == "mqar" else None,
+                learning_rate=s.learning_rate, train_len=s.train_len, num_kv_pairs=s.num_kv_pairs if s.task == "mqar" else None,
                 n_params=net.num_params(), n_params_total=net.num_params(False), n_embd=s.n_embd,
                 n_layer=s.n_layer, n_head=s.n_head, mlp_hidden=net.config.hidden, preset=preset, **stats,
                 eval_time_s=eval_time)
@@ -333,7 +378,23 @@ def run_one(model, s, out, preset, force=False, keep_ckpt=False, log=print):
 
 
 # ----------------------------------------------------------------------------------------------
-# Plots and tables
+# Learning-rate selection, plots and tables
+
+def mark_selected(records):
+    """Per (model, setting): mark the records of the lr with the best validation accuracy (ties: the lower final
+    training loss, then the lower lr) with selected=True, the others False. In place."""
+    groups = {}
+    for r in records:
+        groups.setdefault((r["model"], r["setting"]), {}).setdefault(r["learning_rate"], []).append(r)
+    for runs in groups.values():
+        def rank(lr):
+            r0 = runs[lr][0]
+            loss = r0["final_train_loss"]
+            return (-r0["val_accuracy"], math.inf if loss is None or not math.isfinite(loss) else loss, lr)
+        best = min(runs, key=rank)
+        for lr, rs in runs.items():
+            for r in rs:
+                r["selected"] = lr == best
 
 def plot(records, out):
     import matplotlib
@@ -410,17 +471,19 @@ def plot(records, out):
 
 
 def summary_tables(records):
+    """Markdown: per setting, the selected lr's accuracies, then every lr's validation accuracy."""
     lines = []
     model_order = [m for m in ALL_MODELS if any(r["model"] == m for r in records)]
     for st in sorted({r["setting"] for r in records}):
-        rs = [r for r in records if r["setting"] == st]
+        rs = [r for r in records if r["setting"] == st and r["selected"]]
         lens = sorted({r["eval_len"] for r in rs})
         r0 = rs[0]
         desc = (f"MQAR, {r0['num_kv_pairs']} kv pairs, width {r0['n_embd']}, trained at {r0['train_len']}"
                 if r0["task"] == "mqar" else f"passkey, trained at {r0['train_len']} (mean over depths)")
         lines += [f"### {st}: {desc}", "",
-                  "| model | non-emb params | train s | final loss | " + " | ".join(f"L={L}" for L in lens) + " |",
-                  "|---|---|---|---|" + "---|" * len(lens)]
+                  "| model | non-emb params | lr | train s | final loss | val | "
+                  + " | ".join(f"L={L}" for L in lens) + " |",
+                  "|---|---|---|---|---|---|" + "---|" * len(lens)]
         for m in model_order:
             mr = [r for r in rs if r["model"] == m]
             if not mr:
@@ -431,9 +494,26 @@ def summary_tables(records):
                 cells.append(f"{np.mean([r['accuracy'] for r in lr_]):.3f} "
                              f"({np.mean([r['token_accuracy'] for r in lr_]):.2f})")
             loss = mr[0]["final_train_loss"]
-            lines.append(f"| {m} | {mr[0]['n_params']:,} | {mr[0]['train_time_s']:.0f} | "
-                         f"{'nan' if loss is None else f'{loss:.3f}'} | " + " | ".join(cells) + " |")
-        lines += ["", "cells: exact-match accuracy (token accuracy)", ""]
+            lines.append(f"| {m} | {mr[0]['n_params']:,} | {mr[0]['learning_rate']:g} | {mr[0]['train_time_s']:.0f} | "
+                         f"{'nan' if loss is None else f'{loss:.3f}'} | {mr[0]['val_accuracy']:.3f} | "
+                         + " | ".join(cells) + " |")
+        lines += ["", "lr: the peak lr picked by validation accuracy (val: exact match at the training length on a "
+                  "held-out set); cells: exact-match accuracy (token accuracy)", ""]
+        sweep = {}
+        for r in records:
+            if r["setting"] == st:
+                sweep.setdefault(r["model"], {})[r["learning_rate"]] = (r["val_accuracy"], r["final_train_loss"])
+        lrs = sorted({lr for v in sweep.values() for lr in v})
+        if len(lrs) > 1:
+            lines += [f"lr sweep ({st}): validation exact match (final training loss)", "",
+                      "| model | " + " | ".join(f"lr={lr:g}" for lr in lrs) + " |", "|---|" + "---|" * len(lrs)]
+            for m in model_order:
+                if m in sweep:
+                    lines.append(f"| {m} | " + " | ".join(
+                        "" if lr not in sweep[m] else
+                        f"{sweep[m][lr][0]:.3f} ({'nan' if sweep[m][lr][1] is None else f'{sweep[m][lr][1]:.3f}'})"
+                        for lr in lrs) + " |")
+            lines.append("")
     return "\n".join(lines)
 
 
@@ -495,12 +575,13 @@ def main(argv=None):
     n_cached = n_run = 0
     for s in settings:
         for m in model_names:
-            t0 = time.time()
-            print(f"[{time.strftime('%H:%M:%S')}] {m} / {s.name}", flush=True)
-            _, cached = run_one(m, s, out, args.preset, force=args.force, keep_ckpt=args.keep_ckpt)
-            n_cached += cached
-            n_run += not cached
-            print(f"  {'cached' if cached else f'done in {time.time() - t0:.0f}s'}", flush=True)
+            for sr in s.runs():
+                t0 = time.time()
+                print(f"[{time.strftime('%H:%M:%S')}] {m} / {s.name} / lr {sr.learning_rate:g}", flush=True)
+                _, cached = run_one(m, sr, out, args.preset, force=args.force, keep_ckpt=args.keep_ckpt)
+                n_cached += cached
+                n_run += not cached
+                print(f"  {'cached' if cached else f'done in {time.time() - t0:.0f}s'}", flush=True)
     # results.json: every finished run in OUT (also ones from earlier invocations with other --models/--tasks)
     records = []
     for p in sorted((out / "runs").glob("*.json")):
@@ -508,8 +589,9 @@ def main(argv=None):
             records += json.loads(p.read_text())["records"]
         except (json.JSONDecodeError, KeyError):
             print(f"warning: skipping unreadable {p}", file=sys.stderr)
+    mark_selected(records)
     _atomic_json({"preset": args.preset, "records": records}, out / "results.json")
-    plots = plot(records, out)
+    plots = plot([r for r in records if r["selected"]], out)
     table = summary_tables(records)
     (out / "summary.md").write_text(table + "\n")
     print(table)

@@ -1,5 +1,6 @@
-"""recall.py (issue 8): a micro train+eval run of the driver completes, writes valid JSON with every field and
-plots; a second invocation reads everything from the cache; an interrupted run resumes from its checkpoint."""
+"""recall.py (issue 8): a micro train+eval run of the driver (every model at every lr of the grid) completes,
+writes valid JSON with every field and plots, and marks one lr per model and setting as selected by validation
+accuracy; a second invocation reads everything from the cache; an interrupted run resumes from its checkpoint."""
 import json
 import math
 
@@ -10,7 +11,7 @@ import recall
 
 FIELDS = ("model", "task", "setting", "train_len", "eval_len", "depth", "num_kv_pairs", "accuracy",
           "token_accuracy", "n_params", "n_params_total", "n_embd", "n_layer", "train_steps", "train_time_s",
-          "num_eval_samples", "preset")
+          "num_eval_samples", "preset", "learning_rate", "val_accuracy", "selected")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -19,8 +20,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_micro_run_writes_results_and_uses_cache(tmp_path):
     out = tmp_path / "recall"
     args = ["--preset=micro", f"--out={out}", "--models=moneta,transformer,moneta_linear"]
+    micro = recall.PRESETS["micro"]
     first = recall.main(args)
-    assert first["runs"] == 3 * len(recall.PRESETS["micro"]) and first["cached"] == 0
+    assert first["runs"] == 3 * sum(len(s.runs()) for s in micro) and first["cached"] == 0
+    assert all(len(s.runs()) >= 2 for s in micro)  # the selection below is exercised
 
     data = json.loads((out / "results.json").read_text())
     recs = data["records"]
@@ -32,9 +35,17 @@ def test_micro_run_writes_results_and_uses_cache(tmp_path):
         assert r["n_params"] > 0 and math.isfinite(r["final_train_loss"])
         assert (r["depth"] is None) == (r["task"] == "mqar")
         assert (r["num_kv_pairs"] is None) == (r["task"] == "passkey")
-    micro = recall.PRESETS["micro"]
-    expected = sum(3 * len(s.eval_lens) * (len(s.depths) if s.task == "passkey" else 1) for s in micro)
+    expected = sum(3 * len(s.runs()) * len(s.eval_lens) * (len(s.depths) if s.task == "passkey" else 1)
+                   for s in micro)
     assert len(recs) == expected
+    # exactly one lr per (model, setting) is selected, and it has the best validation accuracy
+    for m in ("moneta", "transformer", "moneta_linear"):
+        for s in micro:
+            rs = [r for r in recs if r["model"] == m and r["setting"] == s.name]
+            assert {r["learning_rate"] for r in rs} == set(s.lr_grid)
+            chosen = {r["learning_rate"] for r in rs if r["selected"]}
+            assert len(chosen) == 1
+            assert max(r["val_accuracy"] for r in rs) == next(r["val_accuracy"] for r in rs if r["selected"])
     assert {r["model"] for r in recs} == {"moneta", "transformer", "moneta_linear"}
     assert {r["task"] for r in recs} == {"mqar", "passkey"}
     # evaluated beyond the training length
@@ -42,7 +53,8 @@ def test_micro_run_writes_results_and_uses_cache(tmp_path):
     # plots: accuracy vs length per task setting, a passkey heatmap per model
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert len(pngs) == len(micro) + 3
-    assert (out / "summary.md").read_text().count("| moneta |") == len(micro)
+    # per setting: the selected row and the lr-sweep row
+    assert (out / "summary.md").read_text().count("| moneta |") == 2 * len(micro)
     assert not list((out / "ckpt").glob("*.pt"))  # removed once a run is finished
 
     mtimes = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")}
@@ -67,6 +79,39 @@ def test_resume_from_checkpoint_matches_uninterrupted(tmp_path):
     assert stats["train_steps"] == s.steps
     for a, b in zip(full.state_dict().values(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b)
+
+
+def test_selection_ties_break_on_training_loss_then_lr():
+    def rec(lr, val, loss):
+        return dict(model="m", setting="s", learning_rate=lr, val_accuracy=val, final_train_loss=loss)
+    recs = [rec(1e-3, 0.5, 0.2), rec(3e-3, 0.9, 0.3), rec(1e-2, 0.9, 0.1), rec(3e-2, 1.0, None)]
+    recall.mark_selected(recs)
+    assert [r["selected"] for r in recs] == [False, False, False, True]
+    recs = recs[:3] + [rec(3e-2, 0.9, 0.1)]
+    recall.mark_selected(recs)
+    assert [r["selected"] for r in recs] == [False, False, True, False]
+
+
+def test_model_overrides_reach_their_model():
+    s = recall.PRESETS["cpu"][0]
+    for m in ("moneta", "yaad", "memora", "moneta_linear"):  # the cpu preset sets every Miras model's eta_base
+        assert recall.model_config(m, s).eta_base == recall.RECALL_ETA[m]
+    assert "transformer" not in s.model_overrides
+    s = recall.dataclasses.replace(s, model_overrides={"memora": dict(eta_base=0.5)})
+    assert recall.model_config("memora", s).eta_base == 0.5
+    assert recall.model_config("moneta", s).eta_base == recall.models.make_config("moneta").eta_base
+
+
+def test_passkey_loss_targets():
+    s = next(x for x in recall.PRESETS["micro"] if x.task == "passkey")
+    x, y = recall.train_batch(s, 0)
+    assert s.passkey_loss == "answer"
+    assert ((y != -1).sum(1) == s.num_digits).all()  # the digits only
+    x2, y2 = recall.train_batch(recall.dataclasses.replace(s, passkey_loss="text"), 0)
+    assert torch.equal(x, x2) and (y2 != -1).all() and torch.equal(y2[:, :-1], x[:, 1:])
+    assert torch.equal(y2[:, -s.num_digits:], y[:, -s.num_digits:])
+    with pytest.raises(recall.ConfigError):
+        recall.dataclasses.replace(s, passkey_loss="all")
 
 
 def test_bad_arguments():
