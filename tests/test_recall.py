@@ -11,7 +11,7 @@ import recall
 
 FIELDS = ("model", "task", "setting", "train_len", "eval_len", "depth", "num_kv_pairs", "accuracy",
           "token_accuracy", "n_params", "n_params_total", "n_embd", "n_layer", "train_steps", "train_time_s",
-          "num_eval_samples", "preset", "learning_rate", "val_accuracy", "selected")
+          "num_eval_samples", "preset", "learning_rate", "seed", "val_accuracy", "selected")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -81,15 +81,42 @@ def test_resume_from_checkpoint_matches_uninterrupted(tmp_path):
         torch.testing.assert_close(a, b)
 
 
+def test_extra_seeds_train_at_the_selected_lr(tmp_path):
+    out = tmp_path / "recall"
+    args = ["--preset=micro", f"--out={out}", "--models=moneta_linear", "--tasks=mqar"]
+    recall.main(args)
+    best = recall.selected_lrs(recall.collect(out))
+    res = recall.main(args + ["--extra_seeds=2,1"])
+    micro = [s for s in recall.PRESETS["micro"] if s.task == "mqar"]
+    assert res["runs"] == 2 * len(micro) and res["cached"] == sum(len(s.runs()) for s in micro)
+    recs = json.loads((out / "results.json").read_text())["records"]
+    for s in micro:
+        rs = [r for r in recs if r["setting"] == s.name]
+        assert {r["seed"] for r in rs} == {0, 1, 2}
+        assert {r["learning_rate"] for r in rs if r["seed"] > 0} == {best[("moneta_linear", s.name)]}
+        assert all(r["selected"] for r in rs if r["seed"] > 0)
+        assert {r["eval_seed"] for r in rs if r["seed"] == 1}.isdisjoint({r["eval_seed"] for r in rs if r["seed"] == 0})
+    assert "| moneta_linear |" in (out / "summary.md").read_text()
+    assert "| 3 |" in (out / "summary.md").read_text()  # the seeds column
+    with pytest.raises(recall.ConfigError):
+        recall.main(args + ["--extra_seeds=0"])
+    with pytest.raises(recall.ConfigError):
+        recall.main(args + ["--extra_seeds=one"])
+
+
 def test_selection_ties_break_on_training_loss_then_lr():
-    def rec(lr, val, loss):
-        return dict(model="m", setting="s", learning_rate=lr, val_accuracy=val, final_train_loss=loss)
+    def rec(lr, val, loss, seed=0):
+        return dict(model="m", setting="s", learning_rate=lr, val_accuracy=val, final_train_loss=loss, seed=seed)
     recs = [rec(1e-3, 0.5, 0.2), rec(3e-3, 0.9, 0.3), rec(1e-2, 0.9, 0.1), rec(3e-2, 1.0, None)]
     recall.mark_selected(recs)
     assert [r["selected"] for r in recs] == [False, False, False, True]
     recs = recs[:3] + [rec(3e-2, 0.9, 0.1)]
     recall.mark_selected(recs)
     assert [r["selected"] for r in recs] == [False, False, True, False]
+    # only seed 0 picks; other seeds' records at the picked lr are selected with it
+    recs += [rec(1e-2, 0.0, 9.0, seed=1), rec(1e-3, 1.0, 0.0, seed=1)]
+    recall.mark_selected(recs)
+    assert [r["selected"] for r in recs] == [False, False, True, False, True, False]
 
 
 def test_model_overrides_reach_their_model():
