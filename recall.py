@@ -1,7 +1,7 @@
 """Recall-intensive evaluation (issue 8): train each model on a synthetic recall task at a short length, then
 score exact-match accuracy at the training length and beyond it (length generalization).
 
-    python recall.py --preset=cpu                                    # the CPU study (about 2 h on one core)
+    python recall.py --preset=cpu                                    # the CPU study (~2 h 40 min of CPU, one core)
     python recall.py --preset=cpu --models=moneta,transformer --tasks=mqar
     python recall.py --preset=micro --out=/tmp/recall                # seconds (the CI test)
     python recall.py --preset=cpu --calibrate                        # tokens/s per model and task, no results
@@ -369,7 +369,8 @@ def run_one(model, s, out, preset, force=False, keep_ckpt=False, log=print):
     eval_time = time.time() - t0
     name, variant = model_spec(model)
     base = dict(model=model, registry_model=name, variant=variant, task=s.task, setting=s.name,
-                learning_rate=s.learning_rate, seed=s.seed, train_len=s.train_len, num_kv_pairs=s.num_kv_pairs if s.task == "mqar" else None,
+                learning_rate=s.learning_rate, seed=s.seed, train_len=s.train_len,
+                num_kv_pairs=s.num_kv_pairs if s.task == "mqar" else None,
                 n_params=net.num_params(), n_params_total=net.num_params(False), n_embd=s.n_embd,
                 n_layer=s.n_layer, n_head=s.n_head, mlp_hidden=net.config.hidden, preset=preset, **stats,
                 eval_time_s=eval_time)
@@ -403,6 +404,7 @@ def mark_selected(records):
     best = selected_lrs(records)
     for r in records:
         r["selected"] = best.get((r["model"], r["setting"])) == r["learning_rate"]
+
 
 def plot(records, out):
     import matplotlib
