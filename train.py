@@ -439,7 +439,10 @@ def train(cfg: TrainConfig) -> dict:
     if ddp and not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     try:
-        return _train(cfg, device, ddp, rank, world, t_start)
+        result = _train(cfg, device, ddp, rank, world, t_start)
+        if ddp:  # a rank that tears gloo down while a peer still runs can abort it (seen once in CI: SIGABRT)
+            torch.distributed.barrier()
+        return result
     finally:
         if ddp and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
