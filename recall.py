@@ -441,7 +441,8 @@ def plot(records, out):
             ax.legend(fontsize=7)
         title = (f"MQAR, {r0['num_kv_pairs']} kv pairs, width {r0['n_embd']}" if r0["task"] == "mqar"
                  else f"passkey retrieval, width {r0['n_embd']}")
-        fig.suptitle(title)
+        n_seeds = len({r["seed"] for r in rs})
+        fig.suptitle(f"{title} (selected lr per model; mean over {n_seeds} seed{'s' * (n_seeds > 1)})", fontsize=10)
         fig.tight_layout()
         p = out / f"{st}_accuracy_vs_length.png"
         fig.savefig(p, dpi=110)
