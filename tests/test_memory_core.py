@@ -328,6 +328,13 @@ B_DEC = 4
 SPLITS = (0, 1, B_DEC - 1, B_DEC, B_DEC + 2, 2 * B_DEC + 1, 3 * B_DEC + 2)
 
 
+def time_slice(inp, a, b, state):
+    """The inputs of tokens a..b-1 (every per-token tensor cut on its time axis), starting from `state`."""
+    part = {key: (x[:, :, a:b] if torch.is_tensor(x) and x.dim() >= 3 else x) for key, x in inp.items()}
+    part["state"] = state
+    return part
+
+
 def decode(inp, n, objective, retention, memory, use_momentum, b=B_DEC, step_fn=miras_memory_step,
            tensor_pos=False):
     """Prefill the first n tokens with miras_memory(MemoryState), then decode one token at a time."""
@@ -338,9 +345,7 @@ def decode(inp, n, objective, retention, memory, use_momentum, b=B_DEC, step_fn=
     kw = dict(objective=objective, retention=retention, chunk_size=b, memory=memory)
     ys = []
     if n > 0:
-        pre = {key: (x[:, :, :n] if torch.is_tensor(x) and x.dim() >= 3 else x) for key, x in inp.items()}
-        pre["state"] = st
-        y, st = call(miras_memory, pre, use_momentum=use_momentum, **kw)
+        y, st = call(miras_memory, time_slice(inp, 0, n, st), use_momentum=use_momentum, **kw)
         assert isinstance(st, MemoryState)
         ys.append(y)
     for t in range(n, T):
@@ -382,10 +387,7 @@ def test_chunked_prefill_any_cut(objective, retention, memory, use_momentum):
         st = MemoryState.start(inp["state"], momentum=use_momentum, retention=retention)
         ys, bounds = [], (0,) + cuts + (T,)
         for a, b in zip(bounds[:-1], bounds[1:]):
-            part = {key: (x[:, :, a:b] if torch.is_tensor(x) and x.dim() >= 3 else x)
-                    for key, x in inp.items()}
-            part["state"] = st
-            y, st = call(miras_memory, part, **kw)
+            y, st = call(miras_memory, time_slice(inp, a, b, st), **kw)
             ys.append(y)
         assert_close(torch.cat(ys, dim=2), y_full, what=f"y, cuts {cuts}")
         assert_state_close(st.weights, s_full, what=f"weights, cuts {cuts}")
@@ -537,8 +539,7 @@ def test_zero_lq_accumulator_gradients():
 def test_empty_prefill_keeps_state():
     """T = 0 (an empty prefill) returns an empty y and leaves a MemoryState unchanged."""
     inp = make_inputs(114, T=3, retention="lq")
-    empty = {key: (x[:, :, :0] if torch.is_tensor(x) and x.dim() >= 3 else x) for key, x in inp.items()}
-    empty["state"] = MemoryState.start(inp["state"], retention="lq")
+    empty = time_slice(inp, 0, 0, MemoryState.start(inp["state"], retention="lq"))
     y, st = call(miras_memory, empty, objective="lp", retention="lq", chunk_size=4)
     assert y.shape == (2, 2, 0, 4)
     assert st.pos == 0
