@@ -11,7 +11,6 @@ medians over --repeats after --warmup untimed runs. The batch is tokens_per_step
 does the same work per step. A run that runs out of memory is reported as OOM and the sweep goes on.
 """
 import functools
-import json
 import multiprocessing as mp
 import os
 import platform
@@ -24,6 +23,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 
 import memory_core
+from train import save_json
 
 PRESETS = {
     # cpu: a byte-sized vocabulary, so that the tiny model's time goes to the sequence mixers being compared
@@ -423,10 +423,7 @@ def main(argv=None):
         info["train_crossover_vs_transformer"] = crossover(records)
         print(f"train crossover vs transformer (shortest length where faster): {info['train_crossover_vs_transformer']}")
     os.makedirs(os.path.dirname(os.path.abspath(cfg.json)), exist_ok=True)
-    tmp = cfg.json + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(dict(info=info, config=asdict(cfg), records=records), f, indent=1)
-    os.replace(tmp, cfg.json)
+    save_json(dict(info=info, config=asdict(cfg), records=records), cfg.json)
     print(f"json: {cfg.json}")
     if not cfg.op:
         plot(records, cfg.plot or os.path.splitext(cfg.json)[0] + ".png")

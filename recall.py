@@ -61,7 +61,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import pathlib
 import sys
 import time
@@ -71,7 +70,7 @@ import torch
 
 import models
 from data import recall_tasks
-from train import ConfigError, get_lr, load_checkpoint, save_checkpoint
+from train import ConfigError, get_lr, load_checkpoint, save_checkpoint, save_json
 
 REPO = pathlib.Path(__file__).resolve().parent
 ALL_MODELS = ("moneta", "yaad", "memora", "transformer", "moneta_linear")
@@ -234,20 +233,6 @@ def build(model, s):
     return models.build_model(model_config(model, s))
 
 
-def _atomic_json(obj, path):
-    path = pathlib.Path(path)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def train_run(model, s, ckpt_path, log=print):
     """Train `model` on setting `s` (resuming from ckpt_path if it holds this run). Returns (model, stats)."""
     torch.manual_seed(s.seed)
@@ -375,7 +360,7 @@ def run_one(model, s, out, preset, force=False, keep_ckpt=False, log=print):
                 n_layer=s.n_layer, n_head=s.n_head, mlp_hidden=net.config.hidden, preset=preset, **stats,
                 eval_time_s=eval_time)
     records = [{**base, **e} for e in evals]
-    _atomic_json({"model": model, "settings": settings, "model_config": net.config.to_dict(), "records": records},
+    save_json({"model": model, "settings": settings, "model_config": net.config.to_dict(), "records": records},
                  run_path)
     if not keep_ckpt:
         ckpt_path.unlink(missing_ok=True)
@@ -629,7 +614,7 @@ def main(argv=None):
     n_run, n_cached = counts
     records = collect(out)
     mark_selected(records)
-    _atomic_json({"preset": args.preset, "records": records}, out / "results.json")
+    save_json({"preset": args.preset, "records": records}, out / "results.json")
     plots = plot([r for r in records if r["selected"]], out)
     table = summary_tables(records)
     (out / "summary.md").write_text(table + "\n")

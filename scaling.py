@@ -252,13 +252,6 @@ def evaluate(ckpt_path, eval_tokens, device="auto", dataset=None):
             "val_tokens": int(n_win * T), "model": model, "mcfg": mcfg, "iter_num": int(ckpt["iter_num"])}
 
 
-def _write_json(path, obj):
-    path = pathlib.Path(path)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
 def finish_record(spec, key, out_dir, ev, t0, train_s, result=None):
     """The record of an evaluated run."""
     c, model, mcfg = spec["config"], ev["model"], ev["mcfg"]
@@ -304,7 +297,7 @@ def run_one(spec, cache_dir, device="auto", dataset=None, keep_ckpt=False, launc
     rec["eval_s"] = time.time() - t1
     if result is not None:
         rec["train_s"] = result["elapsed_s"]
-    _write_json(cache_dir / f"{key}.json", rec)
+    train_mod.save_json(rec, cache_dir / f"{key}.json")
     if not keep_ckpt:
         for name in ("ckpt.pt", "ckpt_best.pt"):
             (out_dir / name).unlink(missing_ok=True)
@@ -587,12 +580,12 @@ def markdown(grid, records, summary, failed=()):
 def write_results(grid_dir, grid, records, failed, pending, summary):
     grid_dir.mkdir(parents=True, exist_ok=True)
     slim = [{k: v for k, v in r.items() if k != "per_position"} for r in records]
-    _write_json(grid_dir / "results.json", {
-        "grid": grid, "n_runs": len(records), "records": slim, "failed": failed, "pending": pending,
-        "summary": summary, "written_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-    _write_json(grid_dir / "per_position.json", {r["key"]: {"model": r["model"], "size": r["size"],
-                                                            "block_size": r["block_size"], "label": r.get("label"),
-                                                            "per_position": r["per_position"]} for r in records})
+    train_mod.save_json({"grid": grid, "n_runs": len(records), "records": slim, "failed": failed, "pending": pending,
+                         "summary": summary, "written_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+                        grid_dir / "results.json")
+    per_position = {r["key"]: {"model": r["model"], "size": r["size"], "block_size": r["block_size"],
+                               "label": r.get("label"), "per_position": r["per_position"]} for r in records}
+    train_mod.save_json(per_position, grid_dir / "per_position.json")
 
 
 def run_grid(grid, models_=None, out="results/scaling", cache=None, max_runs=None, device="auto", dataset=None,
@@ -668,7 +661,7 @@ def run_grid(grid, models_=None, out="results/scaling", cache=None, max_runs=Non
             err = f"{type(e).__name__}: {e}"
             failed.append({"key": key, "name": name, "config": c, "error": err, "traceback": traceback.format_exc(),
                            "failed_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-            _write_json(cache_dir / f"{key}.error.json", failed[-1])  # kept for --plots_only; retried next run
+            train_mod.save_json(failed[-1], cache_dir / f"{key}.error.json")  # kept for --plots_only; retried next run
             log(f"{name}: FAILED: {err}")
         summary = summarize(records)
         write_results(grid_dir, grid, records, failed, pending, summary)

@@ -350,20 +350,30 @@ def _fsync_dir(path):
             os.close(fd)
 
 
-def save_checkpoint(obj, path):
-    """torch.save to a temporary file in the same directory, fsync, os.replace: a crash at any point
-    leaves the previous file at `path` intact."""
+def _atomic_write(path, write):
+    """write(f) to a temporary file in the same directory, fsync, os.replace: a crash at any point leaves the
+    previous file at `path` intact."""
     path = pathlib.Path(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     _fsync_dir(path.parent)
+
+
+def save_checkpoint(obj, path):
+    """torch.save, atomically (see _atomic_write)."""
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def save_json(obj, path):
+    """JSON (indent 1, trailing newline), atomically: what the studies' caches and results files use."""
+    _atomic_write(path, lambda f: f.write((json.dumps(obj, indent=1) + "\n").encode()))
 
 
 def copy_checkpoint(src, dst):
