@@ -259,7 +259,8 @@ def train_run(model, s, ckpt_path, log=print):
         _, loss = net(x, y)
         loss.backward()
         gn = torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
-        if not (math.isfinite(loss.item()) and math.isfinite(gn.item())):
+        loss_value = loss.item()
+        if not (math.isfinite(loss_value) and math.isfinite(gn.item())):
             diverged = f"non-finite loss/grad norm at step {step + 1}"
             log(f"  {model} / {s.name}: {diverged}; stopping training here")
             opt.zero_grad(set_to_none=True)
@@ -268,7 +269,7 @@ def train_run(model, s, ckpt_path, log=print):
         opt.zero_grad(set_to_none=True)
         step += 1
         tokens += x.numel()
-        losses.append(loss.item())
+        losses.append(loss_value)
         if step % max(1, s.steps // 10) == 0 or step == s.steps:
             dt = elapsed + time.time() - t0
             log(f"  {model} / {s.name} step {step}/{s.steps} loss {np.mean(losses[-20:]):.4f} lr {lr:.2e} "
@@ -526,14 +527,10 @@ def calibrate(model_names, settings, steps=4, log=print):
         for m in model_names:
             net = build(m, s)
             opt = net.configure_optimizers(s.weight_decay, s.learning_rate, (0.9, 0.95), "cpu")
-            x, y = train_batch(s, 0)
-            _, loss = net(x, y)
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            t0 = time.time()
-            for i in range(steps):
-                x, y = train_batch(s, i + 1)
+            for i in range(steps + 1):  # step 0 warms up, untimed
+                if i == 1:
+                    t0 = time.time()
+                x, y = train_batch(s, i)
                 _, loss = net(x, y)
                 loss.backward()
                 opt.step()

@@ -61,6 +61,7 @@ import torch
 
 import models
 import train as train_mod
+from data.common import load_split
 
 REPO = pathlib.Path(__file__).resolve().parent
 CACHE_VERSION = 1
@@ -231,7 +232,7 @@ def evaluate(ckpt_path, eval_tokens, device="auto", dataset=None):
     model.load_state_dict(ckpt["model"])
     model.eval()
     data_dir = pathlib.Path(dataset) if dataset else pathlib.Path(ckpt["dataset"]["dir"])
-    val = np.memmap(data_dir / "val.bin", dtype=np.uint16, mode="r")
+    val = load_split(data_dir, "val")
     T = mcfg.block_size
     n_win = max(1, min(eval_tokens // T, (len(val) - 1) // T))
     starts = np.linspace(0, len(val) - T - 1, n_win).astype(np.int64)
@@ -243,7 +244,7 @@ def evaluate(ckpt_path, eval_tokens, device="auto", dataset=None):
         w = torch.from_numpy(val[starts[i:i + bs, None] + window].astype(np.int64)).to(dev)
         x, y = w[:, :-1], w[:, 1:]
         with torch.autocast(dev.type, dtype=torch.bfloat16) if use_bf16 else torch.autocast(dev.type, enabled=False):
-            logits, _ = model(x, y)
+            logits, _ = model(x)  # the full logits; the per-token loss is taken below
         loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1),
                                                  reduction="none").view(y.shape)
         per_pos += loss.double().sum(0).cpu()
@@ -252,7 +253,7 @@ def evaluate(ckpt_path, eval_tokens, device="auto", dataset=None):
             "val_tokens": int(n_win * T), "model": model, "mcfg": mcfg, "iter_num": int(ckpt["iter_num"])}
 
 
-def finish_record(spec, key, out_dir, ev, t0, train_s, result=None):
+def finish_record(spec, key, out_dir, ev, train_s, result=None):
     """The record of an evaluated run."""
     c, model, mcfg = spec["config"], ev["model"], ev["mcfg"]
     T = mcfg.block_size
@@ -285,14 +286,13 @@ def run_one(spec, cache_dir, device="auto", dataset=None, keep_ckpt=False, launc
     if launch is not None:
         launch(cfg)
     else:
-        train_mod.validate(cfg)
-        result = train_mod.train(cfg)
+        result = train_mod.train(cfg)  # validates cfg first
     train_s = time.time() - t0
     t1 = time.time()
     ev = evaluate(out_dir / "ckpt.pt", spec["config"]["eval_tokens"], device, dataset)
     if ev["iter_num"] != spec["config"]["max_iters"]:
         raise RuntimeError(f"{out_dir / 'ckpt.pt'} is at iteration {ev['iter_num']}, not {spec['config']['max_iters']}")
-    rec = finish_record(spec, key, out_dir, ev, t1, train_s, result)
+    rec = finish_record(spec, key, out_dir, ev, train_s, result)
     rec["wall_s"] = time.time() - t0
     rec["eval_s"] = time.time() - t1
     if result is not None:
@@ -472,24 +472,23 @@ def plot(records, out_dir, grid, summary):
             groups[f"moneta, {axis} sweep"] = rs
     if not groups:
         groups = {"all runs": records}
-    if groups:
-        n = len(groups)
-        fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.8), squeeze=False, sharey=True)
-        for ax, (name, rs) in zip(axes[0], groups.items()):
-            cmap = plt.get_cmap("viridis")
-            for i, r in enumerate(rs):
-                xs, ys = _smooth_positions(r["per_position"])
-                lab = r.get("label") if name.startswith("moneta,") else f"T={r['block_size']} ({r['size']})"
-                if name == "all runs":
-                    lab = f"{r['model']} {r['size']} T={r['block_size']}"
-                ax.plot(xs, ys, "-", color=cmap(i / max(1, len(rs) - 1)), label=lab)
-            ax.set_xscale("log"); ax.set_title(name, fontsize=9); ax.set_xlabel("position in context")
-            ax.grid(True, which="both", alpha=0.3); ax.legend(fontsize=7)
-        axes[0][0].set_ylabel("val loss at position (nats)")
-        fig.tight_layout(); fig.savefig(out_dir / "per_position.png", dpi=120); plt.close(fig)
-        written.append("per_position.png")
-    ab = {axis: sorted([r for r in records if axis in r["sweeps"]], key=lambda r: r["config"]["model_args"].get(
-        "p" if axis == "p" else "q_norm", 3.0 if axis == "p" else 4.0)) for axis in ("p", "q")}
+    n = len(groups)
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.8), squeeze=False, sharey=True)
+    for ax, (name, rs) in zip(axes[0], groups.items()):
+        cmap = plt.get_cmap("viridis")
+        for i, r in enumerate(rs):
+            xs, ys = _smooth_positions(r["per_position"])
+            lab = r.get("label") if name.startswith("moneta,") else f"T={r['block_size']} ({r['size']})"
+            if name == "all runs":
+                lab = f"{r['model']} {r['size']} T={r['block_size']}"
+            ax.plot(xs, ys, "-", color=cmap(i / max(1, len(rs) - 1)), label=lab)
+        ax.set_xscale("log"); ax.set_title(name, fontsize=9); ax.set_xlabel("position in context")
+        ax.grid(True, which="both", alpha=0.3); ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("val loss at position (nats)")
+    fig.tight_layout(); fig.savefig(out_dir / "per_position.png", dpi=120); plt.close(fig)
+    written.append("per_position.png")
+    ab = {axis: sorted([r for r in records if axis in r["sweeps"]], key=lambda r, a=axis: ablation_value(r, a))
+          for axis in ("p", "q")}
     if any(ab.values()):
         fig, axes = plt.subplots(1, 2, figsize=(8, 3.6), squeeze=False)
         for ax, (axis, rs) in zip(axes[0], ab.items()):

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 import models
+from data.common import fsync_dir
 
 REPO = pathlib.Path(__file__).resolve().parent
 DEFAULT_CORPORA = ("shakespeare_char", "shakespeare")  # prepared on demand (data/<name>/prepare.py)
@@ -341,15 +342,6 @@ def peak_flops(device, ptdtype):
     return next((peak for key, peak in PEAK_FLOPS if key in name), None)
 
 
-def _fsync_dir(path):
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def _atomic_write(path, write):
     """write(f) to a temporary file in the same directory, fsync, os.replace: a crash at any point leaves the
     previous file at `path` intact."""
@@ -363,7 +355,7 @@ def _atomic_write(path, write):
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def save_checkpoint(obj, path):
@@ -389,7 +381,7 @@ def copy_checkpoint(src, dst):
         os.replace(tmp, dst)
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync_dir(dst.parent)
+    fsync_dir(dst.parent)
 
 
 def load_checkpoint(path, model=None, map_location="cpu"):
@@ -582,12 +574,15 @@ def _train(cfg, device, ddp, rank, world, t_start):
         return out
 
     def checkpoint(is_best, final):
+        # every rank takes the same decision (val loss is all-reduced), so skipping the gather is safe
+        if not (cfg.always_save_checkpoint or final or is_best):
+            return []
         states = [None] * world
         if ddp:
             torch.distributed.all_gather_object(states, rng_state(device))
         else:
             states = [rng_state(device)]
-        if not master or not (cfg.always_save_checkpoint or final or is_best):
+        if not master:
             return []
         obj = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "model_name": cfg.model,
                "model_config": mcfg.to_dict(), "train_config": dataclasses.asdict(resolved), "iter_num": iter_num,

@@ -34,7 +34,8 @@ DATA_DIR = pathlib.Path(__file__).resolve().parent
 REPO_ROOT = DATA_DIR.parent
 
 
-def _fsync_dir(path: pathlib.Path) -> None:
+def fsync_dir(path: pathlib.Path) -> None:
+    """fsync a directory so that a rename in it is durable (no-op where directories cannot be opened)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:  # pragma: no cover - e.g. Windows
@@ -134,7 +135,7 @@ class DatasetWriter:
         for s in SPLITS:
             os.replace(self.tmp[s], self.out_dir / f"{s}.bin")
         os.replace(self.tmp_meta, self.out_dir / META)
-        _fsync_dir(self.out_dir)
+        fsync_dir(self.out_dir)
         self.committed = True
         return self.out_dir
 
