@@ -326,7 +326,7 @@ class MirasLayer(nn.Module):
         super().__init__()
         self.cfg = cfg
         C, H, d, r = cfg.n_embd, cfg.n_head, cfg.head_dim, cfg.gate_rank
-        self.C, self.H, self.d, self.r = C, H, d, r
+        self.H, self.d, self.r = H, d, r
         # one matmul for q, k, v, the output gate and the low-rank gate input
         self.in_proj = nn.Linear(C, 4 * C + r, bias=False)
         self.conv_weight = nn.Parameter(torch.empty(3 * C, 1, cfg.conv_size))
@@ -584,11 +584,6 @@ class LM(nn.Module):
                 ctx = min(seq_len, m.window) if m.window else seq_len
                 f += 2 * (m.qkv.weight.numel() + m.out_proj.weight.numel()) + 2 * 2 * C * ctx  # + q k^T, att v
         return 3 * f if training else f
-
-    def estimate_mfu(self, fwdbwd_per_iter, dt, seq_len=None, peak_flops=312e12):
-        """Model FLOPs utilization: tokens per iteration x flops_per_token / dt over peak (A100 bf16)."""
-        seq_len = seq_len or self.config.block_size
-        return self.flops_per_token(seq_len) * fwdbwd_per_iter * seq_len / dt / peak_flops
 
     def configure_optimizers(self, weight_decay, learning_rate, betas=(0.9, 0.95), device_type="cpu", eps=1e-8):
         """AdamW; weight decay on Linear / Embedding weights only (not norms, gates' biases, conv, the

@@ -12,7 +12,7 @@ The paper introduces Memora as elastic net but specifies KL / softmax; this is K
 """
 from dataclasses import dataclass
 
-from model_common import LM, MirasConfig, SIZE_PRESETS
+from model_common import LM, MirasConfig
 
 
 @dataclass
@@ -23,6 +23,3 @@ class MemoraConfig(MirasConfig):
 
 class Memora(LM):
     config_class = MemoraConfig
-
-
-PRESETS = SIZE_PRESETS

@@ -11,7 +11,7 @@ fan-in scale). Eq. 25 prints eta twice; it is applied once (spec section 6).
 """
 from dataclasses import dataclass
 
-from model_common import LM, MirasConfig, SIZE_PRESETS
+from model_common import LM, MirasConfig
 
 
 @dataclass
@@ -28,6 +28,3 @@ class MonetaConfig(MirasConfig):
 
 class Moneta(LM):
     config_class = MonetaConfig
-
-
-PRESETS = SIZE_PRESETS  # the paper trains all three models at the same sizes (Table 5)

@@ -5,7 +5,7 @@ It is the shared LM of model_common with every block an attention block (layer_p
 """
 from dataclasses import dataclass
 
-from model_common import LM, LMConfig, SIZE_PRESETS
+from model_common import LM, LMConfig
 
 
 @dataclass
@@ -20,6 +20,3 @@ class TransformerConfig(LMConfig):
 
 class Transformer(LM):
     config_class = TransformerConfig
-
-
-PRESETS = SIZE_PRESETS

@@ -10,7 +10,7 @@ The four Miras choices and where they live:
 """
 from dataclasses import dataclass
 
-from model_common import LM, MirasConfig, SIZE_PRESETS
+from model_common import LM, MirasConfig
 
 
 @dataclass
@@ -25,6 +25,3 @@ class YaadConfig(MirasConfig):
 
 class Yaad(LM):
     config_class = YaadConfig
-
-
-PRESETS = SIZE_PRESETS

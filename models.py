@@ -29,10 +29,6 @@ MODELS = {
 _TYPES = {"bool": bool, "int": int, "float": float, "str": str, bool: bool, int: int, float: float, str: str}
 
 
-def preset_names():
-    return sorted(SIZE_PRESETS) + sorted(SIZE_ALIASES) + sorted(VARIANTS)
-
-
 def preset_overrides(name, preset):
     """The merged overrides of a "+"-joined preset string (or a list of names) for model `name`."""
     if preset is None or preset == "":
