@@ -201,7 +201,7 @@ def _kl_lag_step(q, k, v, eta, alpha, delta, weights, ln_w, ln_b, rule):
 # ----------------------------------------------------------------------------------------------
 # Input checks (one line each, saying what to do)
 
-def _check(q, k, v, eta, alpha, state, ln_weight, ln_bias, rule, delta, momentum, tokens_dim, check_values):
+def _check(q, k, v, eta, alpha, state, ln_weight, ln_bias, rule, delta, momentum, check_values):
     if rule["objective"] not in OBJECTIVES:
         raise ValueError(f"unknown objective {rule['objective']!r}: use one of {OBJECTIVES}")
     if rule["retention"] not in RETENTIONS:
@@ -214,8 +214,8 @@ def _check(q, k, v, eta, alpha, state, ln_weight, ln_bias, rule, delta, momentum
         raise ValueError("objective='huber' needs delta (a [B, H, T] tensor of positive thresholds)")
     if momentum is not None and rule["retention"] == "kl":
         raise ValueError("momentum works with retention 'l2' or 'lq', not 'kl'; pass momentum=None")
-    if q.dim() != tokens_dim or q.shape != k.shape or q.shape[:-1] != v.shape[:-1] or q.shape[-1] != v.shape[-1]:
-        raise ValueError(f"q, k, v must share one shape [B, H, {'T, ' if tokens_dim == 4 else ''}d]; got "
+    if q.dim() != 4 or q.shape != k.shape or q.shape[:-1] != v.shape[:-1] or q.shape[-1] != v.shape[-1]:
+        raise ValueError(f"q, k, v must share one shape [B, H, T, d]; got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     for name, t in (("eta", eta), ("alpha", alpha), ("delta", delta), ("momentum", momentum)):
         if t is not None and t.shape != q.shape[:-1]:
@@ -330,7 +330,7 @@ def miras_memory(q, k, v, eta, alpha, state, ln_weight, ln_bias, *, objective="l
     unrolls the loop), and the fused chunk is ~1.8x faster than eager on CPU. Ignored inside a region that
     torch.compile is already tracing."""
     rule = _rule(objective, retention, chunk_size, p, q_norm, sharpness, eps, simplex_scale, memory)
-    _check(q, k, v, eta, alpha, state, ln_weight, ln_bias, rule, delta, momentum, 4, check_values)
+    _check(q, k, v, eta, alpha, state, ln_weight, ln_bias, rule, delta, momentum, check_values)
     carried = isinstance(state, MemoryState)
     if not carried:
         state = MemoryState.start(state, momentum is not None, retention)
@@ -402,7 +402,7 @@ def miras_memory_step(q, k, v, eta, alpha, state, ln_weight, ln_bias, *, objecti
 
 
 def _step_core(q, k, v, eta, alpha, state, ln_weight, ln_bias, rule, delta, momentum, check_values):
-    _check(q, k, v, eta, alpha, state, ln_weight, ln_bias, rule, delta, momentum, 4, check_values)
+    _check(q, k, v, eta, alpha, state, ln_weight, ln_bias, rule, delta, momentum, check_values)
     B, H, _, d = q.shape
     retention = rule["retention"]
     with torch.autocast(q.device.type, enabled=False):
@@ -552,7 +552,7 @@ def miras_memory_reference(q, k, v, eta, alpha, state, ln_weight, ln_bias, *, ob
     state = tuple(state)
     _check(q, k, v, eta, alpha, state, ln_weight, ln_bias,
            _rule(objective, retention, chunk_size, p, q_norm, sharpness, eps, simplex_scale, memory), delta, momentum,
-           4, True)
+           True)
     B, H, T, d = q.shape
     grad_kw = dict(objective=objective, memory=memory, p=p, sharpness=sharpness, eps=eps)
     scales = _ref_simplex_scales(state, simplex_scale)
@@ -615,7 +615,7 @@ def miras_memory_exact(q, k, v, eta, alpha, state, ln_weight, ln_bias, *, object
     """
     state = tuple(state)
     _check(q, k, v, eta, alpha, state, ln_weight, ln_bias,
-           _rule(objective, retention, 1, p, q_norm, sharpness, eps, simplex_scale, memory), delta, momentum, 4, True)
+           _rule(objective, retention, 1, p, q_norm, sharpness, eps, simplex_scale, memory), delta, momentum, True)
     if lq_read not in ("current", "previous"):
         raise ValueError("lq_read must be 'current' or 'previous'")
     B, H, T, d = q.shape

@@ -12,10 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from memory_core import MemoryState, miras_memory, miras_memory_exact, miras_memory_reference, miras_memory_step
+from memory_core import (OBJECTIVES, RETENTIONS, MemoryState, miras_memory, miras_memory_exact,
+                         miras_memory_reference, miras_memory_step)
 
-OBJECTIVES = ("l2", "dot", "lp", "huber")
-RETENTIONS = ("l2", "lq", "kl")
 F64 = torch.float64
 
 
