@@ -25,12 +25,15 @@ decodes one token with O(1) state per Miras layer (conv state + memory_core.Memo
 attention layer (a ring buffer of `window` slots for sliding-window layers). Decoding reproduces the full
 forward exactly (tests/test_models.py checks it in float64).
 
-The model files (model_moneta.py, model_yaad.py, model_memora.py, model_transformer.py) only say what makes
-each model itself; the presets that name sizes and known models live here (SIZE_PRESETS, VARIANTS).
+Each model file (model_moneta.py, model_yaad.py, model_memora.py, model_transformer.py) holds its config
+with the paper's defaults, the code of its own attentional bias / retention (registered with memory_core)
+and its LM assembled from the pieces here. The presets that name sizes and known models live here too
+(SIZE_PRESETS, VARIANTS).
 """
 import inspect
 import math
 from dataclasses import asdict, dataclass
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -129,13 +132,13 @@ class MirasConfig(LMConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        checks = (("memory", memory_core.MEMORIES), ("objective", memory_core.OBJECTIVES),
-                  ("retention", memory_core.RETENTIONS), ("out_gate", ("silu", "sigmoid")))
-        for name, valid in checks:
+        for name, valid in (("memory", memory_core.MEMORIES), ("out_gate", ("silu", "sigmoid"))):
             if getattr(self, name) not in valid:
                 raise ValueError(f"{name}={getattr(self, name)!r}: use one of {valid}")
-        if self.momentum and self.retention == "kl":
-            raise ValueError("momentum works with retention 'l2' or 'lq', not 'kl'")
+        memory_core.resolve("objective", self.objective)
+        if self.momentum and not memory_core.resolve("retention", self.retention).momentum:
+            raise ValueError(f"momentum works with retention {memory_core._momentum_retentions()}, "
+                             f"not {self.retention!r}")
         if self.chunk_size < 1 or self.conv_size < 1 or self.gate_rank < 1 or self.expansion < 1:
             raise ValueError("chunk_size, conv_size, gate_rank and expansion must be >= 1")
         if not 0.0 < self.alpha_min < self.alpha_init < 1.0:
@@ -221,12 +224,20 @@ def apply_rope(x, rope):
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).to(x.dtype)
 
 
-def _logit(p):
+def logit(p):
     return math.log(p / (1.0 - p))
 
 
-def _inv_softplus(y):
+def inv_softplus(y):
     return y + math.log(-math.expm1(-y))
+
+
+class Gate(NamedTuple):
+    """A per-token, per-head scalar the Miras layer produces from x: value = activation(low-rank map of x
+    + bias), with the bias starting at `init_bias`."""
+    name: str
+    init_bias: float
+    activation: Callable
 
 
 # ----------------------------------------------------------------------------------------------
@@ -330,9 +341,10 @@ class MirasLayer(nn.Module):
         # one matmul for q, k, v, the output gate and the low-rank gate input
         self.in_proj = nn.Linear(C, 4 * C + r, bias=False)
         self.conv_weight = nn.Parameter(torch.empty(3 * C, 1, cfg.conv_size))
-        self.gate_names = (("eta",) + (("alpha",) if cfg.alpha_gate else ())
-                           + (("delta",) if cfg.objective == "huber" else ()) + (("mu",) if cfg.momentum else ()))
-        self.gate_proj = nn.Linear(r, len(self.gate_names) * H, bias=True)
+        self.objective = memory_core.resolve("objective", cfg.objective)
+        self.retention = memory_core.resolve("retention", cfg.retention)
+        self.gates = self._gate_specs()
+        self.gate_proj = nn.Linear(r, len(self.gates) * H, bias=True)
         # learned initial fast weights per head: plain (l2), the accumulator A (lq), logits (kl)
         hidden = cfg.expansion * d
         shapes = [(H, hidden, d), (H, d, hidden)] if cfg.memory == "mlp" else [(H, d, d)]
@@ -343,9 +355,24 @@ class MirasLayer(nn.Module):
         self.out_proj = nn.Linear(C, C, bias=False)
         self.mem_kwargs = dict(objective=cfg.objective, retention=cfg.retention, chunk_size=cfg.chunk_size,
                                p=cfg.p, q_norm=cfg.q_norm, sharpness=cfg.sharpness, eps=cfg.eps,
-                               simplex_scale=cfg.simplex_scale or None, memory=cfg.memory,
-                               compile_chunks=cfg.compile_memory)
+                               simplex_scale=cfg.simplex_scale or None, memory=cfg.memory)
         self.reset_special_parameters()
+
+    def _gate_specs(self):
+        """eta, alpha (unless alpha_gate is off), the objective's own gates (Yaad: delta), mu (momentum)."""
+        cfg = self.cfg
+        gates = [Gate("eta", inv_softplus(1.0), lambda x: cfg.eta_base * F.softplus(x))]
+        if cfg.alpha_gate:
+            gates.append(Gate("alpha", logit((cfg.alpha_init - cfg.alpha_min) / (1 - cfg.alpha_min)),
+                              lambda x: cfg.alpha_min + (1 - cfg.alpha_min) * torch.sigmoid(x)))
+        gates += self.objective.gates(cfg, self.d)
+        if cfg.momentum:
+            gates.append(Gate("momentum", logit((cfg.mu_init - MU_MIN) / (MU_MAX - MU_MIN)),
+                              lambda x: MU_MIN + (MU_MAX - MU_MIN) * torch.sigmoid(x)))
+        return gates
+
+    def new_cache(self, batch, max_len, device, dtype):
+        return MirasCache()
 
     @torch.no_grad()
     def reset_special_parameters(self):
@@ -353,46 +380,23 @@ class MirasLayer(nn.Module):
         cfg = self.cfg
         fan = self.conv_weight.shape[-1]
         nn.init.uniform_(self.conv_weight, -1 / math.sqrt(fan), 1 / math.sqrt(fan))  # nn.Conv1d's default
-        bias = []
-        for name in self.gate_names:
-            if name == "eta":
-                b = _inv_softplus(1.0)
-            elif name == "alpha":
-                b = _logit((cfg.alpha_init - cfg.alpha_min) / (1 - cfg.alpha_min))
-            elif name == "delta":
-                b = _inv_softplus(cfg.delta_init or math.sqrt(self.d))
-            else:
-                b = _logit((cfg.mu_init - MU_MIN) / (MU_MAX - MU_MIN))
-            bias += [b] * self.H
-        self.gate_proj.bias.copy_(torch.tensor(bias))
-        for w in self.mem_init:
-            std = 1.0 / math.sqrt(w.shape[-1])  # fan-in init of the effective fast weights
-            if cfg.retention == "kl":
-                nn.init.normal_(w, 0.0, 1.0)  # row logits: W = c softmax(logits) has entries ~ c / row length
-            elif cfg.retention == "lq" and cfg.q_norm != 3.0:
-                # W = A / ||A||_q^(q-2) is homogeneous of degree 3-q in A: scale A so that W has std `std`
-                nn.init.normal_(w, 0.0, 1.0)
-                qn = w.abs().pow(cfg.q_norm).sum((-1, -2), keepdim=True).pow(1.0 / cfg.q_norm)
-                w.mul_((std * qn.pow(cfg.q_norm - 2)).pow(1.0 / (3.0 - cfg.q_norm)))
-            else:
-                nn.init.normal_(w, 0.0, std)
+        self.gate_proj.bias.copy_(torch.tensor([g.init_bias for g in self.gates for _ in range(self.H)]))
+        for w in self.mem_init:  # the learned initial state: plain weights, an accumulator, logits ...
+            self.retention.init_fast_weights_(w, cfg)
 
     def initial_weights(self, batch):
-        ws = list(self.mem_init)
-        if self.cfg.retention == "kl":  # positive by construction: c * softmax over each row
-            ws = [(self.cfg.simplex_scale or w.shape[-1]) * torch.softmax(w, dim=-1) for w in ws]
+        """The fast weights every sequence starts from (the retention's reading of mem_init), [B, ...]."""
+        ws = [self.retention.initial_weights(w, self.cfg) for w in self.mem_init]
         return tuple(w.unsqueeze(0).expand(batch, *w.shape) for w in ws)
 
     def _gates(self, u, dtype):
+        """Every gate's value, [B, H, T] each; alpha is 1 without the alpha gate, absent gates are None."""
         B, T, _ = u.shape
-        g = self.gate_proj(u).to(dtype).view(B, T, len(self.gate_names), self.H).permute(2, 0, 3, 1)
-        gates = dict(zip(self.gate_names, g.unbind(0)))  # each [B, H, T]
-        cfg = self.cfg
-        out = dict(eta=cfg.eta_base * F.softplus(gates["eta"]))
-        out["alpha"] = (cfg.alpha_min + (1 - cfg.alpha_min) * torch.sigmoid(gates["alpha"]) if cfg.alpha_gate
-                        else torch.ones_like(out["eta"]))
-        out["delta"] = F.softplus(gates["delta"]) + 1e-4 if "delta" in gates else None
-        out["momentum"] = MU_MIN + (MU_MAX - MU_MIN) * torch.sigmoid(gates["mu"]) if "mu" in gates else None
+        g = self.gate_proj(u).to(dtype).view(B, T, len(self.gates), self.H).permute(2, 0, 3, 1)
+        out = dict(alpha=None, delta=None, momentum=None)
+        out.update({gate.name: gate.activation(x) for gate, x in zip(self.gates, g.unbind(0))})
+        if out["alpha"] is None:
+            out["alpha"] = torch.ones_like(out["eta"])
         return out
 
     def _short_conv(self, x, prev):
@@ -414,9 +418,10 @@ class MirasLayer(nn.Module):
         gates = self._gates(u, dt)
         kw = dict(self.mem_kwargs, delta=gates["delta"], momentum=gates["momentum"])
         args = (self.mem_ln_weight, self.mem_ln_bias)
+        chunked = dict(check_values=False, compile_chunks=self.cfg.compile_memory)
         if cache is None:  # training: plain tuple in, chunk-aligned from the first token
             y, _ = memory_core.miras_memory(q, k, v, gates["eta"], gates["alpha"], self.initial_weights(B),
-                                            *args, check_values=False, **kw)
+                                            *args, **chunked, **kw)
         else:
             cache.conv = conv_state
             if cache.mem is None:
@@ -424,7 +429,7 @@ class MirasLayer(nn.Module):
                                                           self.cfg.retention)
             if pos is None:  # prefill (or any block of tokens): exact continuation of the carried state
                 y, cache.mem = memory_core.miras_memory(q, k, v, gates["eta"], gates["alpha"], cache.mem, *args,
-                                                        check_values=False, **kw)
+                                                        **chunked, **kw)
             else:  # one decoding step
                 kw = {n: (t[..., 0] if isinstance(t, torch.Tensor) else t) for n, t in kw.items()}
                 y, cache.mem = memory_core.miras_memory_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], gates["eta"][..., 0],
@@ -439,12 +444,21 @@ class MirasLayer(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Block and language model
 
+def make_mixer(cfg, kind):
+    """The sequence mixer named by one letter of layer_pattern: "M" the Miras layer of this config (its
+    objective and retention), "A" causal attention, "S" sliding-window attention (the hybrids)."""
+    if kind == "M":
+        return MirasLayer(cfg)
+    return Attention(cfg, cfg.window if kind == "S" else 0)
+
+
 class Block(nn.Module):
-    def __init__(self, cfg, kind):
+    """x = x + mixer(RMSNorm(x)); x = x + SwiGLU(RMSNorm(x))."""
+
+    def __init__(self, cfg, mixer):
         super().__init__()
-        self.kind = kind
         self.norm1 = RMSNorm(cfg.n_embd, cfg.norm_eps)
-        self.mixer = MirasLayer(cfg) if kind == "M" else Attention(cfg, cfg.window if kind == "S" else 0)
+        self.mixer = mixer
         self.norm2 = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.n_embd, cfg.hidden)
         self.drop = nn.Dropout(cfg.dropout)
@@ -455,7 +469,9 @@ class Block(nn.Module):
 
 
 class LM(nn.Module):
-    """The shared language model. Subclasses set `config_class` and say what makes them themselves."""
+    """What every language model here shares: the token embedding, the final RMSNorm and the LM head tied
+    to the embedding, RoPE angles, init, training forward, prefill / decode / generate, optimizer groups.
+    A model file subclasses it, sets `config_class`, builds `self.blocks` and calls `init_weights()`."""
     config_class = LMConfig
 
     def __init__(self, config):
@@ -466,12 +482,18 @@ class LM(nn.Module):
         C = config.n_embd
         self.wte = nn.Embedding(config.vocab_size, C)
         self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList([Block(config, kind) for kind in config.layers])
+        self.blocks = nn.ModuleList()
         self.norm_f = RMSNorm(C, config.norm_eps)
         self.lm_head = nn.Linear(C, config.vocab_size, bias=False)
         self.wte.weight = self.lm_head.weight  # tied
         needs_rope = "A" in config.layers or "S" in config.layers or getattr(config, "use_rope", False)
         self.rotary = Rotary(config.head_dim, config.rope_theta) if needs_rope else None
+
+    @torch.no_grad()
+    def init_weights(self):
+        """nanoGPT's init (normal(0, init_std); residual projections scaled by 1/sqrt(2 n_layer)), then the
+        Miras layers' own inits, which the generic one must not overwrite."""
+        config = self.config
         self.apply(self._init_weights)
         resid_std = config.init_std / math.sqrt(2 * config.n_layer)
         for name, p in self.named_parameters():
@@ -515,8 +537,7 @@ class LM(nn.Module):
         """An empty cache. max_len bounds full-attention KV caches only (Miras state is O(1))."""
         p = self.lm_head.weight
         device, dtype = device or p.device, dtype or p.dtype
-        layers = [MirasCache() if b.kind == "M" else b.mixer.new_cache(batch_size, max_len, device, dtype)
-                  for b in self.blocks]
+        layers = [b.mixer.new_cache(batch_size, max_len, device, dtype) for b in self.blocks]
         return Cache(layers, device)
 
     @torch.no_grad()
@@ -576,7 +597,7 @@ class LM(nn.Module):
         for block in self.blocks:
             m = block.mixer
             f += 2 * sum(p.numel() for p in block.mlp.parameters())
-            if block.kind == "M":
+            if isinstance(m, MirasLayer):
                 f += 2 * sum(p.numel() for p in (m.in_proj.weight, m.out_proj.weight, m.gate_proj.weight,
                                                  m.conv_weight))
                 f += cfg.n_head * memory_flops(cfg, min(seq_len, cfg.chunk_size))

@@ -1,18 +1,25 @@
 """Memora (Behrouz et al. 2025, "It's All Connected", section 5.3, Eq. 21, 27 and 30-32).
 
-The four Miras choices and where they live:
-  memory         2-layer MLP, M(x) = x + LN(W_out gelu(W_in x)), expansion 4   (as Moneta; memory_core)
-  attention bias l2: g = e                                                       (Eq. 27)
-  retention      KL divergence: a mirror (softmax) step, every row of each matrix on c * simplex:
-                 W_t = c softmax_rows(alpha_t log W_{t-1} - eta_t G_t)           (Eq. 21 / 27; c = row length)
-  algorithm      gradient descent; chunked with a lag token: the chunk's first token takes the exact step,
-                 the rest take linear steps anchored at its result                (Eq. 30-32)
-The learned initial fast weights are row logits: W_0 = c softmax(logits), positive by construction.
-The paper introduces Memora as elastic net but specifies KL / softmax; this is KL (spec section 6).
+The four Miras choices:
+  memory         2-layer MLP per head, M(x) = x + LN(W_out gelu(W_in x)), expansion 4 (model_common.MirasLayer)
+  attention bias l2: g = e (memory_core.L2Bias)
+  retention      KL divergence: a mirror (softmax) step keeps every row of each matrix on c * simplex
+                 (KLRetention below); the paper introduces Memora as elastic net but specifies KL / softmax
+  algorithm      gradient descent; chunked with a lag token (Eq. 30-32)
+
+The language model: token embedding -> n_layer blocks [x + mixer(RMSNorm x); x + SwiGLU(RMSNorm x)] ->
+RMSNorm -> LM head tied to the embedding, where the mixer is the Memora layer ("M"), or sliding-window
+attention ("S") in the hybrid (layer_pattern "MS"). Shared pieces come from model_common.
 """
 from dataclasses import dataclass
 
-from model_common import LM, MirasConfig
+import torch
+import torch.nn as nn
+
+import memory_core
+from model_common import LM, Block, MirasConfig, make_mixer
+
+KL_LOG_FLOOR = 1e-6  # the lag step takes log(max(W, floor)): the linear in-chunk steps may leave W <= 0
 
 
 @dataclass
@@ -21,5 +28,49 @@ class MemoraConfig(MirasConfig):
     retention: str = "kl"
 
 
+def simplex_scale(rule_or_cfg_scale, w):
+    """c: the rows of W live on c * simplex; 0 / None means the row's length (entries average 1)."""
+    return rule_or_cfg_scale or w.shape[-1]
+
+
+def kl_lag_step(q, k, v, eta, alpha, delta, weights, ln_w, ln_b, rule):
+    """The chunk's first token takes the exact mirror step of Eq. 27 from the chunk's starting weights,
+    W = c softmax_rows(alpha log W - eta G); its result anchors the rest of the chunk, whose tokens take
+    linear steps (Eq. 30-32). Returns (y of that token, the new weights)."""
+    acts, dz = memory_core.inner_grad(k, v, delta, weights, ln_w, ln_b, rule)
+    new = []
+    for w, a, d in zip(weights, acts, dz):
+        grad = d.transpose(-1, -2) @ a  # one token: the outer product dz^T a, [N, out, in]
+        logits = alpha.view(-1, 1, 1) * torch.log(w.clamp_min(KL_LOG_FLOOR)) - eta.view(-1, 1, 1) * grad
+        new.append(simplex_scale(rule["simplex_scale"], w) * torch.softmax(logits, dim=-1))
+    return memory_core.read(q, new, ln_w, ln_b), new
+
+
+class KLRetention(memory_core.Retention):
+    """Eq. 21 / 27: W_t = c softmax_rows(alpha_t log W_{t-1} - eta_t G_t); c = the row length by default."""
+    name = "kl"
+    momentum = False  # a momentum buffer has no meaning on the simplex
+    lag_step = staticmethod(kl_lag_step)
+
+    def check_start(self, weights):
+        if not all(bool((w > 0).all()) for w in weights):
+            raise ValueError("retention='kl' needs strictly positive initial fast weights (rows on a scaled "
+                             "simplex); to continue a sequence pass the returned MemoryState instead")
+
+    def init_fast_weights_(self, w, cfg):
+        nn.init.normal_(w, 0.0, 1.0)  # row logits: W = c softmax(logits) has entries ~ c / row length
+
+    def initial_weights(self, w, cfg):
+        return simplex_scale(cfg.simplex_scale, w) * torch.softmax(w, dim=-1)  # positive by construction
+
+
+memory_core.register("retention", KLRetention())
+
+
 class Memora(LM):
     config_class = MemoraConfig
+
+    def __init__(self, config):
+        super().__init__(config)  # token embedding, final RMSNorm, tied LM head
+        self.blocks = nn.ModuleList(Block(config, make_mixer(config, kind)) for kind in config.layers)
+        self.init_weights()

@@ -1,22 +1,26 @@
 """Transformer++ baseline (Llama-style: RoPE, SwiGLU, RMSNorm, causal SDPA / flash attention, no biases).
 
-It is the shared LM of model_common with every block an attention block (layer_pattern "A"); a pattern of
-"S" letters gives sliding-window attention. Its KV cache is preallocated for prefill + decoding.
+The language model: token embedding -> n_layer blocks [x + attention(RMSNorm x); x + SwiGLU(RMSNorm x)] ->
+RMSNorm -> LM head tied to the embedding. layer_pattern "A" is full causal attention; "S" letters give
+sliding-window attention. The KV cache is preallocated for prefill + decoding. Shared pieces come from
+model_common; the same harness trains, samples and benchmarks it beside the Miras models.
 """
 from dataclasses import dataclass
 
-from model_common import LM, LMConfig
+import torch.nn as nn
+
+from model_common import LM, Block, LMConfig, make_mixer
 
 
 @dataclass
 class TransformerConfig(LMConfig):
     layer_pattern: str = "A"
 
-    def __post_init__(self):
-        super().__post_init__()
-        if "M" in self.layer_pattern:
-            raise ValueError("TransformerConfig takes attention layers only: layer_pattern of 'A' and 'S'")
-
 
 class Transformer(LM):
     config_class = TransformerConfig
+
+    def __init__(self, config):
+        super().__init__(config)  # token embedding, final RMSNorm, tied LM head
+        self.blocks = nn.ModuleList(Block(config, make_mixer(config, kind)) for kind in config.layers)
+        self.init_weights()

@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from memory_core import (OBJECTIVES, RETENTIONS, MemoryState, miras_memory, miras_memory_exact,
-                         miras_memory_reference, miras_memory_step)
+from memory_core import OBJECTIVES, RETENTIONS, MemoryState, miras_memory, miras_memory_step
+from memory_reference import miras_memory_exact, miras_memory_reference
 
 F64 = torch.float64
 
