@@ -50,6 +50,8 @@ MEMORIES = ("mlp", "linear")
 _HOMES = {("objective", "lp"): "model_moneta", ("retention", "lq"): "model_moneta",
           ("objective", "huber"): "model_yaad", ("retention", "kl"): "model_memora"}
 LN_EPS = 1e-5
+STEP_FLOOR = 1e-3  # normalize_step: the smallest output gain per unit step the normalizer assumes (see
+                   # normalized_eta), so a near-degenerate Jacobian cannot turn into an unbounded weight step
 
 
 # ----------------------------------------------------------------------------------------------
@@ -59,6 +61,7 @@ class Objective:
     """An attentional bias (spec section 2): the engine needs its output-space gradient g = dl/dM(k)."""
     name = ""
     needs_delta = False  # Huber: a per-token threshold, produced by the layer's delta gate
+    has_residual = True  # normalize_step aims the step at the residual e (False: dot, which has no target)
 
     def output_grad(self, e, v, delta, rule):
         raise NotImplementedError
@@ -105,6 +108,7 @@ class L2Bias(Objective):
 
 class DotBias(Objective):
     name = "dot"  # Hebbian: l = -<M(k), v>
+    has_residual = False
 
     def output_grad(self, e, v, delta, rule):
         return -v
@@ -143,14 +147,17 @@ class MemoryState(NamedTuple):
     norm: tuple       # the retention's normalizer per layer, [B, H], frozen for the chunk (lq); () otherwise
     momentum: tuple   # momentum buffers S, same shapes as weights; () without momentum
     pos: object       # tokens of the chunk in progress already consumed: int, or a 0-dim tensor
+    grad_sum: tuple = ()  # normalize_step: sum of the raw inner gradients of the chunk in progress so far
 
     @staticmethod
-    def start(weights, momentum: bool = False, retention: str = "l2") -> "MemoryState":
+    def start(weights, momentum: bool = False, retention: str = "l2",
+              normalize_step: bool = False) -> "MemoryState":
         """A state at a chunk boundary (what a plain tuple of weights means)."""
         weights = tuple(weights)
         norm = tuple(w.new_ones(w.shape[:2]) for w in weights) if resolve("retention", retention).has_norm else ()
         mom = tuple(torch.zeros_like(w) for w in weights) if momentum else ()
-        return MemoryState(weights, weights, norm, mom, 0)
+        grad_sum = tuple(torch.zeros_like(w) for w in weights) if normalize_step else ()
+        return MemoryState(weights, weights, norm, mom, 0, grad_sum)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -178,7 +185,7 @@ def inner_grad(k, v, delta, weights, ln_w, ln_b, rule):
     """Forward the keys through the memory at `weights` and back-propagate g by hand.
 
     Returns, per layer l, the layer's input activations a_l [N, n, in] and output signal dz_l [N, n, out],
-    so that G_l = sum over tokens of dz_l^T a_l (times the token's step size)."""
+    so that G_l = sum over tokens of dz_l^T a_l (times the token's step size), g and e [N, n, d]."""
     acts, pre = [k], []
     for i, w in enumerate(weights):
         z = acts[-1] @ w.transpose(-1, -2)
@@ -186,11 +193,43 @@ def inner_grad(k, v, delta, weights, ln_w, ln_b, rule):
         if i < len(weights) - 1:
             acts.append(F.gelu(z))
     out, zhat, rstd = _layer_norm(pre[-1], ln_w, ln_b)
-    g = rule["objective"].output_grad(k + out - v, v, delta, rule)
+    e = k + out - v
+    g = rule["objective"].output_grad(e, v, delta, rule)
     dz = [_layer_norm_backward(g, zhat, rstd, ln_w)]
     for i in range(len(weights) - 1, 0, -1):
         dz.insert(0, (dz[0] @ weights[i]) * _gelu_grad(pre[i - 1]))
-    return acts, dz
+    return acts, dz, g, e
+
+
+def normalized_eta(eta_hat, g, e, acts, dz, scale, grad_sum):
+    """The bounded, scale-aware inner step (normalize_step=True): eta_hat in (0, eta_max] becomes
+
+        eta_t = eta_hat_t <g_t, e_t>_+ / (max(<G_t, G_t>, sum_{j<=t} <G_t, G_j>) + STEP_FLOOR ||g_t||^2)
+
+    where j runs over the chunk's tokens so far (all of them share one anchor) and <G_t, G_j> =
+    sum_l s_l (dz_lt . dz_lj)(a_lt . a_lj) is the inner product of the rank-1 per-layer weight gradients,
+    each layer weighted by the factor s_l its weights are read with (lq: 1 / n; kl's lag step: c / row length).
+    Linearized, token j's step moves M(k_t) along g_t by eta_j <G_t, G_j> / ||g_t||, so with eta_hat = 1 a
+    token alone in its chunk removes the projection of its residual e_t onto its descent direction g_t
+    (for l2, g = e: the normalized-LMS / Newton step), whatever the scale of the weights, the LayerNorm or
+    the bias; b copies of one pair share that one step instead of taking it b times. Without a residual
+    (dot: e is None) the numerator is ||g_t||^2: the output moves by eta_hat v. README, "Stability".
+    grad_sum: per layer, the sum of the raw gradients of this chunk's earlier pieces (carried state), or None."""
+    gram = 0.0
+    prev = 0.0
+    for i, (a, d) in enumerate(zip(acts, dz)):
+        s_i = 1.0 if scale is None else scale[i]
+        gram = gram + s_i * (d @ d.transpose(-1, -2)) * (a @ a.transpose(-1, -2))
+        if grad_sum is not None:
+            s_row = s_i if not torch.is_tensor(s_i) else s_i.view(-1, 1)
+            prev = prev + s_row * ((d @ grad_sum[i]) * a).sum(-1)
+    n = gram.shape[-1]
+    causal = torch.ones(n, n, dtype=torch.bool, device=gram.device).tril()
+    row = torch.where(causal, gram, torch.zeros_like(gram)).sum(-1) + prev
+    g2 = (g * g).sum(-1)
+    target = g2 if e is None else (g * e).sum(-1).clamp_min(0.0)
+    denom = torch.maximum(gram.diagonal(dim1=-2, dim2=-1), row) + STEP_FLOOR * g2
+    return eta_hat * target / denom.clamp_min(torch.finfo(denom.dtype).tiny)
 
 
 def read(x, weights, ln_w, ln_b):
@@ -214,13 +253,18 @@ def _masked_decay(log_cum):
 # ----------------------------------------------------------------------------------------------
 # One segment of a chunk: linear recurrence against a fixed anchor, computed with matmuls
 
-def _segment(q, k, v, eta, log_alpha, log_mu, delta, start, anchor, inv_norm, mom, ln_w, ln_b, rule):
+def _segment(q, k, v, eta, log_alpha, log_mu, delta, start, anchor, inv_norm, mom, grad_sum, ln_w, ln_b, rule):
     """Tokens of one chunk (or of the part of it still to come) against a fixed gradient anchor.
 
     start: weights (accumulator for lq) before the segment; anchor: weights the gradients are taken at;
-    inv_norm: per-layer read scale 1/n (lq) or None; mom: momentum buffers or None.
-    Returns y [N, n, d], the weights after the segment and the momentum buffers after it."""
-    acts, dz = inner_grad(k, v, delta, anchor, ln_w, ln_b, rule)
+    inv_norm: per-layer read scale 1/n (lq) or None; mom: momentum buffers or None; grad_sum: the chunk's
+    earlier raw gradients (normalize_step with a carried state) or None.
+    Returns y [N, n, d], the weights after the segment, the momentum buffers and grad_sum after it."""
+    acts, dz, g, e = inner_grad(k, v, delta, anchor, ln_w, ln_b, rule)
+    if rule["normalize_step"]:
+        eta = normalized_eta(eta, g, e if rule["objective"].has_residual else None, acts, dz, inv_norm, grad_sum)
+        if grad_sum is not None:
+            grad_sum = [s + d.transpose(-1, -2) @ a for s, a, d in zip(grad_sum, acts, dz)]
     cum_alpha = torch.cumsum(log_alpha, -1)
     gamma = _masked_decay(cum_alpha)  # D[t, i] = beta_t / beta_i
     if mom is not None:
@@ -251,7 +295,7 @@ def _segment(q, k, v, eta, log_alpha, log_mu, delta, start, anchor, inv_norm, mo
         mu_last = (torch.exp(cum_mu[:, -1:] - cum_mu) * eta).unsqueeze(-1)  # (m_end / m_i) eta_i
         m_end = torch.exp(cum_mu[:, -1:]).unsqueeze(-1)
         new_mom = [m_end * mom[i] - (dz[i] * mu_last).transpose(-1, -2) @ acts[i] for i in range(n_layers)]
-    return y, new, new_mom
+    return y, new, new_mom, grad_sum
 
 
 # ----------------------------------------------------------------------------------------------
@@ -313,10 +357,10 @@ def _check(q, k, v, eta, alpha, state, ln_weight, ln_bias, rule, delta, momentum
             retention.check_start(weights)
 
 
-def _rule(objective, retention, chunk_size, p, q_norm, sharpness, eps, simplex_scale, memory):
+def _rule(objective, retention, chunk_size, p, q_norm, sharpness, eps, simplex_scale, memory, normalize_step=False):
     return dict(objective=resolve("objective", objective), retention=resolve("retention", retention),
                 chunk_size=int(chunk_size), p=float(p), q_norm=float(q_norm), sharpness=float(sharpness),
-                eps=float(eps), simplex_scale=simplex_scale, memory=memory)
+                eps=float(eps), simplex_scale=simplex_scale, memory=memory, normalize_step=bool(normalize_step))
 
 
 def _compute_dtype(x):
@@ -340,7 +384,8 @@ def _flat_inputs(q, k, v, eta, alpha, delta, momentum, state, ln_weight, ln_bias
             torch.log(flat(momentum)) if momentum is not None else None,
             flat(delta).unsqueeze(-1) if delta is not None else None,
             per_head(ln_weight), per_head(ln_bias), [flat(w) for w in state.weights],
-            [flat(w) for w in state.anchor], [flat(n).view(N, 1, 1) for n in state.norm], mom)
+            [flat(w) for w in state.anchor], [flat(n).view(N, 1, 1) for n in state.norm], mom,
+            [flat(s) for s in state.grad_sum])
 
 
 _COMPILED = {}
@@ -369,7 +414,7 @@ def _unflat(B, H, xs):
 
 def miras_memory(q, k, v, eta, alpha, state, ln_weight, ln_bias, *, objective="l2", retention="l2",
                  chunk_size=64, delta=None, p=3.0, q_norm=4.0, sharpness=10.0, eps=1e-6, simplex_scale=None,
-                 memory="mlp", momentum=None, check_values=True, compile_chunks=False):
+                 memory="mlp", momentum=None, normalize_step=False, check_values=True, compile_chunks=False):
     """Chunked parallel memory over a whole sequence.
 
     q, k, v [B, H, T, d] (q, k l2-normalized); eta, alpha (, delta, momentum) [B, H, T].
@@ -377,13 +422,19 @@ def miras_memory(q, k, v, eta, alpha, state, ln_weight, ln_bias, *, objective="l
     a MemoryState (returned as one: exact continuation of a sequence cut anywhere).
     Returns y [B, H, T, d] in q's dtype; the fast-weight arithmetic runs in float32 (float64 for float64).
 
+    normalize_step=True reads eta as the bounded step eta_hat of normalized_eta (the models' default);
+    False (the default here) is the plain per-token step of the spec.
+
     compile_chunks=True runs each chunk through a torch.compile'd (fullgraph, static-shape) chunk function
     while the loop over chunks stays in Python: compile time does not grow with T (tracing the whole call
     unrolls the loop). Ignored inside a region that torch.compile is already tracing."""
-    rule = _rule(objective, retention, chunk_size, p, q_norm, sharpness, eps, simplex_scale, memory)
+    rule = _rule(objective, retention, chunk_size, p, q_norm, sharpness, eps, simplex_scale, memory, normalize_step)
     _check(q, k, v, eta, alpha, state, ln_weight, ln_bias, rule, delta, momentum, check_values)
     ret = rule["retention"]
     carried = isinstance(state, MemoryState)
+    if carried and bool(normalize_step) != bool(state.grad_sum):
+        raise ValueError("the MemoryState was built for normalize_step="
+                         f"{bool(state.grad_sum)}: pass the same normalize_step as the call that made it")
     if not carried:
         state = MemoryState.start(state, momentum is not None, retention)
     B, H, T, d = q.shape
@@ -392,8 +443,11 @@ def miras_memory(q, k, v, eta, alpha, state, ln_weight, ln_bias, *, objective="l
         segment, lag_step = _compiled(_segment), lag_step and _compiled(lag_step)
     with torch.autocast(q.device.type, enabled=False):
         (qf, kf, vf, eta_f, log_alpha, log_mu, delta_f, ln_w, ln_b, weights, anchor, norm,
-         mom) = _flat_inputs(q, k, v, eta, alpha, delta, momentum, state, ln_weight, ln_bias)
+         mom, grad_sum) = _flat_inputs(q, k, v, eta, alpha, delta, momentum, state, ln_weight, ln_bias)
         pos = int(state.pos)
+        # the chunk's running gradient sum is needed only to continue a chunk cut by the caller
+        track = normalize_step and carried
+        grad_sum = grad_sum if track else None
 
         # Plan the pieces first and split every per-token tensor once: slicing inside the loop would make
         # autograd scatter each piece's gradient into a full-length zero tensor (quadratic in T).
@@ -415,12 +469,14 @@ def miras_memory(q, k, v, eta, alpha, state, ln_weight, ln_bias, *, objective="l
                 y, weights = lag_step(q_c, k_c, v_c, eta_c[:, 0], la_c[:, 0].exp(), delta_c, weights, ln_w, ln_b,
                                       rule)
                 anchor = weights
+                grad_sum = [torch.zeros_like(w) for w in weights] if track else None
                 ys.append(y)
                 continue
             if kind == "refresh":  # a new chunk: gradients are taken at its start (spec section 3)
                 anchor, norm = ret.refresh(weights, rule)
-            y, weights, mom = segment(q_c, k_c, v_c, eta_c, la_c, lm_c, delta_c, weights, anchor,
-                                      ret.read_scale(norm), mom, ln_w, ln_b, rule)
+                grad_sum = [torch.zeros_like(w) for w in weights] if track else None
+            y, weights, mom, grad_sum = segment(q_c, k_c, v_c, eta_c, la_c, lm_c, delta_c, weights, anchor,
+                                                ret.read_scale(norm), mom, grad_sum, ln_w, ln_b, rule)
             ys.append(y)
         y = (torch.cat(ys, dim=1) if ys else qf).view(B, H, T, d).to(q.dtype)  # T == 0: an empty prefill
 
@@ -428,12 +484,13 @@ def miras_memory(q, k, v, eta, alpha, state, ln_weight, ln_bias, *, objective="l
         return y, _unflat(B, H, weights)
     norm_out = tuple(n.view(B, H) for n in norm)
     mom_out = _unflat(B, H, mom) if mom is not None else ()
-    return y, MemoryState(_unflat(B, H, weights), _unflat(B, H, anchor), norm_out, mom_out, pos)
+    grad_out = _unflat(B, H, grad_sum) if track else ()
+    return y, MemoryState(_unflat(B, H, weights), _unflat(B, H, anchor), norm_out, mom_out, pos, grad_out)
 
 
 def miras_memory_step(q, k, v, eta, alpha, state, ln_weight, ln_bias, *, objective="l2", retention="l2",
                       chunk_size=64, delta=None, p=3.0, q_norm=4.0, sharpness=10.0, eps=1e-6, simplex_scale=None,
-                      memory="mlp", momentum=None, check_values=False):
+                      memory="mlp", momentum=None, normalize_step=False, check_values=False):
     """One token of decoding with static shapes: q, k, v [B, H, d]; gates [B, H]; state a MemoryState.
 
     Chunk boundaries are selected with torch.where on the position tensor, so one compiled graph serves
@@ -443,28 +500,35 @@ def miras_memory_step(q, k, v, eta, alpha, state, ln_weight, ln_bias, *, objecti
         raise ValueError("miras_memory_step needs a MemoryState; build one with MemoryState.start(weights)")
     add_t = (lambda x: None if x is None else x.unsqueeze(2))
     q, k, v, eta, alpha, delta, momentum = (add_t(x) for x in (q, k, v, eta, alpha, delta, momentum))
-    rule = _rule(objective, retention, chunk_size, p, q_norm, sharpness, eps, simplex_scale, memory)
+    rule = _rule(objective, retention, chunk_size, p, q_norm, sharpness, eps, simplex_scale, memory, normalize_step)
     _check(q, k, v, eta, alpha, state, ln_weight, ln_bias, rule, delta, momentum, check_values)
+    if bool(normalize_step) != bool(state.grad_sum):
+        raise ValueError("the MemoryState was built for normalize_step="
+                         f"{bool(state.grad_sum)}: pass the same normalize_step as the call that made it")
     B, H, _, d = q.shape
     ret = rule["retention"]
     with torch.autocast(q.device.type, enabled=False):
         (qf, kf, vf, eta_f, log_alpha, log_mu, delta_f, ln_w, ln_b, weights, anchor, norm,
-         mom) = _flat_inputs(q, k, v, eta, alpha, delta, momentum, state, ln_weight, ln_bias)
+         mom, grad_sum) = _flat_inputs(q, k, v, eta, alpha, delta, momentum, state, ln_weight, ln_bias)
         pos = torch.as_tensor(state.pos, device=q.device)
         fresh = pos == 0  # first token of a chunk: the anchor (and normalizers) are refreshed
         new_anchor, new_norm = ret.refresh(weights, rule)
         anchor = [torch.where(fresh, a_new, a) for a_new, a in zip(new_anchor, anchor)]
         norm = [torch.where(fresh, n_new, n) for n_new, n in zip(new_norm, norm)]
-        y, new, mom = _segment(qf, kf, vf, eta_f, log_alpha, log_mu, delta_f, weights, anchor, ret.read_scale(norm),
-                               mom, ln_w, ln_b, rule)
+        grad_sum = [torch.where(fresh, torch.zeros_like(s), s) for s in grad_sum] if normalize_step else None
+        y, new, mom, grad_sum = _segment(qf, kf, vf, eta_f, log_alpha, log_mu, delta_f, weights, anchor,
+                                         ret.read_scale(norm), mom, grad_sum, ln_w, ln_b, rule)
         if ret.lag_step is not None:  # a chunk's first token takes the exact step instead
             y_lag, lag = ret.lag_step(qf, kf, vf, eta_f[:, 0], log_alpha[:, 0].exp(), delta_f, weights, ln_w, ln_b,
                                       rule)
             y = torch.where(fresh, y_lag, y)
             new = [torch.where(fresh, w_lag, w) for w_lag, w in zip(lag, new)]
             anchor = [torch.where(fresh, w_lag, a) for w_lag, a in zip(lag, anchor)]
+            if normalize_step:  # the rest of the chunk is normalized among itself
+                grad_sum = [torch.where(fresh, torch.zeros_like(s), s) for s in grad_sum]
         y = y.view(B, H, d).to(q.dtype)
 
     new_state = MemoryState(_unflat(B, H, new), _unflat(B, H, anchor), tuple(n.view(B, H) for n in norm),
-                            _unflat(B, H, mom) if mom is not None else (), (pos + 1) % rule["chunk_size"])
+                            _unflat(B, H, mom) if mom is not None else (), (pos + 1) % rule["chunk_size"],
+                            _unflat(B, H, grad_sum) if normalize_step else ())
     return y, new_state

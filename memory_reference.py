@@ -7,7 +7,7 @@ float64. miras_memory_reference has the chunked semantics; miras_memory_exact is
 import torch
 import torch.nn.functional as F
 
-from memory_core import LN_EPS, _check, _rule
+from memory_core import LN_EPS, STEP_FLOOR, _check, _rule
 
 KL_LOG_FLOOR = 1e-6  # the chunked kl step takes log(max(W, floor)) (see model_memora.py)
 
@@ -110,6 +110,28 @@ def _ref_gate(x, t):
     return x[:, :, t, None, None]
 
 
+def _ref_g(weights, k_t, v_t, ln_weight, ln_bias, delta_t, *, objective, memory, p, sharpness, eps):
+    """(g_t = dl/dM(k_t), the step's target <g_t, e_t>_+ (dot: ||g_t||^2)) at ``weights``."""
+    out = _ref_memory_forward(weights, k_t, ln_weight, ln_bias, memory)
+    e = out - v_t
+    if objective == "dot":
+        return -v_t, v_t.pow(2).sum(-1)
+    g = e if objective == "l2" else _ref_output_grad(out, v_t, objective, delta_t, p, sharpness, eps)
+    return g, (g * e).sum(-1).clamp(min=0.0)
+
+
+def _ref_normalized_eta(eta_hat, g_t, grads_t, chunk_grads, read_scales):
+    """eta_hat <g, e>_+ / (max(<G_t, G_t>, sum_j <G_t, G_j>) + floor ||g||^2), the inner products taken
+    entry by entry over each layer's explicit gradient matrix, weighted by the layer's read scale. [B, H, 1, 1]"""
+    def dot(ga, gb):
+        return sum(s * (a * b).sum(dim=(-2, -1)) for a, b, s in zip(ga, gb, read_scales))
+    g, target = g_t
+    own = dot(grads_t, grads_t)
+    row = sum(dot(grads_t, gj) for gj in chunk_grads)
+    denom = torch.maximum(own, row) + STEP_FLOOR * g.pow(2).sum(-1)
+    return (eta_hat[..., 0, 0] * target / denom)[..., None, None]
+
+
 # ----------------------------------------------------------------------------------------------------
 # chunked semantics (spec section 3)
 # ----------------------------------------------------------------------------------------------------
@@ -117,11 +139,12 @@ def _ref_gate(x, t):
 def miras_memory_reference(q, k, v, eta, alpha, state, ln_weight, ln_bias, *, objective="l2",
                            retention="l2", chunk_size=64, delta=None, p=3.0, q_norm=4.0,
                            sharpness=10.0, eps=1e-6, simplex_scale=None, memory="mlp",
-                           momentum=None):
+                           momentum=None, normalize_step=False):
     """Token-by-token oracle of the chunked Miras memory (spec section 3). Returns (y, state).
 
     y: [B, H, T, d]; state: the weights after the last token (the accumulator A for lq), same
-    structure as the input state.
+    structure as the input state. normalize_step: eta is eta_hat, turned into the token's step by
+    _ref_normalized_eta from the explicit gradients of the chunk's tokens so far.
     """
     state = tuple(state)
     _check(q, k, v, eta, alpha, state, ln_weight, ln_bias,
@@ -141,6 +164,8 @@ def miras_memory_reference(q, k, v, eta, alpha, state, ln_weight, ln_bias, *, ob
             anchor = tuple(a / n for a, n in zip(weights, norms))
         else:
             anchor = weights                          # l2: W at chunk start (kl: replaced below)
+        read_scales = tuple(1.0 / n[..., 0, 0] for n in norms) if retention == "lq" else (1.0,) * len(weights)
+        chunk_grads = []                              # the explicit G_j of this chunk (normalize_step)
 
         for t in range(t0, t1):
             a_t, e_t = _ref_gate(alpha, t), _ref_gate(eta, t)
@@ -149,6 +174,10 @@ def miras_memory_reference(q, k, v, eta, alpha, state, ln_weight, ln_bias, *, ob
                 # lag token: exact nonlinear (mirror / softmax) step from W_{t0}, log floored at 1e-6
                 grads = _ref_inner_grad(weights, k[:, :, t], v[:, :, t], ln_weight, ln_bias,
                                         delta_t=d_t, **grad_kw)
+                if normalize_step:
+                    g_t = _ref_g(weights, k[:, :, t], v[:, :, t], ln_weight, ln_bias, d_t, **grad_kw)
+                    lag_scales = tuple(c / w.shape[-1] for w, c in zip(weights, scales))
+                    e_t = _ref_normalized_eta(e_t, g_t, grads, [grads], lag_scales)
                 weights = tuple(
                     c * torch.softmax(a_t * torch.log(torch.clamp(w, min=KL_LOG_FLOOR)) - e_t * g,
                                       dim=-1)
@@ -157,6 +186,10 @@ def miras_memory_reference(q, k, v, eta, alpha, state, ln_weight, ln_bias, *, ob
             else:
                 grads = _ref_inner_grad(anchor, k[:, :, t], v[:, :, t], ln_weight, ln_bias,
                                         delta_t=d_t, **grad_kw)
+                if normalize_step:
+                    chunk_grads.append(grads)
+                    g_t = _ref_g(anchor, k[:, :, t], v[:, :, t], ln_weight, ln_bias, d_t, **grad_kw)
+                    e_t = _ref_normalized_eta(e_t, g_t, grads, chunk_grads, read_scales)
                 weights, mom = _ref_linear_step(weights, mom, grads, a_t, e_t, momentum, t)
 
             read = tuple(a / n for a, n in zip(weights, norms)) if retention == "lq" else weights

@@ -13,7 +13,8 @@ The mixer of each block is chosen by one letter of `layer_pattern` (tiled to n_l
 The Miras layer (spec section 4):
     x -> q, k, v = Linear(x) -> depthwise causal Conv1d (kernel 4) -> SiLU -> H heads -> l2-normalize q, k
       -> (RoPE on q, k if use_rope) -> per-token, per-head gates from x through a low-rank map:
-         eta = eta_base * softplus(.)                      inner learning rate, > 0
+         eta_hat = eta_max * sigmoid(.)                    bounded inner step in (0, eta_max), normalized
+                                                           by memory_core.normalized_eta (eta_gate="normalized")
          alpha = alpha_min + (1 - alpha_min) * sigmoid(.)  retention, in [alpha_min, 1]  (or 1: alpha_gate=False)
          delta = softplus(.) + 1e-4                        huber threshold (objective "huber")
          mu = mu_min + (mu_max - mu_min) * sigmoid(.)      momentum (momentum=True)
@@ -119,11 +120,15 @@ class MirasConfig(LMConfig):
     use_rope: bool = False        # RoPE on the Miras layer's q, k (attention layers always use RoPE)
     gate_rank: int = 32           # rank of the low-rank gate projection (paper: 32 or 64)
     out_gate: str = "silu"        # output gate activation: "silu" | "sigmoid"
-    eta_base: float = 3e-4        # eta = eta_base * softplus(.), softplus starting at 1. All gradients of a
-                                  # chunk are taken at one anchor, so a chunk moves the memory by ~b steps at
-                                  # once: with l2 retention 1e-3 made outer gradients explode across chunks
-                                  # (Yaad at init: grad norm 7.7e6 at T=1024, NaN at 4096); 3e-4 stays ~1-2
-                                  # up to 8192 for all three models (README, "Stability")
+    eta_gate: str = "softplus"    # "softplus": eta = eta_base * softplus(.), softplus starting at 1;
+                                  # "normalized": eta_hat = eta_max * sigmoid(.), normalized by the energy of the
+                                  # step (memory_core.normalized_eta). Not the default yet: at init it makes the
+                                  # outer gradients explode across chunks (README, "Stability")
+    eta_base: float = 3e-4        # eta_gate="softplus": with all gradients of a chunk at one anchor a chunk
+                                  # moves the memory by ~b steps at once; larger values made the outer
+                                  # gradients explode across chunks (README, "Stability")
+    eta_max: float = 1.0          # eta_gate="normalized": ceiling of eta_hat (1: a lone pair's full step)
+    eta_init: float = 0.5         # eta_gate="normalized": eta_hat at init
     alpha_gate: bool = True       # False: alpha = 1 (no retention: TTT, the paper's "- retention" ablation)
     alpha_min: float = 0.1
     alpha_init: float = 0.99
@@ -145,6 +150,13 @@ class MirasConfig(LMConfig):
             raise ValueError(f"need 0 < alpha_min < alpha_init < 1, got {self.alpha_min}, {self.alpha_init}")
         if not MU_MIN < self.mu_init < MU_MAX:
             raise ValueError(f"mu_init must lie in ({MU_MIN}, {MU_MAX}), got {self.mu_init}")
+        if self.eta_gate not in ("normalized", "softplus"):
+            raise ValueError(f"eta_gate={self.eta_gate!r}: use 'normalized' or 'softplus'")
+        if not 0.0 < self.eta_max <= 2.0:
+            raise ValueError(f"eta_max must lie in (0, 2] (the normalized step contracts for eta_hat < 2), "
+                             f"got {self.eta_max}")
+        if not 0.0 < self.eta_init < self.eta_max:
+            raise ValueError(f"eta_init must lie in (0, eta_max={self.eta_max}), got {self.eta_init}")
         if self.eta_base <= 0:
             raise ValueError(f"eta_base must be > 0, got {self.eta_base}")
 
@@ -355,13 +367,17 @@ class MirasLayer(nn.Module):
         self.out_proj = nn.Linear(C, C, bias=False)
         self.mem_kwargs = dict(objective=cfg.objective, retention=cfg.retention, chunk_size=cfg.chunk_size,
                                p=cfg.p, q_norm=cfg.q_norm, sharpness=cfg.sharpness, eps=cfg.eps,
-                               simplex_scale=cfg.simplex_scale or None, memory=cfg.memory)
+                               simplex_scale=cfg.simplex_scale or None, memory=cfg.memory,
+                               normalize_step=cfg.eta_gate == "normalized")
         self.reset_special_parameters()
 
     def _gate_specs(self):
         """eta, alpha (unless alpha_gate is off), the objective's own gates (Yaad: delta), mu (momentum)."""
         cfg = self.cfg
-        gates = [Gate("eta", inv_softplus(1.0), lambda x: cfg.eta_base * F.softplus(x))]
+        if cfg.eta_gate == "normalized":
+            gates = [Gate("eta", logit(cfg.eta_init / cfg.eta_max), lambda x: cfg.eta_max * torch.sigmoid(x))]
+        else:
+            gates = [Gate("eta", inv_softplus(1.0), lambda x: cfg.eta_base * F.softplus(x))]
         if cfg.alpha_gate:
             gates.append(Gate("alpha", logit((cfg.alpha_init - cfg.alpha_min) / (1 - cfg.alpha_min)),
                               lambda x: cfg.alpha_min + (1 - cfg.alpha_min) * torch.sigmoid(x)))
@@ -426,7 +442,7 @@ class MirasLayer(nn.Module):
             cache.conv = conv_state
             if cache.mem is None:
                 cache.mem = memory_core.MemoryState.start(self.initial_weights(B), self.cfg.momentum,
-                                                          self.cfg.retention)
+                                                          self.cfg.retention, self.mem_kwargs["normalize_step"])
             if pos is None:  # prefill (or any block of tokens): exact continuation of the carried state
                 y, cache.mem = memory_core.miras_memory(q, k, v, gates["eta"], gates["alpha"], cache.mem, *args,
                                                         **chunked, **kw)

@@ -1,0 +1,127 @@
+"""The bounded, scale-aware inner step (memory_core.normalize_step, the layer's eta_gate="normalized").
+
+The fast path's step sizes come from b x b Gram matrices of the chunk's rank-1 gradients; the oracle
+(memory_reference) builds every per-token gradient matrix explicitly with autograd and takes the inner
+products entry by entry. Float64 throughout: these are exactness checks.
+"""
+import itertools
+
+import pytest
+import torch
+
+import memory_core
+from memory_core import OBJECTIVES, RETENTIONS, MemoryState, miras_memory, miras_memory_step
+from memory_reference import miras_memory_reference
+from models import build_model, make_config
+from test_memory_core import assert_close, assert_state_close, call, grad_inputs, make_inputs, outer_grads
+
+GRID = list(itertools.product(OBJECTIVES, RETENTIONS))
+
+
+@pytest.mark.parametrize("objective,retention", GRID)
+@pytest.mark.parametrize("b,T", [(4, 9), (16, 5), (1, 3)])
+def test_normalized_step_matches_reference(objective, retention, b, T):
+    inp = make_inputs(7, T=T, retention=retention)
+    kw = dict(objective=objective, retention=retention, chunk_size=b, normalize_step=True)
+    y, s = call(miras_memory, inp, **kw)
+    y_ref, s_ref = call(miras_memory_reference, inp, **kw)
+    assert_close(y, y_ref, what="y")
+    assert_state_close(s, s_ref)
+    y_plain, _ = call(miras_memory, inp, objective=objective, retention=retention, chunk_size=b)
+    assert (y - y_plain).abs().max() > 1e-6  # the option changes the step (the test would see a no-op)
+
+
+@pytest.mark.parametrize("objective,retention", [("l2", "l2"), ("lp", "lq"), ("huber", "kl"), ("dot", "l2")])
+def test_normalized_step_gradients_match_reference(objective, retention):
+    inp = make_inputs(11, T=9, retention=retention)
+    kw = dict(objective=objective, retention=retention, chunk_size=4, normalize_step=True)
+    inp_f, leaves_f = grad_inputs(inp, objective, False)
+    inp_r, leaves_r = grad_inputs(inp, objective, False)
+    y, s, gf = outer_grads(miras_memory, inp_f, leaves_f, **kw)
+    y_ref, s_ref, gr = outer_grads(miras_memory_reference, inp_r, leaves_r, **kw)
+    assert_close(y, y_ref, what="y")
+    for name in gr:
+        assert gf[name] is not None, name
+        assert_close(gf[name], gr[name], rtol=1e-7, atol=1e-8, what=f"d/d{name}")
+
+
+@pytest.mark.parametrize("objective,retention", GRID)
+@pytest.mark.parametrize("n_prefill", [0, 3, 6])
+def test_normalized_step_prefill_then_decode_equals_one_pass(objective, retention, n_prefill):
+    """The chunk's running gradient sum is carried in MemoryState.grad_sum, so a cut anywhere (chunk 4,
+    T 11: cuts inside, at and after chunk boundaries) continues exactly."""
+    T, b = 11, 4
+    inp = make_inputs(3, T=T, retention=retention)
+    kw = dict(objective=objective, retention=retention, chunk_size=b, normalize_step=True)
+    full, _ = call(miras_memory, inp, **kw)
+    st = MemoryState.start(inp["state"], retention=retention, normalize_step=True)
+    delta = inp["delta"] if objective == "huber" else None
+    ys = []
+    if n_prefill:
+        cut = {n: (x[:, :, :n_prefill] if torch.is_tensor(x) and x.dim() >= 3 and n != "state" else x)
+               for n, x in inp.items()}
+        y, st = call(miras_memory, dict(cut, state=st), **kw)
+        ys.append(y)
+    for t in range(n_prefill, T):
+        y, st = miras_memory_step(inp["q"][:, :, t], inp["k"][:, :, t], inp["v"][:, :, t], inp["eta"][:, :, t],
+                                  inp["alpha"][:, :, t], st, inp["ln_weight"], inp["ln_bias"],
+                                  delta=None if delta is None else delta[:, :, t], **kw)
+        ys.append(y.unsqueeze(2))
+    assert_close(torch.cat(ys, dim=2), full, what="decoded y")
+
+
+def test_repeated_pair_takes_one_step_not_b():
+    """b copies of one pair in a chunk share one normalized step: a linear l2 memory with eta_hat = 1 fits
+    the pair once (residual ~0 up to LayerNorm's nonlinearity), where the plain step would take it b times."""
+    inp = make_inputs(5, B=1, H=1, T=16, d=8, memory="linear")
+    for name in ("q", "k", "v"):
+        inp[name] = inp[name][:, :, :1].expand_as(inp[name]).clone()
+    inp["eta"] = torch.ones_like(inp["eta"])
+    inp["alpha"] = torch.ones_like(inp["alpha"])
+    y, _ = call(miras_memory, inp, memory="linear", chunk_size=16, normalize_step=True)
+    before, _ = call(miras_memory, dict(inp, eta=torch.full_like(inp["eta"], 1e-12)), memory="linear",
+                     chunk_size=16)
+    err_before = (before[:, :, -1] - inp["v"][:, :, 0]).norm()
+    err_after = (y[:, :, -1] - inp["v"][:, :, 0]).norm()
+    assert err_after < 0.7 * err_before and torch.isfinite(y).all()
+
+
+def test_state_and_option_must_agree():
+    inp = make_inputs(1, T=3)
+    st = MemoryState.start(inp["state"])  # built without grad_sum
+    with pytest.raises(ValueError, match="normalize_step"):
+        call(miras_memory, dict(inp, state=st), normalize_step=True)
+
+
+@pytest.mark.parametrize("name", ["moneta", "yaad", "memora"])
+def test_model_with_normalized_gate_decodes_exactly(name):
+    torch.manual_seed(0)
+    model = build_model(name, "tiny", n_layer=2, vocab_size=32, block_size=64, chunk_size=8,
+                        eta_gate="normalized").double().eval()
+    idx = torch.randint(32, (2, 21))
+    full, _ = model(idx)
+    cache = model.init_cache(2, 21)
+    logits, cache = model.prefill(idx[:, :5], cache)
+    steps = [logits]
+    for t in range(5, 21):
+        out, cache = model.forward_step(idx[:, t:t + 1], cache)
+        steps.append(out)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("over,match", [(dict(eta_max=0.0), "eta_max"), (dict(eta_max=2.5), "eta_max"),
+                                        (dict(eta_init=1.0), "eta_init"), (dict(eta_gate="relu"), "eta_gate")])
+def test_bad_gate_settings_are_one_line_errors(over, match):
+    with pytest.raises(ValueError, match=match) as e:
+        make_config("moneta", "tiny", **over)
+    assert "\n" not in str(e.value)
+
+
+def test_step_floor_bounds_a_degenerate_gradient():
+    """A gradient that the LayerNorm almost annihilates (g along the constant vector) must not become an
+    unbounded weight step: the floor caps eta at eta_hat <g, e> / (STEP_FLOOR ||g||^2)."""
+    g = torch.ones(1, 1, 4, dtype=torch.float64)
+    acts = [torch.full((1, 1, 4), 1e-12, dtype=torch.float64)]
+    dz = [torch.full((1, 1, 4), 1e-12, dtype=torch.float64)]
+    eta = memory_core.normalized_eta(torch.ones(1, 1, dtype=torch.float64), g, g, acts, dz, None, None)
+    assert torch.isfinite(eta).all() and eta.item() <= 1.0 / memory_core.STEP_FLOOR + 1e-9
