@@ -15,8 +15,14 @@ config/train_moneta_tiny.py spells out; model-size keys set to None take the mod
 Data: `--dataset` is a directory holding train.bin / val.bin (uint16) and meta.json (data/common.py), or the
 name of one under data/. The default corpus (shakespeare_char, shakespeare) is prepared when missing.
 Batches are random windows; the windows of optimizer step `it` are drawn from a generator seeded with
-(seed, it) alone, and rank r of a DDP run takes its share of that step's micro-batches, so that the global
-batch does not depend on the number of processes and the sampler needs no state beyond the step.
+(seed, it) alone, and rank r of a DDP run takes its share of them, so that the global batch does not depend
+on the number of processes and the sampler needs no state beyond the step. The global batch of a step is
+batch_size x gradient_accumulation_steps sequences. With gradient_accumulation_steps=None (the default; any
+number of processes up to batch_size) it is one micro-batch of batch_size sequences, split over the
+processes as evenly as possible (e.g. 6+5+5 on 3), each rank's loss weighted by its share so that the
+averaged gradient is the single-process one; an explicit gradient_accumulation_steps counts micro-batches
+over all processes and must be divisible by their number. The log's "global batch:" line says what a step
+holds and how it is split.
 
 Outputs in out_dir: ckpt.pt (latest), ckpt_best.pt (best val loss), log.jsonl (one JSON object per log line
 and per evaluation), config.json (the resolved train and model configs). Checkpoints are written atomically
@@ -71,8 +77,10 @@ class TrainConfig:
     always_save_checkpoint: bool = True         # write ckpt.pt at every evaluation (else only at the end)
     # run
     max_iters: int = 500                        # optimizer steps
-    batch_size: int = 16                        # sequences per micro-batch (per process)
-    gradient_accumulation_steps: int = 1        # micro-batches per step, in total over all processes
+    batch_size: int = 16                        # sequences per micro-batch
+    gradient_accumulation_steps: Optional[int] = None  # micro-batches per step, in total over all processes
+                                                # (divisible by their number); None: one micro-batch, its
+                                                # batch_size sequences split over the processes
     eval_interval: int = 100
     eval_iters: int = 10                        # batches per split and evaluation
     log_interval: int = 20
@@ -202,7 +210,8 @@ def validate(cfg):
          f"dtype must be auto, float32, bfloat16 or float16, got {cfg.dtype!r}"),
         (cfg.max_iters >= 0 and cfg.seed >= 0, "max_iters and seed must be >= 0"),
         (cfg.batch_size >= 1, "batch_size must be >= 1"),
-        (cfg.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be >= 1"),
+        (cfg.gradient_accumulation_steps is None or cfg.gradient_accumulation_steps >= 1,
+         "gradient_accumulation_steps must be >= 1 (or None: one micro-batch split over the processes)"),
         (cfg.eval_interval >= 1 and cfg.eval_iters >= 1 and cfg.log_interval >= 1,
          "eval_interval, eval_iters and log_interval must be >= 1"),
         (cfg.block_size is None or cfg.block_size >= 1, "block_size must be >= 1"),
@@ -289,6 +298,43 @@ def step_offsets(seed, stream, index, n_micro, batch_size, n_tokens, block_size)
     one evaluation batch (stream 1: val, 2: train; index = batch). A pure function of its arguments."""
     rng = np.random.default_rng([seed, stream, index])
     return rng.integers(0, n_tokens - block_size, size=(n_micro, batch_size))
+
+
+def batch_split(batch_size, accumulation, world):
+    """How the windows of one optimizer step are shared out over `world` processes: (n_micro, shares, how).
+
+    step_offsets draws n_micro x batch_size windows per step (n_micro = accumulation; 1 for None), whatever
+    `world` is. shares[r] lists rank r's micro-batches as (micro-batch, first, end, divisor): windows
+    [first:end] of that micro-batch, whose mean loss is divided by `divisor` before backward, so that DDP's
+    mean over the ranks of their summed gradients is the gradient of the mean loss of the whole step.
+    accumulation=None splits the one micro-batch as evenly as possible (the first batch_size % world ranks
+    take one window more); an explicit accumulation gives each rank accumulation / world whole micro-batches.
+    `how` says it in words for the log. ConfigError if the step cannot be split that way."""
+    if accumulation is not None:
+        if accumulation % world:
+            raise ConfigError(f"gradient_accumulation_steps={accumulation} must be divisible by the number of "
+                              f"processes ({world}); or pass --gradient_accumulation_steps=None to split one "
+                              f"micro-batch of batch_size sequences over the processes")
+        per = accumulation // world
+        shares = [[(m, 0, batch_size, per) for m in range(r * per, (r + 1) * per)] for r in range(world)]
+        how = (f"batch_size {batch_size} x {accumulation} accumulation step{'s' if accumulation > 1 else ''}, "
+               + ("1 process" if world == 1 else f"{per} per process on {world} processes"))
+        return accumulation, shares, how
+    if batch_size < world:
+        raise ConfigError(f"batch_size={batch_size} sequences cannot be split over {world} processes "
+                          f"(gradient_accumulation_steps=None): set batch_size >= {world}, or a "
+                          f"gradient_accumulation_steps divisible by {world}")
+    q, extra = divmod(batch_size, world)
+    sizes = [q + (r < extra) for r in range(world)]
+    first = [sum(sizes[:r]) for r in range(world)]
+    shares = [[(0, first[r], first[r] + sizes[r], batch_size / (sizes[r] * world))] for r in range(world)]
+    if world == 1:
+        split = "1 process"
+    elif world <= 8 or extra == 0:
+        split = f"split over {world} processes as " + ("+".join(map(str, sizes)) if world <= 8 else f"{q} each")
+    else:
+        split = f"split over {world} processes as {q + 1} on {extra} and {q} on {world - extra}"
+    return 1, shares, f"batch_size {batch_size} x 1 accumulation step (gradient_accumulation_steps=None), {split}"
 
 
 class TokenFile:
@@ -396,6 +442,34 @@ def load_checkpoint(path, model=None, map_location="cpu"):
     return ckpt
 
 
+def load_resume_checkpoint(path, best_path, model, map_location):
+    """load_checkpoint for --init_from=resume: a file torch.load cannot read (truncated, damaged, not a
+    checkpoint) is a one-line ConfigError naming it and what to do; it names best_path (and its iteration)
+    when that one loads. Neither file is changed."""
+    try:
+        ckpt = load_checkpoint(path, model, map_location=map_location)
+        if not isinstance(ckpt, dict) or not {"model", "optimizer", "model_config", "iter_num"} <= set(ckpt):
+            raise ValueError("not a complete train.py checkpoint")
+        return ckpt
+    except (ConfigError, MemoryError, torch.cuda.OutOfMemoryError):
+        raise
+    except Exception as e:  # noqa: BLE001 - torch.load raises many kinds on a damaged file
+        first = (str(e).splitlines() or [""])[0].split(". ")[0]  # torch's messages run on for sentences
+        why = f"{type(e).__name__}: {first[:160]}"
+    try:
+        best = torch.load(best_path, map_location="cpu", weights_only=True)
+        best_iter = int(best["iter_num"])
+        if best.get("model_name") != model or "optimizer" not in best:
+            raise ValueError(best_path)
+        del best
+        what = (f"{best_path.name} (iteration {best_iter}) loads: copy it over {path.name} (cp {best_path} {path}) "
+                f"and resume from there, or start over with --init_from=scratch (which overwrites {path.name})")
+    except Exception:  # noqa: BLE001 - no usable best checkpoint either
+        what = (f"{best_path.name} is missing or unreadable too: start over with --init_from=scratch (which "
+                f"overwrites {path.name}; use another --out_dir to keep it)")
+    raise ConfigError(f"resume: checkpoint {path} is damaged or unreadable ({why}) and was left untouched; {what}")
+
+
 def rng_state(device):
     """This process's RNG states in plain types (the checkpoint loads with weights_only=True)."""
     np_state = np.random.get_state(legacy=False)
@@ -455,10 +529,8 @@ def _train(cfg, device, ddp, rank, world, t_start):
 
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
-    if cfg.gradient_accumulation_steps % world:
-        raise ConfigError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} must be divisible by "
-                          f"the number of processes ({world})")
-    accum = cfg.gradient_accumulation_steps // world  # micro-steps of this rank per optimizer step
+    n_micro, shares, split_how = batch_split(cfg.batch_size, cfg.gradient_accumulation_steps, world)
+    share = shares[rank]  # this rank's micro-steps per optimizer step: (micro-batch, first, end, loss divisor)
     dtype = cfg.dtype
     if dtype == "auto":
         dtype = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
@@ -478,7 +550,7 @@ def _train(cfg, device, ddp, rank, world, t_start):
     ckpt_path, best_path, log_path = out_dir / "ckpt.pt", out_dir / "ckpt_best.pt", out_dir / "log.jsonl"
 
     # model: from the registry (models.py); on resume the checkpoint's config, which must be the same
-    ckpt = load_checkpoint(ckpt_path, cfg.model, map_location=device) if cfg.init_from == "resume" else None
+    ckpt = load_resume_checkpoint(ckpt_path, best_path, cfg.model, device) if cfg.init_from == "resume" else None
     try:
         mcfg = models.make_config(cfg.model, cfg.preset, **model_overrides(cfg, int(meta["vocab_size"])))
     except (ValueError, TypeError) as e:
@@ -526,7 +598,7 @@ def _train(cfg, device, ddp, rank, world, t_start):
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     params = [p for p in raw_model.parameters() if p.requires_grad]
 
-    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * T
+    tokens_per_iter = n_micro * cfg.batch_size * T
     flops_per_iter = raw_model.flops_per_token(T) * tokens_per_iter
     peak = peak_flops(device, ptdtype)
     peak = peak * world if peak else None
@@ -544,8 +616,9 @@ def _train(cfg, device, ddp, rank, world, t_start):
     log(f"{cfg.model} ({cfg.preset}): {raw_model.num_params(False) / 1e6:.2f}M parameters "
         f"({raw_model.num_params() / 1e6:.2f}M without embeddings), {mcfg.n_layer} layers x {mcfg.n_embd}, "
         f"{mcfg.n_head} heads, vocab {mcfg.vocab_size}, context {T}")
-    log(f"data {data_dir} ({meta.get('tokenizer')}, {len(train_data):,} train / {len(val_data):,} val tokens); "
-        f"{tokens_per_iter:,} tokens per step = {world} process(es) x {accum} micro-batches x {cfg.batch_size} x {T}")
+    log(f"data {data_dir} ({meta.get('tokenizer')}, {len(train_data):,} train / {len(val_data):,} val tokens)")
+    log(f"global batch: {n_micro * cfg.batch_size:,} sequences x {T:,} tokens = {tokens_per_iter:,} tokens per step "
+        f"({split_how})")
     log(f"device {device}, dtype {dtype}, compile {cfg.compile}, lr {learning_rate:g} -> {min_lr:g}, "
         f"{'resuming at' if iter_num else 'starting at'} iteration {iter_num} of {cfg.max_iters}")
 
@@ -606,16 +679,15 @@ def _train(cfg, device, ddp, rank, world, t_start):
         lr = get_lr(iter_num, learning_rate, min_lr, cfg.warmup_iters, lr_decay_iters)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        offsets = step_offsets(cfg.seed, 0, iter_num, cfg.gradient_accumulation_steps, cfg.batch_size,
-                               len(train_data), T)[rank * accum:(rank + 1) * accum]
+        offsets = step_offsets(cfg.seed, 0, iter_num, n_micro, cfg.batch_size, len(train_data), T)
         loss_sum = torch.zeros((), device=device)
-        for micro in range(accum):
-            x, y = train_data.batch(offsets[micro])
-            sync = not ddp or micro == accum - 1  # DDP all-reduces gradients on the last micro-step only
+        for i, (micro, first, end, divisor) in enumerate(share):
+            x, y = train_data.batch(offsets[micro, first:end])
+            sync = not ddp or i == len(share) - 1  # DDP all-reduces gradients on the last micro-step only
             with (contextlib.nullcontext() if sync else model.no_sync()):
                 with autocast:
                     _, loss = model(x, y)
-                loss = loss / accum
+                loss = loss / divisor
                 (scaler.scale(loss) if scaler else loss).backward()
             loss_sum += loss.detach().float()
         if scaler:

@@ -7,7 +7,8 @@
 #
 # Batch: 8 sequences x 4096 tokens x 16 micro-batches = 524,288 tokens (0.5M) per step, 28,610 steps = 15B
 # tokens. gradient_accumulation_steps counts micro-batches over all processes: with 8 GPUs each runs 2 per
-# step. If memory runs short, halve batch_size and double gradient_accumulation_steps (same global batch).
+# step; the number of GPUs must divide it (1, 2, 4, 8 or 16; train.py says so otherwise). If memory runs
+# short, halve batch_size and double gradient_accumulation_steps (same global batch).
 # The paper does not state warmup, decay floor, weight decay or betas: these are the usual choices of the
 # baselines it compares with (GLA / Gated DeltaNet recipes): ~1B tokens of warmup, cosine to lr / 10,
 # weight decay 0.1, betas (0.9, 0.95), gradient clipping at 1.0.

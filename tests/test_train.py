@@ -1,5 +1,6 @@
-"""train.py: config parsing and errors, a tiny run that learns, exact resume, DDP == one process, atomic
-checkpoints, non-finite stops. Every run uses a tiny model on a synthetic dataset written into tmp_path."""
+"""train.py: config parsing and errors, a tiny run that learns, exact resume, a damaged checkpoint, DDP == one
+process (explicit and default batch splits), atomic checkpoints, non-finite stops. Every run uses a tiny model
+on a synthetic dataset written into tmp_path."""
 import glob
 import io
 import json
@@ -124,6 +125,37 @@ def test_step_offsets_split_over_ranks():
     assert not np.array_equal(full, train.step_offsets(1, 0, 6, 4, 3, 1000, 32))
 
 
+@pytest.mark.parametrize("batch_size, accumulation, world, sizes", [
+    (16, None, 1, [[16]]), (16, None, 2, [[8], [8]]), (16, None, 3, [[6], [5], [5]]), (4, None, 3, [[2], [1], [1]]),
+    (16, None, 8, [[2]] * 8), (2, 4, 2, [[2, 2], [2, 2]]), (3, 6, 3, [[3, 3]] * 3), (5, 1, 1, [[5]]),
+])
+def test_batch_split(batch_size, accumulation, world, sizes):
+    """Every window of the step's draw goes to exactly one rank, and the loss divisors weight each window's
+    tokens equally in DDP's mean over the ranks: the gradient of the global batch, whatever `world` is."""
+    n_micro, shares, how = train.batch_split(batch_size, accumulation, world)
+    assert n_micro == (accumulation or 1) and len(shares) == world
+    assert [[end - first for _, first, end, _ in share] for share in shares] == sizes
+    taken = sorted((m, i) for share in shares for m, first, end, _ in share for i in range(first, end))
+    assert taken == [(m, i) for m in range(n_micro) for i in range(batch_size)]
+    for share in shares:
+        for _, first, end, divisor in share:
+            assert 1 / (divisor * world) == pytest.approx((end - first) / (n_micro * batch_size))
+    assert how.startswith(f"batch_size {batch_size} x {n_micro} accumulation step")
+    if accumulation is None and world > 1:
+        assert how.endswith(f"split over {world} processes as {'+'.join(str(s[0]) for s in sizes)}")
+
+
+def test_batch_split_errors():
+    with pytest.raises(ConfigError, match=r"^gradient_accumulation_steps=3 must be divisible by the number of "
+                                          r"processes \(2\)"):
+        train.batch_split(16, 3, 2)
+    with pytest.raises(ConfigError, match=r"batch_size=2 sequences cannot be split over 3 processes"):
+        train.batch_split(2, None, 3)
+    assert train.parse_args(["--gradient_accumulation_steps=None"]).gradient_accumulation_steps is None
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps must be >= 1"):
+        train.parse_args(["--gradient_accumulation_steps=0"])
+
+
 # ---------------------------------------------------------------------------------------------- data errors
 
 def test_missing_dataset(tmp_path):
@@ -206,6 +238,39 @@ def test_resume_needs_the_same_model(dataset, tmp_path):
         train.train(cfg_of(dataset, tmp_path / "empty", "--init_from=resume"))
 
 
+def test_resume_from_a_damaged_checkpoint(dataset, tmp_path, capsys):
+    """A truncated ckpt.pt is a one-line error naming it and the way out (ckpt_best.pt when it loads); no file
+    is changed or removed."""
+    out = tmp_path / "out"
+    common = ["--max_iters=4", "--eval_interval=2", "--learning_rate=1e-2"]
+    train.train(cfg_of(dataset, out, *common))
+    ckpt, best = out / "ckpt.pt", out / "ckpt_best.pt"
+    best_iter = torch.load(best, weights_only=True)["iter_num"]
+    whole = ckpt.read_bytes()
+    damaged = tmp_path / "damaged.pt"  # a new file (ckpt_best.pt may be a hard link to ckpt.pt)
+    damaged.write_bytes(whole[: len(whole) // 2])
+    os.replace(damaged, ckpt)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    args = [f"--dataset={dataset}", f"--out_dir={out}", *TINY, *common, "--max_iters=6", "--init_from=resume"]
+    capsys.readouterr()
+    assert train.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"checkpoint {ckpt} is damaged or unreadable" in err and "left untouched" in err
+    assert f"ckpt_best.pt (iteration {best_iter}) loads: copy it over ckpt.pt" in err and "--init_from=scratch" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # ckpt_best.pt damaged too: the way out is --init_from=scratch
+    best.write_bytes(b"not a checkpoint")
+    assert train.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "ckpt_best.pt is missing or unreadable too" in err and "--init_from=scratch" in err
+    assert ckpt.read_bytes() == before["ckpt.pt"]
+    # the advice works: a good ckpt_best.pt copied over ckpt.pt resumes
+    best.write_bytes(before["ckpt_best.pt"])
+    ckpt.write_bytes(before["ckpt_best.pt"])
+    assert train.main(args) == 0
+
+
 def test_interrupted_checkpoint_write_keeps_the_previous_one(dataset, tmp_path, monkeypatch):
     out = tmp_path / "out"
     real_save = torch.save
@@ -272,7 +337,8 @@ def test_ddp_two_processes_match_one(dataset, tmp_path):
                            "train.py", *args, f"--out_dir={two}"], cwd=ROOT, env=env, timeout=180,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "2 process(es) x 2 micro-batches x 2 x 32" in proc.stdout
+    assert ("global batch: 8 sequences x 32 tokens = 256 tokens per step (batch_size 2 x 4 accumulation steps, "
+            "2 per process on 2 processes)") in proc.stdout
     assert proc.stdout.count("iter 4/4 |") == 1  # rank 0 logs alone
     a, b = read_log(one), read_log(two)
     assert [r["iter"] for r in a] == [r["iter"] for r in b]
@@ -284,3 +350,39 @@ def test_ddp_two_processes_match_one(dataset, tmp_path):
     assert len(cb["rng_states"]) == 2
     for k, v in ca["model"].items():
         torch.testing.assert_close(cb["model"][k], v, rtol=1e-4, atol=1e-5)
+
+
+def torchrun(nproc, args, env, timeout=240):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                           "train.py", *args], cwd=ROOT, env=env, timeout=timeout, capture_output=True, text=True)
+
+
+def test_ddp_default_batch_any_number_of_processes(dataset, tmp_path, one_thread):
+    """With the default gradient_accumulation_steps (None) torchrun works with 2 and 3 processes: the step's
+    batch_size windows are split 2+2 and 2+1+1, the losses equal one process's; an explicit accumulation that
+    the processes cannot share is the one-line error."""
+    args = [f"--dataset={dataset}", *TINY, "--max_iters=3", "--eval_interval=3", "--eval_iters=3",
+            "--learning_rate=1e-2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    one = tmp_path / "one"
+    assert train.main([*args, f"--out_dir={one}"]) == 0
+    a = read_log(one)
+    for nproc, split in ((2, "2+2"), (3, "2+1+1")):
+        out = tmp_path / f"n{nproc}"
+        proc = torchrun(nproc, [*args, f"--out_dir={out}"], env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert (f"global batch: 4 sequences x 32 tokens = 128 tokens per step (batch_size 4 x 1 accumulation step "
+                f"(gradient_accumulation_steps=None), split over {nproc} processes as {split})") in proc.stdout
+        b = read_log(out)
+        assert [r["iter"] for r in a] == [r["iter"] for r in b]
+        for ra, rb in zip(a, b):
+            for key in ("loss", "grad_norm", "val_loss", "train_eval_loss"):
+                if key in ra:
+                    assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-6), (nproc, ra["iter"], key)
+    proc = torchrun(2, [*args, f"--out_dir={tmp_path / 'bad'}", "--gradient_accumulation_steps=3"], env, timeout=120)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if "train.py: error:" in line]
+    assert errors == ["train.py: error: gradient_accumulation_steps=3 must be divisible by the number of processes "
+                      "(2); or pass --gradient_accumulation_steps=None to split one micro-batch of batch_size "
+                      "sequences over the processes"], proc.stderr[-3000:]
+    assert 'File "' + os.path.join(ROOT, "train.py") not in proc.stderr  # no traceback from train.py
