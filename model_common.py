@@ -576,22 +576,15 @@ class LM(nn.Module):
         return logits, cache
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
-        """Prefill the prompt in parallel, then decode recurrently. temperature 0 means greedy."""
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=1.0, generator=None):
+        """Prefill the prompt in parallel, then decode recurrently; every token is drawn by sample_next
+        (temperature 0 or top_k 1: greedy; top_k None: no top-k filter)."""
         if max_new_tokens <= 0:
             return idx
         cache = self.init_cache(idx.shape[0], idx.shape[1] + max_new_tokens)
         logits = self.prefill(idx, cache)[0][:, -1]
         for i in range(max_new_tokens):
-            logits = logits.float()
-            if temperature == 0:
-                nxt = logits.argmax(-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, [-1]]
-                    logits = logits.masked_fill(logits < kth, -float("inf"))
-                nxt = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+            nxt = sample_next(logits, temperature, top_k or 0, top_p, generator)
             idx = torch.cat((idx, nxt), dim=1)
             if i < max_new_tokens - 1:
                 logits = self.forward_step(nxt, cache)[0][:, -1]
@@ -642,6 +635,33 @@ class LM(nn.Module):
                     key = key[len(prefix):]
             clean[key] = value
         return super().load_state_dict(clean, strict=strict, assign=assign)
+
+
+def is_greedy(temperature, top_k):
+    return temperature == 0 or top_k == 1
+
+
+def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None, vocab_limit=None):
+    """Next token ids [B, 1] from last-position logits [B, V]: greedy (argmax) when temperature == 0 or
+    top_k == 1, else temperature, top-k, top-p, then a draw with `generator`. Ids >= vocab_limit never come.
+    The one sampler: LM.generate and sample.py both draw with it."""
+    logits = logits.float()
+    if vocab_limit is not None and vocab_limit < logits.shape[-1]:
+        logits = logits.clone()
+        logits[:, vocab_limit:] = -float("inf")
+    if is_greedy(temperature, top_k):
+        return logits.argmax(-1, keepdim=True)
+    logits = logits / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -float("inf"))
+    probs = F.softmax(logits, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = torch.sort(probs, dim=-1, descending=True)
+        before = sorted_p.cumsum(-1) - sorted_p  # mass of the more likely tokens: keep while it is < top_p
+        sorted_p = sorted_p.masked_fill(before >= top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator)
 
 
 def memory_flops(cfg, b):

@@ -39,10 +39,10 @@ import typing
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 import models
 import train
+from model_common import is_greedy, sample_next
 from tokenizer import TokenizerError, get_tokenizer
 
 # ----------------------------------------------------------------------------------------------
@@ -234,32 +234,6 @@ def encode_prompt(tok, text):
 
 # ----------------------------------------------------------------------------------------------
 # Sampling and the decoding loop
-
-
-def is_greedy(temperature, top_k):
-    return temperature == 0 or top_k == 1
-
-
-def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None, vocab_limit=None):
-    """Next token ids [B, 1] from last-position logits [B, V]: greedy (argmax) when temperature == 0 or
-    top_k == 1, else temperature, top-k, top-p, then a draw with `generator`. Ids >= vocab_limit never come."""
-    logits = logits.float()
-    if vocab_limit is not None and vocab_limit < logits.shape[-1]:
-        logits = logits.clone()
-        logits[:, vocab_limit:] = -float("inf")
-    if is_greedy(temperature, top_k):
-        return logits.argmax(-1, keepdim=True)
-    logits = logits / temperature
-    if top_k and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, -float("inf"))
-    probs = F.softmax(logits, dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = torch.sort(probs, dim=-1, descending=True)
-        before = sorted_p.cumsum(-1) - sorted_p  # mass of the more likely tokens: keep while it is < top_p
-        sorted_p = sorted_p.masked_fill(before >= top_p, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    return torch.multinomial(probs, 1, generator=generator)
 
 
 def _tensors(obj):
