@@ -58,7 +58,7 @@ STEP_FLOOR = 1e-3  # normalize_step: the smallest output gain per unit step the 
 # What an attentional bias and a retention gate are to the engine
 
 class Objective:
-    """An attentional bias (spec section 2): the engine needs its output-space gradient g = dl/dM(k)."""
+    """An attentional bias: the engine needs its output-space gradient g = dl/dM(k)."""
     name = ""
     needs_delta = False  # Huber: a per-token threshold, produced by the layer's delta gate
     has_residual = True  # normalize_step aims the step at the residual e (False: dot, which has no target)
@@ -423,7 +423,7 @@ def miras_memory(q, k, v, eta, alpha, state, ln_weight, ln_bias, *, objective="l
     Returns y [B, H, T, d] in q's dtype; the fast-weight arithmetic runs in float32 (float64 for float64).
 
     normalize_step=True reads eta as the bounded step eta_hat of normalized_eta (the models' default);
-    False (the default here) is the plain per-token step of the spec.
+    False (the default here) is the plain per-token step eta_t G_t.
 
     compile_chunks=True runs each chunk through a torch.compile'd (fullgraph, static-shape) chunk function
     while the loop over chunks stays in Python: compile time does not grow with T (tracing the whole call
@@ -472,7 +472,7 @@ def miras_memory(q, k, v, eta, alpha, state, ln_weight, ln_bias, *, objective="l
                 grad_sum = [torch.zeros_like(w) for w in weights] if track else None
                 ys.append(y)
                 continue
-            if kind == "refresh":  # a new chunk: gradients are taken at its start (spec section 3)
+            if kind == "refresh":  # a new chunk: gradients are taken at its start
                 anchor, norm = ret.refresh(weights, rule)
                 grad_sum = [torch.zeros_like(w) for w in weights] if track else None
             y, weights, mom, grad_sum = segment(q_c, k_c, v_c, eta_c, la_c, lm_c, delta_c, weights, anchor,

@@ -70,7 +70,7 @@ def _ref_inner_grad(weights, k_t, v_t, ln_weight, ln_bias, *, objective, memory,
             # G = J^T g with g evaluated at the same weights: a vector-Jacobian product with
             # grad_outputs=g. g itself depends on W, k, v (and delta); with create_graph those
             # dependencies stay in the outer graph, but g is NOT differentiated inside G (it is the
-            # spec's output-space gradient, not the derivative of <M(k), g(M(k))>).
+            # output-space gradient of section 2, not the derivative of <M(k), g(M(k))>).
             g = _ref_output_grad(out, v_t, objective, delta_t, p, sharpness, eps)
             grads = torch.autograd.grad(out, ws, grad_outputs=g, create_graph=outer_grad)
     return tuple(grads)
@@ -133,14 +133,14 @@ def _ref_normalized_eta(eta_hat, g_t, grads_t, chunk_grads, read_scales):
 
 
 # ----------------------------------------------------------------------------------------------------
-# chunked semantics (spec section 3)
+# chunked semantics (README, "The memory engine")
 # ----------------------------------------------------------------------------------------------------
 
 def miras_memory_reference(q, k, v, eta, alpha, state, ln_weight, ln_bias, *, objective="l2",
                            retention="l2", chunk_size=64, delta=None, p=3.0, q_norm=4.0,
                            sharpness=10.0, eps=1e-6, simplex_scale=None, memory="mlp",
                            momentum=None, normalize_step=False):
-    """Token-by-token oracle of the chunked Miras memory (spec section 3). Returns (y, state).
+    """Token-by-token oracle of the chunked Miras memory. Returns (y, state).
 
     y: [B, H, T, d]; state: the weights after the last token (the accumulator A for lq), same
     structure as the input state. normalize_step: eta is eta_hat, turned into the token's step by
@@ -198,14 +198,14 @@ def miras_memory_reference(q, k, v, eta, alpha, state, ln_weight, ln_bias, *, ob
 
 
 # ----------------------------------------------------------------------------------------------------
-# exact per-token recurrence (spec section 2)
+# exact per-token recurrence
 # ----------------------------------------------------------------------------------------------------
 
 def miras_memory_exact(q, k, v, eta, alpha, state, ln_weight, ln_bias, *, objective="l2",
                        retention="l2", delta=None, p=3.0, q_norm=4.0, sharpness=10.0, eps=1e-6,
                        simplex_scale=None, memory="mlp", momentum=None, lq_read="current",
                        kl_log_floor=None):
-    """Exact per-token recurrence of spec section 2 (every G_t at W_{t-1}; no chunks).
+    """Exact per-token recurrence (every G_t at W_{t-1}; no chunks).
 
         l2: W_t = alpha_t W_{t-1} - eta_t G_t(W_{t-1})
         lq: A_t = alpha_t A_{t-1} - eta_t G_t(W_{t-1}),  W_t = A_t / n(A_t)

@@ -1,6 +1,6 @@
 """What every language model of this repo shares, written once.
 
-Backbone (Llama-style, paper section 5.4; ../shared/docs/miras-spec.md section 4):
+Backbone (Llama-style, paper section 5.4):
 
     tokens -> embedding -> n_layer x Block -> RMSNorm -> LM head (tied to the embedding)
     Block:  x = x + mixer(RMSNorm(x));  x = x + SwiGLU(RMSNorm(x))
@@ -10,7 +10,7 @@ The mixer of each block is chosen by one letter of `layer_pattern` (tiled to n_l
     "A"  causal self-attention with RoPE (F.scaled_dot_product_attention; flash on CUDA)
     "S"  sliding-window attention (window `window`), as in the paper's hybrids (Samba-style "MS...")
 
-The Miras layer (spec section 4):
+The Miras layer (paper section 5.4):
     x -> q, k, v = Linear(x) -> depthwise causal Conv1d (kernel 4) -> SiLU -> H heads -> l2-normalize q, k
       -> (RoPE on q, k if use_rope) -> per-token, per-head gates from x through a low-rank map:
          eta_hat = eta_max * sigmoid(.)                    bounded inner step in (0, eta_max), normalized
@@ -101,7 +101,7 @@ class LMConfig:
 
 @dataclass
 class MirasConfig(LMConfig):
-    """The Miras framework's four choices plus the layer's details (spec sections 2-4)."""
+    """The Miras framework's four choices plus the layer's details."""
     layer_pattern: str = "M"
     memory: str = "mlp"           # "mlp": M(x) = x + LN(W_out gelu(W_in x)); "linear": x + LN(W x)
     expansion: int = 4            # E: the memory MLP has E * head_dim hidden units
@@ -113,7 +113,7 @@ class MirasConfig(LMConfig):
     sharpness: float = 10.0       # tau of the smoothed sign tanh(tau x) (lp, huber)
     eps: float = 1e-6
     simplex_scale: float = 0.0    # kl: rows live on c * simplex; 0 means c = the row's length
-    chunk_size: int = 64          # b: gradients inside a chunk are taken at one anchor (spec section 3)
+    chunk_size: int = 64          # b: gradients inside a chunk are taken at one anchor
     compile_memory: bool = False  # torch.compile each memory chunk (memory_core compile_chunks): for eager
                                   # models at long context, where compiling the whole model unrolls the chunks
     conv_size: int = 4            # depthwise causal conv on q, k, v
@@ -343,7 +343,7 @@ class Attention(nn.Module):
 
 
 class MirasLayer(nn.Module):
-    """The Miras sequence layer (spec section 4); the memory itself is memory_core's."""
+    """The Miras sequence layer (paper section 5.4); the memory itself is memory_core's."""
 
     def __init__(self, cfg):
         super().__init__()
