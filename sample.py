@@ -40,6 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
+import cli
 import models
 import train
 from model_common import is_greedy, sample_next
@@ -131,31 +132,6 @@ class Loaded:
     meta: dict          # the dataset's meta.json as saved in the checkpoint
 
 
-def resolve_device(device="auto"):
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError as e:
-        raise SampleError(f"device {device!r}: {str(e).splitlines()[0]}") from None
-
-
-def resolve_dtype(dtype, device):
-    """(compute dtype, whether it runs under autocast). Half precisions run under autocast on float32 weights,
-    as train.py trains (the Miras memory itself computes in float32); float64 converts the model."""
-    device = torch.device(device)
-    if dtype == "auto":
-        dtype = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    if dtype == "float16" and device.type != "cuda":
-        raise SampleError("dtype float16 needs a CUDA device (use bfloat16 or float32)")
-    return getattr(torch, dtype), dtype in ("bfloat16", "float16")
-
-
-def autocast_for(device, dtype):
-    ptdtype, use_autocast = resolve_dtype(dtype, device)
-    return torch.autocast(torch.device(device).type, dtype=ptdtype) if use_autocast else contextlib.nullcontext()
-
-
 def find_checkpoint(out_dir, ckpt="auto"):
     out = pathlib.Path(out_dir)
     best, latest = out / "ckpt_best.pt", out / "ckpt.pt"
@@ -170,10 +146,10 @@ def find_checkpoint(out_dir, ckpt="auto"):
 
 def load_model(out_dir=SampleConfig.out_dir, ckpt="auto", device="cpu", dtype="float32"):
     """The model of a train.py checkpoint, rebuilt from its saved config, in eval mode on `device`
-    (float64 weights for dtype float64, else float32 weights; half precisions use autocast_for)."""
+    (float64 weights for dtype float64, else float32 weights; half precisions run under cli.autocast_for)."""
     path = find_checkpoint(out_dir, ckpt)
-    device = resolve_device(device) if isinstance(device, str) else device
-    ptdtype, _ = resolve_dtype(dtype, device)
+    device = cli.resolve_device(device, SampleError) if isinstance(device, str) else device
+    dtype = cli.resolve_dtype(dtype, device, SampleError)
     try:
         obj = train.load_checkpoint(path, map_location="cpu")
     except train.ConfigError as e:
@@ -203,7 +179,7 @@ def load_model(out_dir=SampleConfig.out_dir, ckpt="auto", device="cpu", dtype="f
     if tok.vocab_size > config.vocab_size:
         raise SampleError(f"checkpoint {path}: the tokenizer has {tok.vocab_size} tokens, the model only "
                           f"{config.vocab_size}")
-    model = model.to(device=device, dtype=torch.float64 if ptdtype == torch.float64 else torch.float32).eval()
+    model = model.to(device=device, dtype=torch.float64 if dtype == "float64" else torch.float32).eval()
     return Loaded(model, tok, name, config, path, int(obj.get("iter_num", 0)), meta)
 
 
@@ -413,24 +389,20 @@ def run(cfg, out=None, err=None):
     """Sample as configured: samples to `out` (stdout), everything else to `err` (stderr)."""
     out = out or sys.stdout
     err = err or sys.stderr
-    device = resolve_device(cfg.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SampleError(f"device {cfg.device} asked but CUDA is not available")
-    loaded = load_model(cfg.out_dir, cfg.ckpt, device, cfg.dtype)
+    device = cli.resolve_device(cfg.device, SampleError)
+    dtype = cli.resolve_dtype(cfg.dtype, device, SampleError)
+    loaded = load_model(cfg.out_dir, cfg.ckpt, device, dtype)
     model, tok = loaded.model, loaded.tokenizer
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    cli.allow_tf32(device)
     text = read_start(cfg.start)
     prompt = encode_prompt(tok, text)
-    autocast = autocast_for(device, cfg.dtype)
-    ptdtype, _ = resolve_dtype(cfg.dtype, device)
+    autocast = cli.autocast_for(device, dtype)
     greedy = is_greedy(cfg.temperature, cfg.top_k)
     how = "greedy (argmax)" if greedy else (f"temperature {cfg.temperature:g}, top_k {cfg.top_k or 'off'}, "
                                              f"top_p {cfg.top_p:g}, seed {cfg.seed}")
     print(f"{loaded.path} ({loaded.model_name}, iteration {loaded.iter_num}, {model.num_params(False) / 1e6:.2f}M "
           f"parameters, context {loaded.config.block_size}, {tok.kind} tokenizer) on {device}, "
-          f"{str(ptdtype).replace('torch.', '')}: {cfg.num_samples} x {cfg.max_new_tokens} tokens after "
+          f"{dtype}: {cfg.num_samples} x {cfg.max_new_tokens} tokens after "
           f"a {len(prompt)}-token prompt, {how}", file=err, flush=True)
     note = length_note(loaded, len(prompt) + cfg.max_new_tokens)
     if note:

@@ -49,7 +49,9 @@ from typing import Optional
 import numpy as np
 import torch
 
+import cli
 import models
+from cli import ConfigError
 from data.common import fsync_dir
 
 REPO = pathlib.Path(__file__).resolve().parent
@@ -98,10 +100,6 @@ class TrainConfig:
     device: str = "auto"                        # auto (cuda if available, else cpu) | cpu | cuda | cuda:N | mps
     dtype: str = "auto"                         # auto (bfloat16 on CUDA if supported, else float32) | float32 | bfloat16 | float16
     compile: bool = False                       # torch.compile the model
-
-
-class ConfigError(ValueError):
-    """A bad configuration: unknown key, wrong type or invalid value (main() prints it as one line)."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -508,7 +506,7 @@ def train(cfg: TrainConfig) -> dict:
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else torch.device(cfg.device)
+    device = cli.resolve_device(cfg.device)
     if device.type == "cuda":
         device = torch.device("cuda", local_rank if ddp else (device.index or 0))
         torch.cuda.set_device(device)
@@ -531,17 +529,10 @@ def _train(cfg, device, ddp, rank, world, t_start):
     log = print if master else (lambda *a, **k: None)
     n_micro, shares, split_how = batch_split(cfg.batch_size, cfg.gradient_accumulation_steps, world)
     share = shares[rank]  # this rank's micro-steps per optimizer step: (micro-batch, first, end, loss divisor)
-    dtype = cfg.dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    dtype = cli.resolve_dtype(cfg.dtype, device)
     ptdtype = getattr(torch, dtype)
-    if dtype == "float16" and device.type != "cuda":
-        raise ConfigError("dtype float16 needs a CUDA device (use bfloat16 or float32)")
-    autocast = (contextlib.nullcontext() if dtype == "float32"
-                else torch.autocast(device_type=device.type, dtype=ptdtype))
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    autocast = cli.autocast_for(device, dtype)
+    cli.allow_tf32(device)
 
     # data
     data_dir = resolve_dataset(cfg.dataset, rank, world)
