@@ -1,6 +1,19 @@
-"""The command-line plumbing shared by train.py, sample.py and bench.py: what "auto" means for the device and
-the dtype, and the autocast context of a dtype."""
+"""The command-line plumbing shared by train.py, sample.py and bench.py: one typed `--key=value` parser over a
+config dataclass, and what "auto" means for the device and the dtype (and the autocast context of a dtype).
+
+    cfg, given = cli.parse(TrainConfig, sys.argv[1:], prog="train.py", files=True)
+
+Every key is a field of the dataclass, typed bool / int / float / str or Optional of one of them ("None" sets an
+Optional key to None); a bare `--key` sets a bool key to true. An unknown key, a malformed argument or a value
+of the wrong type raises one line (ConfigError, or the script's own kind of it) naming the valid keys and their
+types; `--help` is help_text().
+"""
 import contextlib
+import dataclasses
+import json
+import pathlib
+import runpy
+import typing
 
 import torch
 
@@ -9,6 +22,132 @@ class ConfigError(ValueError):
     """A bad configuration: unknown key, wrong type or invalid value (each script's main() prints it as one
     line). sample.py's SampleError and bench.py's BenchError are kinds of it."""
 
+
+# ----------------------------------------------------------------------------------------------
+# The --key=value parser
+
+def _base_type(hint):
+    """(type, optional) of a field annotation such as int or Optional[int]."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is typing.Union and type(None) in args:
+        return next(a for a in args if a is not type(None)), True
+    return hint, False
+
+
+def field_types(cls):
+    """{key: type hint} of the command-line keys of a config dataclass: its bool / int / float / str fields,
+    Optional ones included (any other field, e.g. a dict, is not settable from the command line)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)
+            if _base_type(hints[f.name])[0] in (bool, int, float, str)}
+
+
+def _type_name(hint):
+    base, optional = _base_type(hint)
+    return f"{base.__name__}|None" if optional else base.__name__
+
+
+def valid_keys(hints):
+    return ", ".join(f"{k}:{_type_name(t)}" for k, t in hints.items())
+
+
+def coerce(key, value, hint, hints, what="key", from_string=False, source="", error=ConfigError):
+    """value checked against the type hint of `key`; a command-line string (from_string) is converted."""
+    base, optional = _base_type(hint)
+    out = _bad = object()
+    if from_string and base is not str:
+        s = value.strip()
+        if optional and s.lower() in ("none", "null"):
+            out = None
+        elif base is bool:
+            out = {"true": True, "false": False}.get(s.lower(), _bad)
+        elif base is int:
+            with contextlib.suppress(ValueError):
+                out = int(s)
+        elif base is float:
+            with contextlib.suppress(ValueError):
+                out = float(s)
+    elif value is None:
+        out = None if optional else _bad
+    elif base is bool:
+        out = value if isinstance(value, bool) else _bad
+    elif base is int:
+        out = value if isinstance(value, int) and not isinstance(value, bool) else _bad
+    elif base is float:
+        out = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else _bad
+    elif base is str:
+        out = value if isinstance(value, str) else _bad
+    if out is _bad:
+        raise error(f"{what} {key!r} must be {_type_name(hint)}, got {value!r}{source}; "
+                    f"valid {what}s: {valid_keys(hints)}")
+    return out
+
+
+def load_config_file(path, error=ConfigError):
+    """The dict of a config file: a Python file defining `config = {...}` (run with runpy, not exec'd into
+    the caller), or a JSON object."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise error(f"config file {path} not found (see config/ for the shipped ones)")
+    if path.suffix == ".json":
+        try:
+            config = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise error(f"config file {path} is not valid JSON: {e}") from None
+    else:
+        config = runpy.run_path(str(path)).get("config")
+    if not isinstance(config, dict):
+        raise error(f"config file {path} must define a dict `config = {{...}}` (or be a JSON object)")
+    return config
+
+
+def parse(cls, argv, prog, files=False, noun="key", error=ConfigError):
+    """(cls instance, set of the keys given) from `--key=value` arguments over cls's defaults, later ones
+    winning. With `files`, a positional argument is a config file (load_config_file) whose typed values apply
+    in order with the overrides; otherwise it is an error. `noun` names a key in the messages ("config key")."""
+    hints = field_types(cls)
+    valid = valid_keys(hints)
+    values, given = {}, set()
+
+    def put(key, value, from_string, where, how=""):
+        if key not in hints:
+            raise error(f"unknown {noun} {key!r} {where}; {how}valid keys: {valid}")
+        values[key] = coerce(key, value, hints[key], hints, noun, from_string, f" ({where})", error)
+        given.add(key)
+
+    for arg in argv:
+        if arg.startswith("--"):
+            key, eq, value = arg[2:].partition("=")
+            if not eq and _base_type(hints.get(key))[0] is bool:
+                eq, value = "=", "true"  # a bare --flag
+            if not eq:
+                raise error(f"argument {arg!r} must look like --key=value; valid keys: {valid}")
+            put(key, value, True, f"in {arg!r}", "use --key=value with one of the ")
+        elif files:
+            for key, value in load_config_file(arg, error).items():
+                put(key, value, False, f"in config file {arg}")
+        else:
+            raise error(f"argument {arg!r} must look like --key=value ({prog} takes no config files); "
+                        f"valid keys: {valid}")
+    return cls(**values), given
+
+
+def wants_help(argv):
+    return "-h" in argv or "--help" in argv
+
+
+def help_text(doc, config, heading="Keys and their defaults:"):
+    """A script's --help: its docstring, then every key with its default (the values of `config`) and type."""
+    def show(v):  # a string that would not survive the shell or the eye as it is: quoted
+        return repr(v) if isinstance(v, str) and (not v or not v.isprintable() or " " in v) else v
+
+    hints = field_types(type(config))
+    return (doc.rstrip() + f"\n\n{heading}\n"
+            + "\n".join(f"  --{k}={show(getattr(config, k))}  ({_type_name(t)})" for k, t in hints.items()))
+
+
+# ----------------------------------------------------------------------------------------------
+# Device and dtype
 
 def resolve_device(name="auto", error=ConfigError):
     """The torch.device of --device: "auto" is cuda if available, else cpu. A device string torch does not

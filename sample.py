@@ -5,8 +5,8 @@
     python sample.py --start=FILE:prompt.txt --temperature=0 # greedy
     python sample.py --device=cuda --compile=True            # a compiled decode step with static shapes
 
-Configuration: the SampleConfig defaults below, then `--key=value` overrides (type-checked with train.py's
-helpers; an unknown key or a value of the wrong type is a one-line error listing the valid keys).
+Configuration: the SampleConfig defaults below, then `--key=value` overrides (cli.parse, as train.py and
+bench.py: an unknown key or a value of the wrong type is a one-line error listing the valid keys; --help).
 
 How it generates: the prompt is encoded with the dataset's tokenizer (tokenizer.get_tokenizer on the
 checkpoint's dataset meta: GPT-2 BPE or characters), run through the model's parallel chunked path once
@@ -31,11 +31,9 @@ generate_stream(model, prompt_ids, max_new_tokens, ...) yields token ids; state_
 """
 import codecs
 import contextlib
-import dataclasses
 import pathlib
 import sys
 import time
-import typing
 from dataclasses import dataclass
 
 import torch
@@ -50,7 +48,7 @@ from tokenizer import TokenizerError, get_tokenizer
 # Configuration
 
 # `python train.py && python sample.py`: sample where the main job (train.py without a config file) writes
-MAIN_OUT_DIR = train.load_config_file(train.MAIN_JOB).get("out_dir", train.TrainConfig.out_dir)
+MAIN_OUT_DIR = cli.load_config_file(train.MAIN_JOB).get("out_dir", train.TrainConfig.out_dir)
 
 
 @dataclass
@@ -70,33 +68,19 @@ class SampleConfig:
     compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead | max-autotune
 
 
-class SampleError(ValueError):
+class SampleError(cli.ConfigError):
     """A user-facing problem (missing checkpoint, unknown model, bad prompt, bad option): main() prints it as
     one line and exits non-zero."""
 
 
-_HINTS = typing.get_type_hints(SampleConfig)
 DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 
 
 def parse_args(argv=None):
-    """A SampleConfig from `--key=value` arguments (train.py's typed coercion; later ones win)."""
+    """A SampleConfig from `--key=value` arguments (cli.parse; later ones win)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    values = dataclasses.asdict(SampleConfig())
-    valid = train._valid_keys(_HINTS)
-    for arg in argv:
-        key, eq, value = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
-        if not eq:
-            raise SampleError(f"argument {arg!r} must look like --key=value (sample.py takes no config files); "
-                              f"valid keys: {valid}")
-        if key not in _HINTS:
-            raise SampleError(f"unknown key {key!r}; valid keys: {valid}")
-        try:
-            values[key] = train.coerce(key, value, _HINTS[key], _HINTS, from_string=True)
-        except train.ConfigError as e:
-            raise SampleError(str(e)) from None
-    cfg = SampleConfig(**values)
+    cfg, _ = cli.parse(SampleConfig, argv, "sample.py", error=SampleError)
     validate(cfg)
     return cfg
 
@@ -454,6 +438,10 @@ def run(cfg, out=None, err=None):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if cli.wants_help(argv):
+        print(cli.help_text(__doc__, SampleConfig()))
+        return 0
     try:
         cfg = parse_args(argv)
         run(cfg)

@@ -39,7 +39,6 @@ import math
 import os
 import pathlib
 import random
-import runpy
 import sys
 import time
 import typing
@@ -106,96 +105,10 @@ class TrainingDiverged(RuntimeError):
     """The loss or the gradient norm became non-finite; training stopped before taking that step."""
 
 
-_HINTS = typing.get_type_hints(TrainConfig)
-
-
-def _base_type(hint):
-    """(type, optional) of a field annotation such as int or Optional[int]."""
-    args = typing.get_args(hint)
-    if typing.get_origin(hint) is typing.Union and type(None) in args:
-        return next(a for a in args if a is not type(None)), True
-    return hint, False
-
-
-def _type_name(hint):
-    base, optional = _base_type(hint)
-    return f"{base.__name__}|None" if optional else base.__name__
-
-
-def _valid_keys(hints):
-    return ", ".join(f"{k}:{_type_name(t)}" for k, t in hints.items())
-
-
-def coerce(key, value, hint, hints=_HINTS, what="key", from_string=False):
-    """value checked against the type hint of `key`; a command-line string (from_string) is converted."""
-    base, optional = _base_type(hint)
-    out = _bad = object()
-    if from_string and base is not str:
-        s = value.strip()
-        if optional and s.lower() in ("none", "null"):
-            out = None
-        elif base is bool:
-            out = {"true": True, "false": False}.get(s.lower(), _bad)
-        elif base is int:
-            with contextlib.suppress(ValueError):
-                out = int(s)
-        elif base is float:
-            with contextlib.suppress(ValueError):
-                out = float(s)
-    elif value is None:
-        out = None if optional else _bad
-    elif base is bool:
-        out = value if isinstance(value, bool) else _bad
-    elif base is int:
-        out = value if isinstance(value, int) and not isinstance(value, bool) else _bad
-    elif base is float:
-        out = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else _bad
-    elif base is str:
-        out = value if isinstance(value, str) else _bad
-    if out is _bad:
-        raise ConfigError(f"{what} {key!r} must be {_type_name(hint)}, got {value!r}; "
-                          f"valid {what}s: {_valid_keys(hints)}")
-    return out
-
-
-def _apply(values, updates, source, from_string):
-    for key, value in updates.items():
-        if key not in _HINTS:
-            raise ConfigError(f"unknown config key {key!r} (from {source}); valid keys: {_valid_keys(_HINTS)}")
-        values[key] = coerce(key, value, _HINTS[key], from_string=from_string)
-
-
-def load_config_file(path):
-    """The dict of a config file: a Python file defining `config = {...}` (run with runpy, not exec'd into
-    this module), or a JSON object."""
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} not found (see config/ for the shipped ones)")
-    if path.suffix == ".json":
-        try:
-            config = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"config file {path} is not valid JSON: {e}") from None
-    else:
-        config = runpy.run_path(str(path)).get("config")
-    if not isinstance(config, dict):
-        raise ConfigError(f"config file {path} must define a dict `config = {{...}}` (or be a JSON object)")
-    return config
-
-
 def parse_args(argv=None):
-    """A TrainConfig from `[config files...] [--key=value ...]` (later ones win) over the defaults."""
+    """A TrainConfig from `[config files...] [--key=value ...]` (later ones win) over the defaults (cli.parse)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    values = dataclasses.asdict(TrainConfig())
-    for arg in argv:
-        if arg.startswith("--"):
-            key, eq, value = arg[2:].partition("=")
-            if not eq:
-                raise ConfigError(f"argument {arg!r} must look like --key=value; valid keys: {_valid_keys(_HINTS)}")
-            _apply(values, {key: value}, arg, from_string=True)
-        else:
-            _apply(values, load_config_file(arg), arg, from_string=False)
-    cfg = TrainConfig(**values)
+    cfg, _ = cli.parse(TrainConfig, argv, "train.py", files=True, noun="config key")
     validate(cfg)
     return cfg
 
@@ -246,8 +159,8 @@ def parse_model_args(model_args, model):
     for key, value in raw.items():
         if key not in hints:
             raise ConfigError(f"unknown model_args key {key!r} for {model}; valid model_args keys: "
-                              f"{_valid_keys(hints)}")
-        out[key] = coerce(key, value, hints[key], hints, what="model_args key", from_string=from_string)
+                              f"{cli.valid_keys(hints)}")
+        out[key] = cli.coerce(key, value, hints[key], hints, what="model_args key", from_string=from_string)
     return out
 
 
@@ -742,9 +655,8 @@ def _train(cfg, device, ddp, rank, world, t_start):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    if "-h" in argv or "--help" in argv:
-        print(__doc__ + "\nKeys and their defaults (the main job):\n" + "\n".join(
-            f"  --{k}={v}" for k, v in dataclasses.asdict(TrainConfig()).items()))
+    if cli.wants_help(argv):
+        print(cli.help_text(__doc__, TrainConfig(), "Keys and their defaults (the main job):"))
         return 0
     try:
         cfg = parse_args(argv)
