@@ -9,11 +9,14 @@ Presets (model_common): sizes SIZE_PRESETS ("tiny", "120m" = Table 5's "170m", "
 "1.3b") and variants VARIANTS ("titans_lmm", "ttt_mlp", "ttt_linear", "gated_deltanet_like",
 "deltanet_like", "gated_linear_attention_like", "linear_ablation", "no_retention", "hybrid"), joined with
 "+" and applied left to right, then the keyword overrides. Variants apply to the Miras models only.
-Unknown keys and values of the wrong type raise ValueError naming what is valid.
+Unknown keys and values of the wrong type raise ValueError naming what is valid. The sizes' peak learning rates
+are a training setting: preset_learning_rate(preset). A saved config (a checkpoint's model_config) turns back
+into a config through config_from_dict, which also reads checkpoints written before learning_rate left it.
 """
 import dataclasses
 
-from model_common import SIZE_ALIASES, SIZE_PRESETS, VARIANTS, LMConfig, MirasConfig
+from model_common import (DEFAULT_LEARNING_RATE, PRESET_LEARNING_RATES, SIZE_ALIASES, SIZE_PRESETS, VARIANTS,
+                          LMConfig, MirasConfig)
 from model_memora import Memora, MemoraConfig
 from model_moneta import Moneta, MonetaConfig
 from model_transformer import Transformer, TransformerConfig
@@ -29,15 +32,19 @@ MODELS = {
 _TYPES = {"bool": bool, "int": int, "float": float, "str": str, bool: bool, int: int, float: float, str: str}
 
 
+def _preset_parts(preset):
+    """The canonical names of a "+"-joined preset string (or a list of names), aliases resolved."""
+    if preset is None or preset == "":
+        return []
+    parts = preset.split("+") if isinstance(preset, str) else list(preset)
+    return [SIZE_ALIASES.get(p.strip().lower(), p.strip().lower()) for p in parts]
+
+
 def preset_overrides(name, preset):
     """The merged overrides of a "+"-joined preset string (or a list of names) for model `name`."""
-    if preset is None or preset == "":
-        return {}
-    parts = preset.split("+") if isinstance(preset, str) else list(preset)
     is_miras = issubclass(MODELS[name][0], MirasConfig)
     out = {}
-    for part in parts:
-        part = SIZE_ALIASES.get(part.strip().lower(), part.strip().lower())
+    for part in _preset_parts(preset):
         if part in SIZE_PRESETS:
             out.update(SIZE_PRESETS[part])
         elif part in VARIANTS and is_miras:
@@ -72,6 +79,23 @@ def make_config(name, preset=None, **overrides):
     kwargs = {**preset_overrides(name, preset), **overrides}
     kwargs = {k: _check_value(cls, k, v) for k, v in kwargs.items()}
     return cls(**kwargs)
+
+
+def preset_learning_rate(preset):
+    """The peak learning rate of a preset's size (its last size: "340m+hybrid" -> 1.5e-3); DEFAULT_LEARNING_RATE
+    (3e-3) when it names none."""
+    sizes = [p for p in _preset_parts(preset) if p in PRESET_LEARNING_RATES]
+    return PRESET_LEARNING_RATES[sizes[-1]] if sizes else DEFAULT_LEARNING_RATE
+
+
+# Keys that saved model configs of older versions hold and configs no longer have (dropped on loading)
+LEGACY_CONFIG_KEYS = ("learning_rate",)  # the preset's peak lr, now preset_learning_rate (a training setting)
+
+
+def config_from_dict(name, saved):
+    """The config of model `name` from a saved config.to_dict() (a checkpoint's model_config): the one place
+    saved configs turn back into configs, so the keys of older versions (LEGACY_CONFIG_KEYS) are dropped here."""
+    return make_config(name, None, **{k: v for k, v in saved.items() if k not in LEGACY_CONFIG_KEYS})
 
 
 def model_name(config):

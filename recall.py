@@ -222,7 +222,7 @@ def train_batch(s, step):
 def model_config(model, s):
     name, variant = model_spec(model)
     over = dict(n_layer=s.n_layer, n_embd=s.n_embd, n_head=s.n_head, block_size=s.train_len,
-                vocab_size=vocab_size(s), learning_rate=s.learning_rate)
+                vocab_size=vocab_size(s))
     if s.mlp_hidden.get(model):
         over["mlp_hidden"] = s.mlp_hidden[model]
     over.update(s.model_overrides.get(model, {}))
@@ -337,11 +337,13 @@ def run_one(model, s, out, preset, force=False, keep_ckpt=False, log=print):
         try:
             cached = json.loads(run_path.read_text())
             # the model config too: a change of a model's defaults must not reuse a stale run
+            # (runs cached before learning_rate left the model config have it there: not a change)
+            saved = {k: v for k, v in cached["model_config"].items() if k not in models.LEGACY_CONFIG_KEYS}
             if (cached.get("settings") == settings and cached.get("model") == model
-                    and cached.get("model_config") == model_config(model, s).to_dict()):
+                    and saved == model_config(model, s).to_dict()):
                 return cached["records"], True
             log(f"  {run_path.name}: settings or model config changed, rerunning")
-        except (json.JSONDecodeError, KeyError):
+        except (json.JSONDecodeError, KeyError, AttributeError):
             log(f"  {run_path.name}: unreadable, rerunning")
     (out / "runs").mkdir(parents=True, exist_ok=True)
     (out / "ckpt").mkdir(parents=True, exist_ok=True)

@@ -147,7 +147,7 @@ def load_model(out_dir=SampleConfig.out_dir, ckpt="auto", device="cpu", dtype="f
         raise SampleError(f"checkpoint {path} holds an unknown model {name!r}; known models: "
                           f"{', '.join(models.MODELS)}")
     try:
-        config = models.make_config(name, None, **obj["model_config"])
+        config = models.config_from_dict(name, obj["model_config"])
         model = models.MODELS[name][1](config)
         model.load_state_dict(obj["model"])
     except (ValueError, TypeError, RuntimeError) as e:

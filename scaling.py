@@ -193,6 +193,8 @@ def cache_key(config):
                                   **{k: config[k] for k in ("n_layer", "n_embd", "n_head") if config[k] is not None},
                                   block_size=config["block_size"]).to_dict()
     resolved.pop("vocab_size")  # set from the dataset by train.py
+    # the preset's lr was a model config field when the finished runs were keyed: kept, so their keys still match
+    resolved["learning_rate"] = models.preset_learning_rate(config["preset"])
     return hashlib.sha1(json.dumps([config, resolved], sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -227,7 +229,7 @@ def evaluate(ckpt_path, eval_tokens, device="auto", dataset=None):
     at each position of the window. Loads the final checkpoint written by train.py."""
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     ckpt = train_mod.load_checkpoint(ckpt_path, map_location=dev)
-    mcfg = models.make_config(ckpt["model_name"], None, **ckpt["model_config"])
+    mcfg = models.config_from_dict(ckpt["model_name"], ckpt["model_config"])
     model = models.build_model(mcfg).to(dev)
     model.load_state_dict(ckpt["model"])
     model.eval()

@@ -87,7 +87,8 @@ class TrainConfig:
     log_interval: int = 20
     seed: int = 1337
     # optimizer: AdamW, linear warmup then cosine decay to min_lr
-    learning_rate: Optional[float] = 3e-3       # peak; None: the preset's (paper Table 5; tiny: 1e-3)
+    learning_rate: Optional[float] = 3e-3       # peak; None: the preset's (models.preset_learning_rate: paper
+                                                # Table 5; tiny: 1e-3)
     min_lr: Optional[float] = None              # None: learning_rate / 10
     warmup_iters: int = 50
     lr_decay_iters: Optional[int] = None        # None: max_iters
@@ -460,14 +461,14 @@ def _train(cfg, device, ddp, rank, world, t_start):
     except (ValueError, TypeError) as e:
         raise ConfigError(str(e)) from None
     if ckpt is not None:  # the same command with --init_from=resume: the model config must match
-        saved = models.make_config(cfg.model, None, **ckpt["model_config"])
+        saved = models.config_from_dict(cfg.model, ckpt["model_config"])
         diff = [f"{k}={getattr(mcfg, k)!r} asked, {getattr(saved, k)!r} saved" for k in mcfg.to_dict()
-                if k != "learning_rate" and getattr(mcfg, k) != getattr(saved, k)]
+                if getattr(mcfg, k) != getattr(saved, k)]
         if diff:
             raise ConfigError(f"resume: the model config of {ckpt_path} differs from this run's: {'; '.join(diff)}")
         mcfg = saved
     T = mcfg.block_size
-    learning_rate = cfg.learning_rate if cfg.learning_rate is not None else mcfg.learning_rate
+    learning_rate = cfg.learning_rate if cfg.learning_rate is not None else models.preset_learning_rate(cfg.preset)
     min_lr = cfg.min_lr if cfg.min_lr is not None else learning_rate / 10
     lr_decay_iters = cfg.lr_decay_iters if cfg.lr_decay_iters is not None else cfg.max_iters
     resolved = dataclasses.replace(cfg, learning_rate=learning_rate, min_lr=min_lr, lr_decay_iters=lr_decay_iters,

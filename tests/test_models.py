@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from model_common import NOMINAL_PARAMS, SIZE_PRESETS, VARIANTS, LM, MirasLayer
-from models import MODELS, build_model, make_config, model_name
+from models import MODELS, build_model, make_config, model_name, preset_learning_rate
 
 torch.set_num_threads(1)
 V = 64
@@ -61,7 +61,7 @@ def test_tiny_preset_trains_a_step(name):
     torch.manual_seed(0)
     model = build_model(name, "tiny", vocab_size=V)
     assert model.config.n_layer == 4 and model.config.n_embd == 128 and model.config.block_size == 256
-    opt = model.configure_optimizers(0.1, model.config.learning_rate)
+    opt = model.configure_optimizers(0.1, preset_learning_rate("tiny"))
     idx = tokens(B=2, T=70)
     losses = []
     for _ in range(3):
@@ -201,7 +201,7 @@ def test_paper_presets_parameter_counts():
 def test_presets_and_learning_rates():
     for size, lr in (("120m", 3e-3), ("170m", 3e-3), ("340m", 1.5e-3), ("760m", 1.25e-3), ("780m", 1.25e-3)):
         cfg = make_config("yaad", size)
-        assert cfg.learning_rate == lr and cfg.n_head == 16
+        assert preset_learning_rate(size) == lr and cfg.n_head == 16
     cfg = make_config("moneta", "340m+hybrid", window=1024)
     assert (cfg.n_layer, cfg.n_embd, cfg.layer_pattern, cfg.window) == (24, 1024, "MS", 1024)
     assert cfg.objective == "lp" and cfg.retention == "lq" and cfg.p == 3.0 and cfg.q_norm == 4.0

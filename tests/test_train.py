@@ -238,6 +238,27 @@ def test_resume_needs_the_same_model(dataset, tmp_path):
         train.train(cfg_of(dataset, tmp_path / "empty", "--init_from=resume"))
 
 
+def test_checkpoint_with_learning_rate_in_its_model_config_loads(dataset, tmp_path):
+    """Checkpoints written before learning_rate left the model config (it was the preset's peak lr) still
+    resume, sample and load: models.config_from_dict drops that key."""
+    import models
+    import sample
+    out = tmp_path / "out"
+    train.train(cfg_of(dataset, out, "--max_iters=2", "--eval_interval=2"))
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert "learning_rate" not in ckpt["model_config"]
+    ckpt["model_config"]["learning_rate"] = 1e-3  # the tiny preset's, as it was saved
+    for name in ("ckpt.pt", "ckpt_best.pt"):  # (ckpt_best.pt may be a hard link to ckpt.pt)
+        (out / name).unlink()
+        torch.save(ckpt, out / name)
+    cfg = models.config_from_dict("moneta", ckpt["model_config"])
+    assert cfg.to_dict() == {k: v for k, v in ckpt["model_config"].items() if k != "learning_rate"}
+    with pytest.raises(ValueError, match="unknown config key"):  # the legacy key only, nothing else
+        models.config_from_dict("moneta", dict(ckpt["model_config"], bogus=1))
+    assert sample.load_model(out, device="cpu").config == cfg
+    assert train.train(cfg_of(dataset, out, "--max_iters=3", "--eval_interval=2", "--init_from=resume"))["iter"] == 3
+
+
 def test_resume_from_a_damaged_checkpoint(dataset, tmp_path, capsys):
     """A truncated ckpt.pt is a one-line error naming it and the way out (ckpt_best.pt when it loads); no file
     is changed or removed."""
