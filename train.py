@@ -436,221 +436,311 @@ def train(cfg: TrainConfig) -> dict:
             torch.distributed.destroy_process_group()
 
 
-def _train(cfg, device, ddp, rank, world, t_start):
+@dataclass
+class Run:
+    """What one training process holds (built by setup): read by step, evaluate and save, which advance it."""
+    cfg: TrainConfig
+    resolved: TrainConfig       # cfg with its None keys resolved (lr schedule, model size): what is saved
+    device: torch.device
+    ddp: bool
+    rank: int
+    world: int
+    log: typing.Callable        # print on rank 0, nothing elsewhere
+    dtype: str
+    autocast: typing.Any        # the context of every forward (cli.autocast_for)
+    n_micro: int                # micro-batches per optimizer step, over all processes
+    share: list                 # this rank's micro-steps of a step: (micro-batch, first, end, loss divisor)
+    split_how: str
+    data_dir: pathlib.Path
+    meta: dict
+    train_data: TokenFile
+    val_data: TokenFile
+    out_dir: pathlib.Path
+    mcfg: models.LMConfig
+    raw_model: torch.nn.Module  # the model itself (state dicts, FLOPs)
+    optimizer: torch.optim.Optimizer
+    fwd_model: torch.nn.Module = None  # compiled or not: evaluation runs it
+    model: torch.nn.Module = None      # fwd_model, DDP-wrapped under torchrun: training steps run it
+    scaler: typing.Any = None          # a GradScaler for float16
+    iter_num: int = 0                  # optimizer steps taken
+    best_val: float = float("inf")
+    saved_iter: Optional[int] = None   # the iteration of ckpt.pt
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    @property
+    def ckpt_path(self):
+        return self.out_dir / "ckpt.pt"
+
+    @property
+    def best_path(self):
+        return self.out_dir / "ckpt_best.pt"
+
+    @property
+    def log_path(self):
+        return self.out_dir / "log.jsonl"
+
+    @property
+    def tokens_per_iter(self):
+        return self.n_micro * self.cfg.batch_size * self.mcfg.block_size
+
+    @property
+    def flops_per_iter(self):
+        return self.raw_model.flops_per_token(self.mcfg.block_size) * self.tokens_per_iter
+
+
+def model_config(cfg, vocab_size, ckpt=None, ckpt_path=None):
+    """The model config of a run: the registry's (models.py) preset with the train config's overrides; on
+    resume the checkpoint's, which must be the same."""
+    try:
+        mcfg = models.make_config(cfg.model, cfg.preset, **model_overrides(cfg, vocab_size))
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e)) from None
+    if ckpt is None:
+        return mcfg
+    saved = models.config_from_dict(cfg.model, ckpt["model_config"])
+    diff = [f"{k}={getattr(mcfg, k)!r} asked, {getattr(saved, k)!r} saved" for k in mcfg.to_dict()
+            if getattr(mcfg, k) != getattr(saved, k)]
+    if diff:
+        raise ConfigError(f"resume: the model config of {ckpt_path} differs from this run's: {'; '.join(diff)}")
+    return saved
+
+
+def setup(cfg, device, ddp, rank, world):
+    """The Run of this process: dtype, data, model (resumed from ckpt.pt for init_from=resume), optimizer."""
     from data.common import read_meta
 
-    master = rank == 0
-    log = print if master else (lambda *a, **k: None)
     n_micro, shares, split_how = batch_split(cfg.batch_size, cfg.gradient_accumulation_steps, world)
-    share = shares[rank]  # this rank's micro-steps per optimizer step: (micro-batch, first, end, loss divisor)
     dtype = cli.resolve_dtype(cfg.dtype, device)
-    ptdtype = getattr(torch, dtype)
-    autocast = cli.autocast_for(device, dtype)
     cli.allow_tf32(device)
-
-    # data
     data_dir = resolve_dataset(cfg.dataset, rank, world)
     meta = read_meta(data_dir)
     out_dir = pathlib.Path(cfg.out_dir)
-    ckpt_path, best_path, log_path = out_dir / "ckpt.pt", out_dir / "ckpt_best.pt", out_dir / "log.jsonl"
-
-    # model: from the registry (models.py); on resume the checkpoint's config, which must be the same
-    ckpt = load_resume_checkpoint(ckpt_path, best_path, cfg.model, device) if cfg.init_from == "resume" else None
-    try:
-        mcfg = models.make_config(cfg.model, cfg.preset, **model_overrides(cfg, int(meta["vocab_size"])))
-    except (ValueError, TypeError) as e:
-        raise ConfigError(str(e)) from None
-    if ckpt is not None:  # the same command with --init_from=resume: the model config must match
-        saved = models.config_from_dict(cfg.model, ckpt["model_config"])
-        diff = [f"{k}={getattr(mcfg, k)!r} asked, {getattr(saved, k)!r} saved" for k in mcfg.to_dict()
-                if getattr(mcfg, k) != getattr(saved, k)]
-        if diff:
-            raise ConfigError(f"resume: the model config of {ckpt_path} differs from this run's: {'; '.join(diff)}")
-        mcfg = saved
+    ckpt_path = out_dir / "ckpt.pt"
+    ckpt = (load_resume_checkpoint(ckpt_path, out_dir / "ckpt_best.pt", cfg.model, device)
+            if cfg.init_from == "resume" else None)
+    mcfg = model_config(cfg, int(meta["vocab_size"]), ckpt, ckpt_path)
     T = mcfg.block_size
     learning_rate = cfg.learning_rate if cfg.learning_rate is not None else models.preset_learning_rate(cfg.preset)
-    min_lr = cfg.min_lr if cfg.min_lr is not None else learning_rate / 10
-    lr_decay_iters = cfg.lr_decay_iters if cfg.lr_decay_iters is not None else cfg.max_iters
-    resolved = dataclasses.replace(cfg, learning_rate=learning_rate, min_lr=min_lr, lr_decay_iters=lr_decay_iters,
-                                   block_size=T, n_layer=mcfg.n_layer, n_embd=mcfg.n_embd, n_head=mcfg.n_head)
-
+    resolved = dataclasses.replace(
+        cfg, learning_rate=learning_rate, min_lr=cfg.min_lr if cfg.min_lr is not None else learning_rate / 10,
+        lr_decay_iters=cfg.lr_decay_iters if cfg.lr_decay_iters is not None else cfg.max_iters,
+        block_size=T, n_layer=mcfg.n_layer, n_embd=mcfg.n_embd, n_head=mcfg.n_head)
     train_data = TokenFile(data_dir, "train", T, device)
     val_data = TokenFile(data_dir, "val", T, device)
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     raw_model = models.build_model(mcfg).to(device)
     optimizer = raw_model.configure_optimizers(cfg.weight_decay, learning_rate, (cfg.beta1, cfg.beta2), device.type)
-    iter_num, best_val, saved_iter = 0, float("inf"), None
     torch.manual_seed(cfg.seed + rank)  # per-rank stream for dropout
+    run = Run(cfg, resolved, device, ddp, rank, world, print if rank == 0 else (lambda *a, **k: None), dtype,
+              cli.autocast_for(device, dtype), n_micro, shares[rank], split_how, data_dir, meta, train_data, val_data,
+              out_dir, mcfg, raw_model, optimizer)
     if ckpt is not None:
-        raw_model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        iter_num, best_val = int(ckpt["iter_num"]), float(ckpt["best_val_loss"])
-        saved_iter = iter_num
-        states = ckpt["rng_states"]
-        if len(states) == world:
-            set_rng_state(states[rank], device)
-        else:
-            log(f"note: the checkpoint was written by {len(states)} processes, this run has {world}: "
-                f"RNG streams (dropout only) are reseeded")
-            torch.manual_seed(cfg.seed + rank + 7919 * iter_num)
+        resume(run, ckpt)
         del ckpt
-    scaler = torch.amp.GradScaler("cuda") if dtype == "float16" else None
-    fwd_model = torch.compile(raw_model) if cfg.compile else raw_model
-    model = fwd_model
+    run.scaler = torch.amp.GradScaler("cuda") if dtype == "float16" else None
+    run.fwd_model = run.model = torch.compile(raw_model) if cfg.compile else raw_model
     if ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    params = [p for p in raw_model.parameters() if p.requires_grad]
+        run.model = DDP(run.fwd_model, device_ids=[device.index] if device.type == "cuda" else None)
+    return run
 
-    tokens_per_iter = n_micro * cfg.batch_size * T
-    flops_per_iter = raw_model.flops_per_token(T) * tokens_per_iter
-    peak = peak_flops(device, ptdtype)
-    peak = peak * world if peak else None
 
-    if master:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(
-            {"model_name": cfg.model, "model_config": mcfg.to_dict(), "train_config": dataclasses.asdict(resolved),
-             "dataset_dir": str(data_dir)}, indent=1) + "\n")
+def resume(run, ckpt):
+    """Continue from a checkpoint: weights, optimizer, iteration, best val loss, every rank's RNG streams."""
+    run.raw_model.load_state_dict(ckpt["model"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.iter_num, run.best_val = int(ckpt["iter_num"]), float(ckpt["best_val_loss"])
+    run.saved_iter = run.iter_num
+    states = ckpt["rng_states"]
+    if len(states) == run.world:
+        set_rng_state(states[run.rank], run.device)
+    else:
+        run.log(f"note: the checkpoint was written by {len(states)} processes, this run has {run.world}: "
+                f"RNG streams (dropout only) are reseeded")
+        torch.manual_seed(run.cfg.seed + run.rank + 7919 * run.iter_num)
+
+
+def start_outputs(run):
+    """config.json and log.jsonl in out_dir (on resume, the log lines after the checkpoint are dropped), and
+    the run's description at the top of the printed log."""
+    cfg, mcfg, T = run.cfg, run.mcfg, run.mcfg.block_size
+    if run.master:
+        run.out_dir.mkdir(parents=True, exist_ok=True)
+        (run.out_dir / "config.json").write_text(json.dumps(
+            {"model_name": cfg.model, "model_config": mcfg.to_dict(), "train_config": dataclasses.asdict(run.resolved),
+             "dataset_dir": str(run.data_dir)}, indent=1) + "\n")
         if cfg.init_from == "scratch":
-            log_path.write_text("")
-        elif log_path.exists():  # drop lines logged after the checkpoint we resume from
-            keep = [l for l in log_path.read_text().splitlines() if l and json.loads(l).get("iter", 0) <= iter_num]
-            log_path.write_text("".join(l + "\n" for l in keep))
-    log(f"{cfg.model} ({cfg.preset}): {raw_model.num_params(False) / 1e6:.2f}M parameters "
-        f"({raw_model.num_params() / 1e6:.2f}M without embeddings), {mcfg.n_layer} layers x {mcfg.n_embd}, "
-        f"{mcfg.n_head} heads, vocab {mcfg.vocab_size}, context {T}")
-    log(f"data {data_dir} ({meta.get('tokenizer')}, {len(train_data):,} train / {len(val_data):,} val tokens)")
-    log(f"global batch: {n_micro * cfg.batch_size:,} sequences x {T:,} tokens = {tokens_per_iter:,} tokens per step "
-        f"({split_how})")
-    log(f"device {device}, dtype {dtype}, compile {cfg.compile}, lr {learning_rate:g} -> {min_lr:g}, "
-        f"{'resuming at' if iter_num else 'starting at'} iteration {iter_num} of {cfg.max_iters}")
+            run.log_path.write_text("")
+        elif run.log_path.exists():  # drop lines logged after the checkpoint we resume from
+            keep = [l for l in run.log_path.read_text().splitlines()
+                    if l and json.loads(l).get("iter", 0) <= run.iter_num]
+            run.log_path.write_text("".join(l + "\n" for l in keep))
+    m = run.raw_model
+    run.log(f"{cfg.model} ({cfg.preset}): {m.num_params(False) / 1e6:.2f}M parameters "
+            f"({m.num_params() / 1e6:.2f}M without embeddings), {mcfg.n_layer} layers x {mcfg.n_embd}, "
+            f"{mcfg.n_head} heads, vocab {mcfg.vocab_size}, context {T}")
+    run.log(f"data {run.data_dir} ({run.meta.get('tokenizer')}, {len(run.train_data):,} train / "
+            f"{len(run.val_data):,} val tokens)")
+    run.log(f"global batch: {run.n_micro * cfg.batch_size:,} sequences x {T:,} tokens = {run.tokens_per_iter:,} "
+            f"tokens per step ({run.split_how})")
+    run.log(f"device {run.device}, dtype {run.dtype}, compile {cfg.compile}, lr {run.resolved.learning_rate:g} -> "
+            f"{run.resolved.min_lr:g}, {'resuming at' if run.iter_num else 'starting at'} iteration {run.iter_num} "
+            f"of {cfg.max_iters}")
 
-    def write_log(record):
-        if master:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
 
-    @torch.no_grad()
-    def evaluate():
-        """Mean loss of eval_iters fixed batches per split (the same batches at every evaluation; the
-        batches are shared out over the ranks)."""
-        model.eval()
-        out = {}
-        for stream, split, data in ((1, "val", val_data), (2, "train", train_data)):
-            total = torch.zeros(2, device=device, dtype=torch.float64)
-            for k in range(rank, cfg.eval_iters, world):
-                x, y = data.batch(step_offsets(cfg.seed, stream, k, 1, cfg.batch_size, len(data), T)[0])
-                with autocast:
-                    _, loss = fwd_model(x, y)
-                total += torch.stack([loss.double(), torch.ones((), device=device, dtype=torch.float64)])
-            if ddp:
-                torch.distributed.all_reduce(total)
-            out[split] = (total[0] / total[1]).item()
-        model.train()
-        return out
+def write_log(run, record):
+    if run.master:
+        with open(run.log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
 
-    def checkpoint(is_best, final):
-        # every rank takes the same decision (val loss is all-reduced), so skipping the gather is safe
-        if not (cfg.always_save_checkpoint or final or is_best):
-            return []
-        states = [None] * world
-        if ddp:
-            torch.distributed.all_gather_object(states, rng_state(device))
-        else:
-            states = [rng_state(device)]
-        if not master:
-            return []
-        obj = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "model_name": cfg.model,
-               "model_config": mcfg.to_dict(), "train_config": dataclasses.asdict(resolved), "iter_num": iter_num,
-               "best_val_loss": best_val, "rng_states": states, "sampler": {"seed": cfg.seed, "next_step": iter_num},
-               "dataset": {"dir": str(data_dir), "meta": meta}}
-        written = []
-        if cfg.always_save_checkpoint or final:
-            save_checkpoint(obj, ckpt_path)
-            written.append(ckpt_path.name)
-        if is_best and written:
-            copy_checkpoint(ckpt_path, best_path)
-        elif is_best:
-            save_checkpoint(obj, best_path)
-        if is_best:
-            written.append(best_path.name)
-        return written
 
+def step(run, lr):
+    """One optimizer step at learning rate lr over this rank's share of the step's windows: (loss, grad norm),
+    averaged over the processes. Raises TrainingDiverged, before stepping, on a non-finite loss or norm."""
+    cfg, model, scaler = run.cfg, run.model, run.scaler
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    offsets = step_offsets(cfg.seed, 0, run.iter_num, run.n_micro, cfg.batch_size, len(run.train_data),
+                           run.mcfg.block_size)
+    loss_sum = torch.zeros((), device=run.device)
+    for i, (micro, first, end, divisor) in enumerate(run.share):
+        x, y = run.train_data.batch(offsets[micro, first:end])
+        sync = not run.ddp or i == len(run.share) - 1  # DDP all-reduces gradients on the last micro-step only
+        with (contextlib.nullcontext() if sync else model.no_sync()):
+            with run.autocast:
+                _, loss = model(x, y)
+            loss = loss / divisor
+            (scaler.scale(loss) if scaler else loss).backward()
+        loss_sum += loss.detach().float()
+    if scaler:
+        scaler.unscale_(run.optimizer)
+    params = [p for p in run.raw_model.parameters() if p.requires_grad]
+    if cfg.grad_clip > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    else:
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    if run.ddp:
+        torch.distributed.all_reduce(loss_sum)
+        loss_sum /= run.world
+    loss_val, gn_val = torch.stack([loss_sum, grad_norm.float()]).tolist()
+    if not math.isfinite(loss_val) or (not math.isfinite(gn_val) and scaler is None):
+        where = (f"the last good checkpoint is {run.ckpt_path} (iteration {run.saved_iter})"
+                 if run.saved_iter is not None else "no checkpoint was written yet")
+        raise TrainingDiverged(f"non-finite {'loss' if not math.isfinite(loss_val) else 'gradient norm'} at "
+                               f"iteration {run.iter_num + 1} (loss {loss_val}, grad norm {gn_val}); stopped "
+                               f"before taking that step; {where}")
+    if scaler:
+        scaler.step(run.optimizer)
+        scaler.update()
+    else:
+        run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.iter_num += 1
+    return loss_val, gn_val
+
+
+@torch.no_grad()
+def evaluate(run):
+    """Mean loss of eval_iters fixed batches per split (the same batches at every evaluation; the batches are
+    shared out over the ranks)."""
+    cfg, T = run.cfg, run.mcfg.block_size
+    run.model.eval()
+    out = {}
+    for stream, split, data in ((1, "val", run.val_data), (2, "train", run.train_data)):
+        total = torch.zeros(2, device=run.device, dtype=torch.float64)
+        for k in range(run.rank, cfg.eval_iters, run.world):
+            x, y = data.batch(step_offsets(cfg.seed, stream, k, 1, cfg.batch_size, len(data), T)[0])
+            with run.autocast:
+                _, loss = run.fwd_model(x, y)
+            total += torch.stack([loss.double(), torch.ones((), device=run.device, dtype=torch.float64)])
+        if run.ddp:
+            torch.distributed.all_reduce(total)
+        out[split] = (total[0] / total[1]).item()
+    run.model.train()
+    return out
+
+
+def save(run, is_best, final):
+    """Write ckpt.pt (always_save_checkpoint or final) and ckpt_best.pt (is_best) from rank 0, with every
+    rank's RNG state; returns the names written."""
+    cfg = run.cfg
+    # every rank takes the same decision (val loss is all-reduced), so skipping the gather is safe
+    if not (cfg.always_save_checkpoint or final or is_best):
+        return []
+    states = [None] * run.world
+    if run.ddp:
+        torch.distributed.all_gather_object(states, rng_state(run.device))
+    else:
+        states = [rng_state(run.device)]
+    if not run.master:
+        return []
+    obj = {"model": run.raw_model.state_dict(), "optimizer": run.optimizer.state_dict(), "model_name": cfg.model,
+           "model_config": run.mcfg.to_dict(), "train_config": dataclasses.asdict(run.resolved),
+           "iter_num": run.iter_num, "best_val_loss": run.best_val, "rng_states": states,
+           "sampler": {"seed": cfg.seed, "next_step": run.iter_num},
+           "dataset": {"dir": str(run.data_dir), "meta": run.meta}}
+    written = []
+    if cfg.always_save_checkpoint or final:
+        save_checkpoint(obj, run.ckpt_path)
+        written.append(run.ckpt_path.name)
+    if is_best and written:
+        copy_checkpoint(run.ckpt_path, run.best_path)
+    elif is_best:
+        save_checkpoint(obj, run.best_path)
+    if is_best:
+        written.append(run.best_path.name)
+    return written
+
+
+def _train(cfg, device, ddp, rank, world, t_start):
+    run = setup(cfg, device, ddp, rank, world)
+    start_outputs(run)
+    r = run.resolved
+    peak = peak_flops(device, getattr(torch, run.dtype))
+    peak = peak * world if peak else None
     last_loss, last_eval, n_logged, t_log = None, {}, 0, time.time()
-    model.train()
-    while iter_num < cfg.max_iters:
-        lr = get_lr(iter_num, learning_rate, min_lr, cfg.warmup_iters, lr_decay_iters)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        offsets = step_offsets(cfg.seed, 0, iter_num, n_micro, cfg.batch_size, len(train_data), T)
-        loss_sum = torch.zeros((), device=device)
-        for i, (micro, first, end, divisor) in enumerate(share):
-            x, y = train_data.batch(offsets[micro, first:end])
-            sync = not ddp or i == len(share) - 1  # DDP all-reduces gradients on the last micro-step only
-            with (contextlib.nullcontext() if sync else model.no_sync()):
-                with autocast:
-                    _, loss = model(x, y)
-                loss = loss / divisor
-                (scaler.scale(loss) if scaler else loss).backward()
-            loss_sum += loss.detach().float()
-        if scaler:
-            scaler.unscale_(optimizer)
-        if cfg.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        else:
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-        if ddp:
-            torch.distributed.all_reduce(loss_sum)
-            loss_sum /= world
-        loss_val, gn_val = torch.stack([loss_sum, grad_norm.float()]).tolist()
-        if not math.isfinite(loss_val) or (not math.isfinite(gn_val) and scaler is None):
-            where = (f"the last good checkpoint is {ckpt_path} (iteration {saved_iter})" if saved_iter is not None
-                     else "no checkpoint was written yet")
-            raise TrainingDiverged(f"non-finite {'loss' if not math.isfinite(loss_val) else 'gradient norm'} at "
-                                   f"iteration {iter_num + 1} (loss {loss_val}, grad norm {gn_val}); stopped "
-                                   f"before taking that step; {where}")
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        iter_num += 1
-        last_loss = loss_val
+    run.model.train()
+    while run.iter_num < cfg.max_iters:
+        lr = get_lr(run.iter_num, r.learning_rate, r.min_lr, cfg.warmup_iters, r.lr_decay_iters)
+        last_loss, grad_norm = step(run, lr)
+        it = run.iter_num
         n_logged += 1
 
-        if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
+        if it % cfg.log_interval == 0 or it == cfg.max_iters:
             dt = (time.time() - t_log) / n_logged
             t_log, n_logged = time.time(), 0
-            mfu = flops_per_iter / dt / peak if peak else None
-            write_log({"iter": iter_num, "loss": loss_val, "lr": lr, "grad_norm": gn_val,
-                       "tokens_per_s": tokens_per_iter / dt, "ms_per_iter": 1000 * dt, "mfu": mfu})
-            eta = dt * (cfg.max_iters - iter_num)
-            log(f"iter {iter_num:>{len(str(cfg.max_iters))}}/{cfg.max_iters} | loss {loss_val:.4f} | lr {lr:.2e} | "
-                f"grad norm {gn_val:.2f} | {tokens_per_iter / dt:,.0f} tok/s | {1000 * dt:.0f} ms/iter"
-                + (f" | mfu {100 * mfu:.1f}%" if mfu is not None else "") + f" | eta {_fmt_time(eta)}", flush=True)
+            mfu = run.flops_per_iter / dt / peak if peak else None
+            write_log(run, {"iter": it, "loss": last_loss, "lr": lr, "grad_norm": grad_norm,
+                            "tokens_per_s": run.tokens_per_iter / dt, "ms_per_iter": 1000 * dt, "mfu": mfu})
+            run.log(f"iter {it:>{len(str(cfg.max_iters))}}/{cfg.max_iters} | loss {last_loss:.4f} | lr {lr:.2e} | "
+                    f"grad norm {grad_norm:.2f} | {run.tokens_per_iter / dt:,.0f} tok/s | {1000 * dt:.0f} ms/iter"
+                    + (f" | mfu {100 * mfu:.1f}%" if mfu is not None else "")
+                    + f" | eta {_fmt_time(dt * (cfg.max_iters - it))}", flush=True)
 
-        final = iter_num == cfg.max_iters
-        if iter_num % cfg.eval_interval == 0 or final:
+        final = it == cfg.max_iters
+        if it % cfg.eval_interval == 0 or final:
             t_eval = time.time()
-            last_eval = evaluate()
-            is_best = last_eval["val"] < best_val
-            best_val = min(best_val, last_eval["val"])
-            written = checkpoint(is_best, final)
+            last_eval = evaluate(run)
+            is_best = last_eval["val"] < run.best_val
+            run.best_val = min(run.best_val, last_eval["val"])
+            written = save(run, is_best, final)
             if cfg.always_save_checkpoint or final:
-                saved_iter = iter_num
-            write_log({"iter": iter_num, "val_loss": last_eval["val"], "val_ppl": math.exp(min(last_eval["val"], 700)),
-                       "train_eval_loss": last_eval["train"], "best_val_loss": best_val})
-            log(f"eval iter {iter_num}: val loss {last_eval['val']:.4f} (ppl {math.exp(min(last_eval['val'], 700)):.2f}), "
-                f"train loss {last_eval['train']:.4f}" + (f" | saved {', '.join(written)}" if written else ""), flush=True)
+                run.saved_iter = it
+            ppl = math.exp(min(last_eval["val"], 700))
+            write_log(run, {"iter": it, "val_loss": last_eval["val"], "val_ppl": ppl,
+                            "train_eval_loss": last_eval["train"], "best_val_loss": run.best_val})
+            run.log(f"eval iter {it}: val loss {last_eval['val']:.4f} (ppl {ppl:.2f}), train loss "
+                    f"{last_eval['train']:.4f}" + (f" | saved {', '.join(written)}" if written else ""), flush=True)
             t_log += time.time() - t_eval  # evaluation time does not count as training time
 
-    return {"iter": iter_num, "train_loss": last_loss, "val_loss": last_eval.get("val"),
-            "train_eval_loss": last_eval.get("train"), "best_val_loss": best_val, "out_dir": str(out_dir),
-            "ckpt": str(ckpt_path), "ckpt_best": str(best_path), "tokens": iter_num * tokens_per_iter,
-            "flops": iter_num * flops_per_iter, "params": raw_model.num_params(),
+    return {"iter": run.iter_num, "train_loss": last_loss, "val_loss": last_eval.get("val"),
+            "train_eval_loss": last_eval.get("train"), "best_val_loss": run.best_val, "out_dir": str(run.out_dir),
+            "ckpt": str(run.ckpt_path), "ckpt_best": str(run.best_path), "tokens": run.iter_num * run.tokens_per_iter,
+            "flops": run.iter_num * run.flops_per_iter, "params": run.raw_model.num_params(),
             "elapsed_s": time.time() - t_start}
 
 
