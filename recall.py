@@ -42,15 +42,14 @@ The `cpu` preset (2 layers, head_dim 32, AdamW + warmup/cosine, one thread per p
 Pilots before it (results/recall/README.md): 8 kv pairs / vocabulary 128 / length 64 left every model at chance,
 so the task was made easier (4 pairs, length 32); the per-model inner lr scales come from MQAR width-64 pilots.
 
-Training reuses train.py's pieces: model.configure_optimizers (AdamW, decay on matrices only), get_lr (warmup +
-cosine), gradient clipping as train.py does it, save_checkpoint / load_checkpoint (atomic) for a resumable
-in-run checkpoint. The data are (inputs, targets) batches from the generators, seeded by (run seed, step), so a
-resumed run sees the same batches as an uninterrupted one.
+Training is train.train (AdamW with decay on matrices only, warmup + cosine, gradient clipping, atomic
+checkpoints, resume) on TaskBatches: (inputs, targets) batches from the generators, seeded by (run seed, step), so
+a resumed run sees the same batches as an uninterrupted one.
 
 Outputs in --out (default results/recall):
   runs/<model>__<task>.json   one atomic JSON per finished (model, task setting): the cache; a later invocation
                               with the same settings skips it (--force reruns); a run interrupted mid-training
-                              resumes from ckpt/<model>__<task>.pt
+                              resumes from ckpt/<run>/ckpt.pt (train.py's out_dir of the run)
   results.json                every record: model, task, train_len, eval_len, depth, num_kv_pairs, accuracy,
                               token_accuracy, n_params, settings ...
   *.png                       accuracy vs context length per task (one line per model); passkey heatmaps
@@ -62,21 +61,25 @@ import dataclasses
 import json
 import math
 import pathlib
+import shutil
 import sys
+import tempfile
 import time
 
 import numpy as np
 import torch
 
 import models
+import train
 from data import recall_tasks
-from train import ConfigError, get_lr, load_checkpoint, save_checkpoint, save_json
+from train import ConfigError, save_json
 
 REPO = pathlib.Path(__file__).resolve().parent
 ALL_MODELS = ("moneta", "yaad", "memora", "transformer", "moneta_linear")
 ALL_TASKS = ("mqar", "passkey")
-# generator seeds: training batches, the validation set (picks the lr) and the evaluation sets
-TRAIN_SEED_BASE, VAL_SEED_BASE, EVAL_SEED_BASE = 1_000_003, 5_000_011, 7_000_003
+# generator seeds: training batches, the validation set (picks the lr), the evaluation sets, and the batches of
+# the loss train.py logs at each checkpoint
+TRAIN_SEED_BASE, VAL_SEED_BASE, EVAL_SEED_BASE, LOSS_SEED_BASE = 1_000_003, 5_000_011, 7_000_003, 3_000_017
 
 
 def model_spec(model):
@@ -205,83 +208,116 @@ def vocab_size(s):
     return s.vocab_size if s.task == "mqar" else len(recall_tasks.PASSKEY_VOCAB)
 
 
-def train_batch(s, step):
-    """(x, y) of training step `step`: a pure function of (seed, step)."""
-    b = task_batch(s, s.batch_size, seed=TRAIN_SEED_BASE + 1009 * s.seed + step)
+def loss_batch(s, b):
+    """(x, y) tensors of a TaskBatch with the training loss's targets (passkey_loss="text": every next char,
+    the last target being the last digit; else the answer positions only)."""
     x = torch.from_numpy(b.inputs)
-    if s.task == "passkey" and s.passkey_loss == "text":  # every next char; the last target is the last digit
+    if s.task == "passkey" and s.passkey_loss == "text":
         y = torch.from_numpy(np.concatenate([b.inputs[:, 1:], b.targets[:, -1:]], axis=1))
-    else:  # the answer positions only
+    else:
         y = torch.from_numpy(b.targets)
     return x, y
+
+
+def train_batch(s, step):
+    """(x, y) of training step `step`: a pure function of (seed, step)."""
+    return loss_batch(s, task_batch(s, s.batch_size, seed=TRAIN_SEED_BASE + 1009 * s.seed + step))
+
+
+class TaskBatches:
+    """train.train's batches for setting `s` (the members train.WindowBatches describes): optimizer step `step`
+    is train_batch(s, step), one micro-batch in one process; the loss train.py evaluates at each checkpoint is
+    taken on fresh task samples ("val") and on the first training batches ("train")."""
+
+    def __init__(self, s):
+        self.s, self.vocab_size = s, vocab_size(s)
+        self.info = {"dir": None, "meta": {"vocab_size": self.vocab_size, "recall_setting": s.to_dict()}}
+
+    def describe(self):
+        return f"data: {self.s.task} samples generated per step (data/recall_tasks.py, setting {self.s.name})"
+
+    def train_batch(self, step, micro, first, end):
+        x, y = train_batch(self.s, step)
+        return x[first:end], y[first:end]
+
+    def eval_batch(self, split, k):
+        if split == "train":
+            return train_batch(self.s, k)
+        return loss_batch(self.s, task_batch(self.s, self.s.batch_size, seed=LOSS_SEED_BASE + 1009 * self.s.seed + k))
 
 
 # ----------------------------------------------------------------------------------------------
 # One run
 
-def model_config(model, s):
-    name, variant = model_spec(model)
-    over = dict(n_layer=s.n_layer, n_embd=s.n_embd, n_head=s.n_head, block_size=s.train_len,
-                vocab_size=vocab_size(s))
+def _model_args(model, s):
+    """The model config of `model` in setting `s` beyond its size keys: vocabulary, SwiGLU width, overrides."""
+    over = dict(vocab_size=vocab_size(s))
     if s.mlp_hidden.get(model):
         over["mlp_hidden"] = s.mlp_hidden[model]
     over.update(s.model_overrides.get(model, {}))
-    return models.make_config(name, variant, **over)
+    return over
+
+
+def model_config(model, s):
+    name, variant = model_spec(model)
+    return models.make_config(name, variant, n_layer=s.n_layer, n_embd=s.n_embd, n_head=s.n_head,
+                              block_size=s.train_len, **_model_args(model, s))
 
 
 def build(model, s):
     return models.build_model(model_config(model, s))
 
 
-def train_run(model, s, ckpt_path, log=print):
-    """Train `model` on setting `s` (resuming from ckpt_path if it holds this run). Returns (model, stats)."""
-    torch.manual_seed(s.seed)
-    net = build(model, s)
-    opt = net.configure_optimizers(s.weight_decay, s.learning_rate, (0.9, 0.95), "cpu")
-    step, elapsed, tokens = 0, 0.0, 0
+def train_config(model, s, run_dir, init_from="scratch", **over):
+    """The train.TrainConfig of one run: model_config(model, s), trained on CPU in float32 for s.steps steps of
+    s.batch_size sequences, AdamW at s.learning_rate (warmup, cosine to a tenth), a checkpoint (and train.py's
+    loss evaluation) every s.ckpt_interval steps."""
+    name, variant = model_spec(model)
+    cfg = train.TrainConfig(
+        model=name, preset=variant or "", n_layer=s.n_layer, n_embd=s.n_embd, n_head=s.n_head, block_size=s.train_len,
+        model_args=json.dumps(_model_args(model, s)), dataset=f"recall:{s.name}", out_dir=str(run_dir),
+        init_from=init_from, always_save_checkpoint=True, max_iters=s.steps, batch_size=s.batch_size,
+        gradient_accumulation_steps=None, eval_interval=s.ckpt_interval, eval_iters=2,
+        log_interval=max(1, s.steps // 10), seed=s.seed, learning_rate=s.learning_rate, min_lr=s.learning_rate / 10,
+        warmup_iters=s.warmup_iters, lr_decay_iters=s.steps, weight_decay=s.weight_decay, beta1=0.9, beta2=0.95,
+        grad_clip=s.grad_clip, device="cpu", dtype="float32", compile=False)
+    return dataclasses.replace(cfg, **over)
+
+
+def train_run(model, s, run_dir, log=print):
+    """Train `model` on setting `s` with train.train in run_dir, resuming from its ckpt.pt when run.json says it
+    is this run's. Returns (model, stats); a run whose loss turns non-finite keeps its last checkpoint's weights
+    (the initial ones without one) and says so in stats["diverged"]."""
+    run_dir = pathlib.Path(run_dir)
     signature = {"model": model, "setting": s.to_dict()}
-    if ckpt_path.exists():
-        ck = load_checkpoint(ckpt_path)
-        if ck.get("signature") == signature:
-            net.load_state_dict(ck["model"])
-            opt.load_state_dict(ck["optimizer"])
-            step, elapsed, tokens = ck["step"], ck["elapsed_s"], ck["tokens"]
-            torch.set_rng_state(ck["torch_rng"])
-            log(f"  resuming {model} / {s.name} at step {step}")
-    params = [p for p in net.parameters() if p.requires_grad]
-    net.train()
-    t0, losses, diverged = time.time(), [], None
-    while step < s.steps:
-        lr = get_lr(step, s.learning_rate, s.learning_rate / 10, s.warmup_iters, s.steps)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        x, y = train_batch(s, step)
-        _, loss = net(x, y)
-        loss.backward()
-        gn = torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
-        loss_value = loss.item()
-        if not (math.isfinite(loss_value) and math.isfinite(gn.item())):
-            diverged = f"non-finite loss/grad norm at step {step + 1}"
-            log(f"  {model} / {s.name}: {diverged}; stopping training here")
-            opt.zero_grad(set_to_none=True)
-            break
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        tokens += x.numel()
-        losses.append(loss_value)
-        if step % max(1, s.steps // 10) == 0 or step == s.steps:
-            dt = elapsed + time.time() - t0
-            log(f"  {model} / {s.name} step {step}/{s.steps} loss {np.mean(losses[-20:]):.4f} lr {lr:.2e} "
-                f"| {tokens / max(dt, 1e-9):,.0f} tok/s | {dt:.0f}s", flush=True)
-        if step % s.ckpt_interval == 0 and step < s.steps:
-            save_checkpoint({"model": net.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                             "elapsed_s": elapsed + time.time() - t0, "tokens": tokens, "signature": signature,
-                             "torch_rng": torch.get_rng_state()}, ckpt_path)
-    elapsed += time.time() - t0
-    stats = dict(train_steps=step, train_tokens=tokens, train_time_s=elapsed,
-                 train_tokens_per_s=tokens / max(elapsed, 1e-9),
-                 final_train_loss=float(np.mean(losses[-20:])) if losses else None, diverged=diverged)
+    sig_path, ckpt_path = run_dir / "run.json", run_dir / "ckpt.pt"
+    resume = ckpt_path.is_file() and sig_path.is_file() and json.loads(sig_path.read_text()) == signature
+    start = train.load_checkpoint(ckpt_path)["iter_num"] if resume else 0
+    if resume:
+        log(f"  resuming {model} / {s.name} at step {start}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_json(signature, sig_path)
+    cfg = train_config(model, s, run_dir, "resume" if resume else "scratch")
+    diverged = None
+    try:
+        result = train.train(cfg, batches=TaskBatches(s))
+    except train.TrainingDiverged as e:
+        diverged, result = str(e), {}
+        log(f"  {model} / {s.name}: {diverged}")
+    torch.manual_seed(s.seed)  # the initial weights train.train started from
+    net = build(model, s)
+    steps = 0
+    if ckpt_path.is_file():
+        ck = train.load_checkpoint(ckpt_path)
+        if models.config_from_dict(cfg.model, ck["model_config"]) != net.config:
+            raise RuntimeError(f"{ckpt_path} holds another model than model_config({model!r}, {s.name!r})")
+        net.load_state_dict(ck["model"])
+        steps = int(ck["iter_num"])
+    tokens = steps * s.batch_size * s.train_len
+    elapsed = result.get("elapsed_s", 0.0)  # this call's (a resumed run: since the resume)
+    stats = dict(train_steps=steps, train_tokens=tokens, train_time_s=elapsed,
+                 train_tokens_per_s=(tokens - start * s.batch_size * s.train_len) / max(elapsed, 1e-9),
+                 final_train_loss=result.get("recent_train_loss"), diverged=diverged)
     return net, stats
 
 
@@ -346,11 +382,10 @@ def run_one(model, s, out, preset, force=False, keep_ckpt=False, log=print):
         except (json.JSONDecodeError, KeyError, AttributeError):
             log(f"  {run_path.name}: unreadable, rerunning")
     (out / "runs").mkdir(parents=True, exist_ok=True)
-    (out / "ckpt").mkdir(parents=True, exist_ok=True)
-    ckpt_path = out / "ckpt" / f"{run_id}.pt"
+    run_dir = out / "ckpt" / run_id
     if force:
-        ckpt_path.unlink(missing_ok=True)
-    net, stats = train_run(model, s, ckpt_path, log)
+        (run_dir / "run.json").unlink(missing_ok=True)  # no resume: train.py starts it over
+    net, stats = train_run(model, s, run_dir, log)
     t0 = time.time()
     stats.update(validate(net, s))
     evals = evaluate(net, s)
@@ -366,7 +401,7 @@ def run_one(model, s, out, preset, force=False, keep_ckpt=False, log=print):
     save_json({"model": model, "settings": settings, "model_config": net.config.to_dict(), "records": records},
                  run_path)
     if not keep_ckpt:
-        ckpt_path.unlink(missing_ok=True)
+        shutil.rmtree(run_dir)
     return records, False
 
 
@@ -525,21 +560,19 @@ def summary_tables(records):
 # CLI
 
 def calibrate(model_names, settings, steps=4, log=print):
+    """Training tokens/s of every model and setting: steps + 1 steps of train.train (the first, which warms
+    up, untimed), in a temporary directory."""
     for s in settings:
         for m in model_names:
-            net = build(m, s)
-            opt = net.configure_optimizers(s.weight_decay, s.learning_rate, (0.9, 0.95), "cpu")
-            for i in range(steps + 1):  # step 0 warms up, untimed
-                if i == 1:
-                    t0 = time.time()
-                x, y = train_batch(s, i)
-                _, loss = net(x, y)
-                loss.backward()
-                opt.step()
-                opt.zero_grad()
-            dt = (time.time() - t0) / steps
-            log(f"{s.name:10s} {m:14s} n_params {net.num_params():>8,} | {x.numel() / dt:8,.0f} tok/s | "
-                f"{dt:.3f} s/step -> {s.steps} steps ~ {dt * s.steps:.0f} s", flush=True)
+            with tempfile.TemporaryDirectory() as tmp:
+                run = dataclasses.replace(s, steps=steps + 1, ckpt_interval=steps + 1)
+                train.train(train_config(m, run, tmp, log_interval=1), batches=TaskBatches(run))
+                log_lines = (pathlib.Path(tmp) / "log.jsonl").read_text().splitlines()
+                ms = [r["ms_per_iter"] for r in map(json.loads, log_lines) if "loss" in r]
+            dt = sum(ms[1:]) / steps / 1000
+            log(f"{s.name:10s} {m:14s} n_params {build(m, s).num_params():>8,} | "
+                f"{s.batch_size * s.train_len / dt:8,.0f} tok/s | {dt:.3f} s/step -> {s.steps} steps ~ "
+                f"{dt * s.steps:.0f} s", flush=True)
 
 
 def parse(argv=None):

@@ -30,8 +30,10 @@ and hold everything a resume needs to continue the same loss curve (model, optim
 best val loss, RNG states of every rank, sampler state).
 
 Library use (scaling.py, recall.py): `train(TrainConfig(...)) -> dict` runs in-process and returns the
-final losses; `parse_args([...])` builds a TrainConfig from command-line style arguments.
+final losses; `parse_args([...])` builds a TrainConfig from command-line style arguments; `train(cfg,
+batches=...)` trains on batches of the caller's (WindowBatches says what they provide; recall.py's tasks).
 """
+import collections
 import contextlib
 import dataclasses
 import json
@@ -274,6 +276,39 @@ class TokenFile:
         return w[:, :-1], w[:, 1:]
 
 
+class WindowBatches:
+    """Where a run's batches come from: by default random windows of a prepared dataset's train.bin / val.bin
+    (step_offsets, read as TokenFile batches). A library caller may pass train(cfg, batches=...) any object
+    with the same members instead (recall.py: synthetic tasks generated per step):
+        vocab_size                         the model's vocabulary comes from it (model_overrides)
+        info                               the checkpoint's "dataset": {"dir": ..., "meta": {...}}
+        describe()                         the log's data line
+        train_batch(step, micro, first, end) -> (x, y)
+                                           windows [first:end] of micro-batch `micro` of optimizer step `step`
+                                           (a pure function of its arguments: resume and DDP rely on it)
+        eval_batch(split, k) -> (x, y)     evaluation batch k of split "val" or "train", the same every time
+    x, y: [rows, T] int64 (targets -1 are ignored); train moves them to its device."""
+
+    def __init__(self, data_dir, meta, block_size, device, seed, batch_size, n_micro):
+        self.train = TokenFile(data_dir, "train", block_size, device)
+        self.val = TokenFile(data_dir, "val", block_size, device)
+        self.vocab_size = int(meta["vocab_size"])
+        self.info = {"dir": str(data_dir), "meta": meta}
+        self.block_size, self.seed, self.batch_size, self.n_micro = block_size, seed, batch_size, n_micro
+
+    def describe(self):
+        return (f"data {self.info['dir']} ({self.info['meta'].get('tokenizer')}, {len(self.train):,} train / "
+                f"{len(self.val):,} val tokens)")
+
+    def train_batch(self, step, micro, first, end):
+        offsets = step_offsets(self.seed, 0, step, self.n_micro, self.batch_size, len(self.train), self.block_size)
+        return self.train.batch(offsets[micro, first:end])
+
+    def eval_batch(self, split, k):
+        stream, data = (1, self.val) if split == "val" else (2, self.train)
+        return data.batch(step_offsets(self.seed, stream, k, 1, self.batch_size, len(data), self.block_size)[0])
+
+
 # ----------------------------------------------------------------------------------------------
 # Schedule, devices, checkpoints
 
@@ -410,10 +445,12 @@ def _fmt_time(s):
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def train(cfg: TrainConfig) -> dict:
+def train(cfg: TrainConfig, batches=None) -> dict:
     """Train as configured (in-process; under torchrun, one call per rank). Returns a summary on every rank:
-    iter, train_loss (last step), val_loss / train_eval_loss (last evaluation), best_val_loss, ckpt, and
-    more. Raises ConfigError for a bad configuration and TrainingDiverged for a non-finite loss/gradient."""
+    iter, train_loss (last step), recent_train_loss (mean of the last 20 steps of this call), val_loss /
+    train_eval_loss (last evaluation), best_val_loss, ckpt, and more. Raises ConfigError for a bad
+    configuration and TrainingDiverged for a non-finite loss/gradient. `batches`: the data instead of
+    cfg.dataset's windows (see WindowBatches; cfg.dataset then only labels the run)."""
     validate(cfg)
     t_start = time.time()
     ddp = int(os.environ.get("RANK", -1)) != -1
@@ -427,7 +464,7 @@ def train(cfg: TrainConfig) -> dict:
     if ddp and not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     try:
-        result = _train(cfg, device, ddp, rank, world, t_start)
+        result = _train(cfg, device, ddp, rank, world, t_start, batches)
         if ddp:  # a rank that tears gloo down while a peer still runs can abort it (seen once in CI: SIGABRT)
             torch.distributed.barrier()
         return result
@@ -451,10 +488,7 @@ class Run:
     n_micro: int                # micro-batches per optimizer step, over all processes
     share: list                 # this rank's micro-steps of a step: (micro-batch, first, end, loss divisor)
     split_how: str
-    data_dir: pathlib.Path
-    meta: dict
-    train_data: TokenFile
-    val_data: TokenFile
+    batches: WindowBatches      # or a library caller's object with its members
     out_dir: pathlib.Path
     mcfg: models.LMConfig
     raw_model: torch.nn.Module  # the model itself (state dicts, FLOPs)
@@ -508,36 +542,37 @@ def model_config(cfg, vocab_size, ckpt=None, ckpt_path=None):
     return saved
 
 
-def setup(cfg, device, ddp, rank, world):
+def setup(cfg, device, ddp, rank, world, batches=None):
     """The Run of this process: dtype, data, model (resumed from ckpt.pt for init_from=resume), optimizer."""
     from data.common import read_meta
 
     n_micro, shares, split_how = batch_split(cfg.batch_size, cfg.gradient_accumulation_steps, world)
     dtype = cli.resolve_dtype(cfg.dtype, device)
     cli.allow_tf32(device)
-    data_dir = resolve_dataset(cfg.dataset, rank, world)
-    meta = read_meta(data_dir)
+    if batches is None:
+        data_dir = resolve_dataset(cfg.dataset, rank, world)
+        meta = read_meta(data_dir)
     out_dir = pathlib.Path(cfg.out_dir)
     ckpt_path = out_dir / "ckpt.pt"
     ckpt = (load_resume_checkpoint(ckpt_path, out_dir / "ckpt_best.pt", cfg.model, device)
             if cfg.init_from == "resume" else None)
-    mcfg = model_config(cfg, int(meta["vocab_size"]), ckpt, ckpt_path)
+    mcfg = model_config(cfg, int(meta["vocab_size"]) if batches is None else batches.vocab_size, ckpt, ckpt_path)
     T = mcfg.block_size
     learning_rate = cfg.learning_rate if cfg.learning_rate is not None else models.preset_learning_rate(cfg.preset)
     resolved = dataclasses.replace(
         cfg, learning_rate=learning_rate, min_lr=cfg.min_lr if cfg.min_lr is not None else learning_rate / 10,
         lr_decay_iters=cfg.lr_decay_iters if cfg.lr_decay_iters is not None else cfg.max_iters,
         block_size=T, n_layer=mcfg.n_layer, n_embd=mcfg.n_embd, n_head=mcfg.n_head)
-    train_data = TokenFile(data_dir, "train", T, device)
-    val_data = TokenFile(data_dir, "val", T, device)
+    if batches is None:
+        batches = WindowBatches(data_dir, meta, T, device, cfg.seed, cfg.batch_size, n_micro)
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     raw_model = models.build_model(mcfg).to(device)
     optimizer = raw_model.configure_optimizers(cfg.weight_decay, learning_rate, (cfg.beta1, cfg.beta2), device.type)
     torch.manual_seed(cfg.seed + rank)  # per-rank stream for dropout
     run = Run(cfg, resolved, device, ddp, rank, world, print if rank == 0 else (lambda *a, **k: None), dtype,
-              cli.autocast_for(device, dtype), n_micro, shares[rank], split_how, data_dir, meta, train_data, val_data,
-              out_dir, mcfg, raw_model, optimizer)
+              cli.autocast_for(device, dtype), n_micro, shares[rank], split_how, batches, out_dir,
+              mcfg, raw_model, optimizer)
     if ckpt is not None:
         resume(run, ckpt)
         del ckpt
@@ -572,7 +607,7 @@ def start_outputs(run):
         run.out_dir.mkdir(parents=True, exist_ok=True)
         (run.out_dir / "config.json").write_text(json.dumps(
             {"model_name": cfg.model, "model_config": mcfg.to_dict(), "train_config": dataclasses.asdict(run.resolved),
-             "dataset_dir": str(run.data_dir)}, indent=1) + "\n")
+             "dataset_dir": run.batches.info["dir"]}, indent=1) + "\n")
         if cfg.init_from == "scratch":
             run.log_path.write_text("")
         elif run.log_path.exists():  # drop lines logged after the checkpoint we resume from
@@ -583,8 +618,7 @@ def start_outputs(run):
     run.log(f"{cfg.model} ({cfg.preset}): {m.num_params(False) / 1e6:.2f}M parameters "
             f"({m.num_params() / 1e6:.2f}M without embeddings), {mcfg.n_layer} layers x {mcfg.n_embd}, "
             f"{mcfg.n_head} heads, vocab {mcfg.vocab_size}, context {T}")
-    run.log(f"data {run.data_dir} ({run.meta.get('tokenizer')}, {len(run.train_data):,} train / "
-            f"{len(run.val_data):,} val tokens)")
+    run.log(run.batches.describe())
     run.log(f"global batch: {run.n_micro * cfg.batch_size:,} sequences x {T:,} tokens = {run.tokens_per_iter:,} "
             f"tokens per step ({run.split_how})")
     run.log(f"device {run.device}, dtype {run.dtype}, compile {cfg.compile}, lr {run.resolved.learning_rate:g} -> "
@@ -604,11 +638,9 @@ def step(run, lr):
     cfg, model, scaler = run.cfg, run.model, run.scaler
     for group in run.optimizer.param_groups:
         group["lr"] = lr
-    offsets = step_offsets(cfg.seed, 0, run.iter_num, run.n_micro, cfg.batch_size, len(run.train_data),
-                           run.mcfg.block_size)
     loss_sum = torch.zeros((), device=run.device)
     for i, (micro, first, end, divisor) in enumerate(run.share):
-        x, y = run.train_data.batch(offsets[micro, first:end])
+        x, y = (t.to(run.device) for t in run.batches.train_batch(run.iter_num, micro, first, end))
         sync = not run.ddp or i == len(run.share) - 1  # DDP all-reduces gradients on the last micro-step only
         with (contextlib.nullcontext() if sync else model.no_sync()):
             with run.autocast:
@@ -647,13 +679,12 @@ def step(run, lr):
 def evaluate(run):
     """Mean loss of eval_iters fixed batches per split (the same batches at every evaluation; the batches are
     shared out over the ranks)."""
-    cfg, T = run.cfg, run.mcfg.block_size
     run.model.eval()
     out = {}
-    for stream, split, data in ((1, "val", run.val_data), (2, "train", run.train_data)):
+    for split in ("val", "train"):
         total = torch.zeros(2, device=run.device, dtype=torch.float64)
-        for k in range(run.rank, cfg.eval_iters, run.world):
-            x, y = data.batch(step_offsets(cfg.seed, stream, k, 1, cfg.batch_size, len(data), T)[0])
+        for k in range(run.rank, run.cfg.eval_iters, run.world):
+            x, y = (t.to(run.device) for t in run.batches.eval_batch(split, k))
             with run.autocast:
                 _, loss = run.fwd_model(x, y)
             total += torch.stack([loss.double(), torch.ones((), device=run.device, dtype=torch.float64)])
@@ -682,7 +713,7 @@ def save(run, is_best, final):
            "model_config": run.mcfg.to_dict(), "train_config": dataclasses.asdict(run.resolved),
            "iter_num": run.iter_num, "best_val_loss": run.best_val, "rng_states": states,
            "sampler": {"seed": cfg.seed, "next_step": run.iter_num},
-           "dataset": {"dir": str(run.data_dir), "meta": run.meta}}
+           "dataset": run.batches.info}
     written = []
     if cfg.always_save_checkpoint or final:
         save_checkpoint(obj, run.ckpt_path)
@@ -696,17 +727,18 @@ def save(run, is_best, final):
     return written
 
 
-def _train(cfg, device, ddp, rank, world, t_start):
-    run = setup(cfg, device, ddp, rank, world)
+def _train(cfg, device, ddp, rank, world, t_start, batches=None):
+    run = setup(cfg, device, ddp, rank, world, batches)
     start_outputs(run)
     r = run.resolved
     peak = peak_flops(device, getattr(torch, run.dtype))
     peak = peak * world if peak else None
-    last_loss, last_eval, n_logged, t_log = None, {}, 0, time.time()
+    last_loss, recent, last_eval, n_logged, t_log = None, collections.deque(maxlen=20), {}, 0, time.time()
     run.model.train()
     while run.iter_num < cfg.max_iters:
         lr = get_lr(run.iter_num, r.learning_rate, r.min_lr, cfg.warmup_iters, r.lr_decay_iters)
         last_loss, grad_norm = step(run, lr)
+        recent.append(last_loss)
         it = run.iter_num
         n_logged += 1
 
@@ -737,7 +769,8 @@ def _train(cfg, device, ddp, rank, world, t_start):
                     f"{last_eval['train']:.4f}" + (f" | saved {', '.join(written)}" if written else ""), flush=True)
             t_log += time.time() - t_eval  # evaluation time does not count as training time
 
-    return {"iter": run.iter_num, "train_loss": last_loss, "val_loss": last_eval.get("val"),
+    return {"iter": run.iter_num, "train_loss": last_loss,
+            "recent_train_loss": sum(recent) / len(recent) if recent else None, "val_loss": last_eval.get("val"),
             "train_eval_loss": last_eval.get("train"), "best_val_loss": run.best_val, "out_dir": str(run.out_dir),
             "ckpt": str(run.ckpt_path), "ckpt_best": str(run.best_path), "tokens": run.iter_num * run.tokens_per_iter,
             "flops": run.iter_num * run.flops_per_iter, "params": run.raw_model.num_params(),

@@ -55,7 +55,7 @@ def test_micro_run_writes_results_and_uses_cache(tmp_path):
     assert len(pngs) == len(micro) + 3
     # per setting: the selected row and the lr-sweep row
     assert (out / "summary.md").read_text().count("| moneta |") == 2 * len(micro)
-    assert not list((out / "ckpt").glob("*.pt"))  # removed once a run is finished
+    assert not list((out / "ckpt").iterdir())  # each run's train.py out_dir is removed once the run is finished
 
     mtimes = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")}
     second = recall.main(args)
@@ -64,18 +64,25 @@ def test_micro_run_writes_results_and_uses_cache(tmp_path):
     assert json.loads((out / "results.json").read_text())["records"] == recs
 
 
-def test_resume_from_checkpoint_matches_uninterrupted(tmp_path):
+def test_resume_from_checkpoint_matches_uninterrupted(tmp_path, monkeypatch):
     s = recall.PRESETS["micro"][0]
-    ck = tmp_path / "c.pt"
-    full, _ = recall.train_run("transformer", s, tmp_path / "none.pt", log=lambda *a, **k: None)
-    # interrupted: train to the first checkpoint only, then a new call resumes from it
-    short = recall.dataclasses.replace(s, steps=s.ckpt_interval + 1)
-    recall.train_run("transformer", short, ck, log=lambda *a, **k: None)
-    blob = torch.load(ck, weights_only=True)
-    assert blob["step"] == s.ckpt_interval
-    blob["signature"] = {"model": "transformer", "setting": s.to_dict()}  # as if written by the full run
-    torch.save(blob, ck)
-    resumed, stats = recall.train_run("transformer", s, ck, log=lambda *a, **k: None)
+    run_dir = tmp_path / "run"
+    full, _ = recall.train_run("transformer", s, tmp_path / "full", log=lambda *a, **k: None)
+    # interrupted right after writing its first checkpoint, then a new call resumes from it
+    real_save = recall.train.save_checkpoint
+
+    def save_then_stop(obj, path):
+        real_save(obj, path)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(recall.train, "save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        recall.train_run("transformer", s, run_dir, log=lambda *a, **k: None)
+    monkeypatch.undo()
+    assert torch.load(run_dir / "ckpt.pt", weights_only=True)["iter_num"] == s.ckpt_interval < s.steps
+    said = []
+    resumed, stats = recall.train_run("transformer", s, run_dir, log=lambda *a, **k: said.append(a[0]))
+    assert said == [f"  resuming transformer / {s.name} at step {s.ckpt_interval}"]
     assert stats["train_steps"] == s.steps
     for a, b in zip(full.state_dict().values(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b)
