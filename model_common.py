@@ -284,6 +284,35 @@ class Cache:
         self.started = False
 
 
+def iter_tensors(obj):
+    """The tensors in obj, a tensor or nested tuples / lists of them (a MemoryState, its per-layer tuples)."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for x in obj:
+            yield from iter_tensors(x)
+
+
+def state_bytes(cache):
+    """Bytes of a decoding cache per sequence: {"miras": short-conv tails + memory state (fast weights, chunk
+    anchor, lq norms, momentum) of the Miras layers, constant in the length; "attention": the KV caches (full
+    attention: preallocated for the whole run; sliding window: `window` slots); "total"}. The one count of
+    the decoding state: sample.py and bench.py report it."""
+    miras = attention = 0
+    batch = 1
+    for layer in cache.layers:
+        if isinstance(layer, AttnCache):
+            batch = layer.k.shape[0]
+            attention += sum(t.numel() * t.element_size() for t in (layer.k, layer.v))
+        else:  # MirasCache
+            parts = [layer.conv] + (list(layer.mem) if layer.mem is not None else [])
+            for t in iter_tensors(parts):
+                if t.dim() >= 1:
+                    batch = t.shape[0]
+                    miras += t.numel() * t.element_size()
+    return {"miras": miras // batch, "attention": attention // batch, "total": (miras + attention) // batch}
+
+
 # ----------------------------------------------------------------------------------------------
 # Mixers
 

@@ -41,7 +41,7 @@ import torch
 import cli
 import models
 import train
-from model_common import is_greedy, sample_next
+from model_common import is_greedy, sample_next, state_bytes
 from tokenizer import TokenizerError, get_tokenizer
 
 # ----------------------------------------------------------------------------------------------
@@ -194,33 +194,6 @@ def encode_prompt(tok, text):
 
 # ----------------------------------------------------------------------------------------------
 # Sampling and the decoding loop
-
-
-def _tensors(obj):
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, (tuple, list)):
-        for x in obj:
-            yield from _tensors(x)
-
-
-def state_bytes(cache):
-    """Bytes of the decoding state per sequence: {"miras": short-conv tails + memory state (fast weights,
-    chunk anchor, lq norms, momentum) of the Miras layers, constant in the length; "attention": the KV caches
-    (full attention: preallocated for the whole run; sliding window: `window` slots); "total"}."""
-    miras = attention = 0
-    batch = 1
-    for layer in cache.layers:
-        if hasattr(layer, "k"):  # AttnCache
-            batch = layer.k.shape[0]
-            attention += sum(t.numel() * t.element_size() for t in (layer.k, layer.v))
-        else:  # MirasCache
-            parts = [layer.conv] + (list(layer.mem) if layer.mem is not None else [])
-            for t in _tensors(parts):
-                if t.dim() >= 1:
-                    batch = t.shape[0]
-                    miras += t.numel() * t.element_size()
-    return {"miras": miras // batch, "attention": attention // batch, "total": (miras + attention) // batch}
 
 
 def _static_cache(cache):

@@ -14,6 +14,7 @@ import torch
 import sample
 import train
 from conftest import write_word_dataset
+from model_common import iter_tensors
 from train import TrainConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -137,7 +138,7 @@ def test_miras_decodes_4x_context_with_constant_state(moneta_dir):
         if i in (2, BLOCK // 2, n - 1):  # early, inside the context, at 4x the context
             sizes[i] = sample.state_bytes(stats.cache)
             shapes[i] = [tuple(x.shape) for layer in stats.cache.layers
-                         for x in sample._tensors([layer.conv, *layer.mem])]
+                         for x in iter_tensors([layer.conv, *layer.mem])]
     assert len(tokens) == n and all(0 <= t < tok.vocab_size for t in tokens)
     assert int(stats.cache.pos) == len(tok.encode("the")) + n - 1 > 3 * BLOCK  # the last token needs no step
     first = sizes[2]
