@@ -34,3 +34,48 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# Tolerances for comparisons that must run in float32 / bfloat16 (compile vs eager, autocast). Exactness checks
+# run in float64 instead: a float32 comparison with a hand-picked atol passes on one machine and fails on the
+# next, because thread count, vectorization and fusion change the reduction order and so the rounding.
+SQRT_FACTOR = 7.0      # lambda of the probabilistic bound below
+OBSERVED_FACTOR = 4.0  # room over the error one float32 evaluation is seen to make
+
+
+def f32_tol(exact, n_ops, dtype=torch.float32, observed=()):
+    """Absolute tolerance for comparing two evaluations in `dtype` of one computation (compiled vs eager,
+    autocast vs plain float32) whose exact value is `exact` (its float64 result; only its magnitude is used):
+
+        n * eps(dtype) * max|exact|,   n = max(7 * sqrt(n_ops), 4 * n_observed)
+
+    n_ops, stated by the caller, is the length of the chain of roundings an output is reached through (the
+    tokens in sequence times the summed lengths of the reductions each token passes). A rounding is off by at most u = eps / 2
+    relative; with roundings that behave as independent zero-mean errors, a chain of n of them is off by at
+    most lambda * sqrt(n) * u relative with probability >= 1 - 2 n exp(-lambda^2 / 2) (Higham and Mary, SIAM
+    J. Sci. Comput. 2019; the worst case is n * u), so two evaluations differ by at most
+    lambda * sqrt(n) * eps * max|exact|; lambda = 7 keeps the odds of a false failure per element below 1e-6
+    for n <= 1e4. A bug (a wrong term, branch, cast or chunk boundary) moves a result by >= 1e-3 relative,
+    far above that (7 * sqrt(1e4) * eps = 8e-5).
+
+    That model ignores conditioning (a LayerNorm of a vector with a small spread, a log near 0 or a mirror
+    step amplifies one rounding many times). `observed` takes (value, exact) pairs of one `dtype` evaluation
+    of the same computation (e.g. the eager float32 outputs and their float64 values): n_observed is their
+    largest error in units of eps * max|exact|, what the computation really does. The factor 4: |a - b| <=
+    |a - exact| + |b - exact|, where b is the observed evaluation and a (another reduction order, the same
+    conditioning) may be up to 3x less accurate."""
+    eps = torch.finfo(dtype).eps
+    n = SQRT_FACTOR * n_ops ** 0.5
+    for value, ref in observed:
+        ref = ref.detach().double()
+        scale = float(ref.abs().max())
+        if scale > 0:
+            err = float((value.detach().double() - ref).abs().max())
+            n = max(n, OBSERVED_FACTOR * err / (eps * scale))
+    return n * eps * float(exact.detach().double().abs().max())
+
+
+@pytest.fixture(name="f32_tol")
+def f32_tol_fixture():
+    """f32_tol, for test files that do not import from conftest."""
+    return f32_tol
