@@ -410,6 +410,114 @@ def _unflat(B, H, xs):
 
 
 # ----------------------------------------------------------------------------------------------
+# The chunk loop: pieces of the plan, and a backward that recomputes each piece instead of storing it
+
+def _split(inputs, plan):
+    """The per-token inputs cut into the plan's pieces (each tensor split once: slicing inside the loop would
+    make autograd scatter each piece's gradient into a full-length zero tensor, quadratic in T)."""
+    sizes = [n for _, n in plan]
+    return list(zip(*(x.split(sizes, dim=1) if x is not None else [None] * len(plan) for x in inputs)))
+
+
+def _run_piece(kind, x, st, ln_w, ln_b, rule, fns):
+    """One piece: a kl lag token, a fresh chunk ("refresh") or the rest of a chunk in progress ("continue").
+    st = (weights, anchor, norm, mom, grad_sum) before it; returns (y [N, n, d], st after it)."""
+    segment, lag_step, track = fns
+    q_c, k_c, v_c, eta_c, la_c, lm_c, delta_c = x
+    weights, anchor, norm, mom, grad_sum = st
+    ret = rule["retention"]
+    if kind == "lag":  # its result anchors the rest of the chunk
+        y, weights = lag_step(q_c, k_c, v_c, eta_c[:, 0], la_c[:, 0].exp(), delta_c, weights, ln_w, ln_b, rule)
+        grad_sum = [torch.zeros_like(w) for w in weights] if track else None
+        return y, (list(weights), list(weights), norm, mom, grad_sum)
+    if kind == "refresh":  # a new chunk: gradients are taken at its start
+        anchor, norm = ret.refresh(weights, rule)
+        grad_sum = [torch.zeros_like(w) for w in weights] if track else None
+    y, weights, mom, grad_sum = segment(q_c, k_c, v_c, eta_c, la_c, lm_c, delta_c, weights, anchor,
+                                        ret.read_scale(norm), mom, grad_sum, ln_w, ln_b, rule)
+    return y, (list(weights), list(anchor), list(norm), mom, grad_sum)
+
+
+def _flatten_state(st):
+    weights, anchor, norm, mom, grad_sum = st
+    return [*weights, *anchor, *norm, *(mom or []), *(grad_sum or [])]
+
+
+def _unflatten_state(flat, like):
+    out, i = [], 0
+    for part in like:
+        if part is None:
+            out.append(None)
+            continue
+        out.append(list(flat[i:i + len(part)]))
+        i += len(part)
+    return tuple(out)
+
+
+class _ChunkLoop(torch.autograd.Function):
+    """The chunk loop with a recomputing backward (activation checkpointing per piece): the forward keeps
+    only what each piece starts from (fast weights, anchor, normalizers, momentum, grad_sum), not the
+    per-chunk activations of the E*d-wide memory MLP; the backward walks the pieces in reverse, recomputes
+    each one from its saved start and differentiates it with autograd. Same operations, same numbers."""
+
+    @staticmethod
+    def run(plan, inputs, st, ln_w, ln_b, rule, fns):
+        present = [x is not None for x in inputs]
+        meta = dict(plan=plan, present=present, like=st, rule=rule, fns=fns, n_state=len(_flatten_state(st)))
+        outs = _ChunkLoop.apply(meta, ln_w, ln_b, *[x for x in inputs if x is not None], *_flatten_state(st))
+        return outs[0], _unflatten_state(outs[1:], st)
+
+    @staticmethod
+    def forward(ctx, meta, ln_w, ln_b, *flat):
+        n_in = sum(meta["present"])
+        it = iter(flat[:n_in])
+        inputs = [next(it) if p else None for p in meta["present"]]
+        st = _unflatten_state(flat[n_in:], meta["like"])
+        starts, ys = [], []
+        for (kind, _), x in zip(meta["plan"], _split(inputs, meta["plan"])):
+            starts.extend(_flatten_state(st))
+            y, st = _run_piece(kind, x, st, ln_w, ln_b, meta["rule"], meta["fns"])
+            ys.append(y)
+        ctx.meta = meta
+        ctx.save_for_backward(ln_w, ln_b, *flat[:n_in], *starts)
+        return (torch.cat(ys, dim=1), *_flatten_state(st))
+
+    @staticmethod
+    def backward(ctx, dy, *d_end):
+        meta = ctx.meta
+        saved = ctx.saved_tensors
+        ln_w, ln_b = saved[:2]
+        n_in, n_st = sum(meta["present"]), meta["n_state"]
+        it = iter(saved[2:2 + n_in])
+        inputs = [next(it) if p else None for p in meta["present"]]
+        starts = saved[2 + n_in:]
+        pieces = _split(inputs, meta["plan"])
+        dys = dy.split([n for _, n in meta["plan"]], dim=1)
+        d_state = list(d_end)
+        d_ln = [torch.zeros_like(ln_w), torch.zeros_like(ln_b)]
+        d_pieces = [None] * len(pieces)
+        for i in range(len(pieces) - 1, -1, -1):
+            with torch.enable_grad():
+                x = [None if t is None else t.detach().requires_grad_(True) for t in pieces[i]]
+                start = [t.detach().requires_grad_(True) for t in starts[i * n_st:(i + 1) * n_st]]
+                lw, lb = ln_w.detach().requires_grad_(True), ln_b.detach().requires_grad_(True)
+                y, st = _run_piece(meta["plan"][i][0], x, _unflatten_state(start, meta["like"]), lw, lb,
+                                   meta["rule"], meta["fns"])
+                outs = [y, *_flatten_state(st)]
+                grads_out = [dys[i], *[torch.zeros_like(o) if g is None else g for o, g in zip(outs[1:], d_state)]]
+                wrt = [lw, lb, *[t for t in x if t is not None], *start]
+                grads = torch.autograd.grad(outs, wrt, grads_out, allow_unused=True)
+            grads = [torch.zeros_like(w) if g is None else g for w, g in zip(wrt, grads)]
+            d_ln[0] += grads[0]
+            d_ln[1] += grads[1]
+            n_x = sum(t is not None for t in x)
+            d_pieces[i] = grads[2:2 + n_x]
+            d_state = grads[2 + n_x:]
+        d_inputs = [torch.cat(parts, dim=1) for parts in zip(*d_pieces)]
+        return (None, *d_ln, *d_inputs, *d_state)
+
+
+# ----------------------------------------------------------------------------------------------
 # The public ops
 
 def miras_memory(q, k, v, eta, alpha, state, ln_weight, ln_bias, *, objective="l2", retention="l2",
@@ -449,8 +557,7 @@ def miras_memory(q, k, v, eta, alpha, state, ln_weight, ln_bias, *, objective="l
         track = normalize_step and carried
         grad_sum = grad_sum if track else None
 
-        # Plan the pieces first and split every per-token tensor once: slicing inside the loop would make
-        # autograd scatter each piece's gradient into a full-length zero tensor (quadratic in T).
+        # plan the pieces: (kind, length) with kind "lag", "refresh" (a chunk's start) or "continue"
         b, plan, t = rule["chunk_size"], [], 0
         while t < T:
             if pos == 0 and lag_step is not None:
@@ -460,25 +567,19 @@ def miras_memory(q, k, v, eta, alpha, state, ln_weight, ln_bias, *, objective="l
             n = min(T - t, b - pos)
             plan.append(("refresh" if pos == 0 else "continue", n))
             t, pos = t + n, (pos + n) % b
-        sizes = [n for _, n in plan]
-        pieces = zip(*(x.split(sizes, dim=1) if x is not None else [None] * len(plan)
-                       for x in (qf, kf, vf, eta_f, log_alpha, log_mu, delta_f)))
-        ys = []
-        for (kind, n), (q_c, k_c, v_c, eta_c, la_c, lm_c, delta_c) in zip(plan, pieces):
-            if kind == "lag":  # its result anchors the rest of the chunk
-                y, weights = lag_step(q_c, k_c, v_c, eta_c[:, 0], la_c[:, 0].exp(), delta_c, weights, ln_w, ln_b,
-                                      rule)
-                anchor = weights
-                grad_sum = [torch.zeros_like(w) for w in weights] if track else None
+        inputs = (qf, kf, vf, eta_f, log_alpha, log_mu, delta_f)
+        st = (weights, anchor, norm, mom, grad_sum)
+        fns = (segment, lag_step, track)
+        if plan and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            y, st = _ChunkLoop.run(plan, inputs, st, ln_w, ln_b, rule, fns)
+        else:
+            ys = []
+            for (kind, _), x in zip(plan, _split(inputs, plan)):
+                y, st = _run_piece(kind, x, st, ln_w, ln_b, rule, fns)
                 ys.append(y)
-                continue
-            if kind == "refresh":  # a new chunk: gradients are taken at its start
-                anchor, norm = ret.refresh(weights, rule)
-                grad_sum = [torch.zeros_like(w) for w in weights] if track else None
-            y, weights, mom, grad_sum = segment(q_c, k_c, v_c, eta_c, la_c, lm_c, delta_c, weights, anchor,
-                                                ret.read_scale(norm), mom, grad_sum, ln_w, ln_b, rule)
-            ys.append(y)
-        y = (torch.cat(ys, dim=1) if ys else qf).view(B, H, T, d).to(q.dtype)  # T == 0: an empty prefill
+            y = torch.cat(ys, dim=1) if ys else qf  # T == 0: an empty prefill
+        weights, anchor, norm, mom, grad_sum = st
+        y = y.view(B, H, T, d).to(q.dtype)
 
     if not carried:
         return y, _unflat(B, H, weights)
