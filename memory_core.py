@@ -50,6 +50,7 @@ MEMORIES = ("mlp", "linear")
 _HOMES = {("objective", "lp"): "model_moneta", ("retention", "lq"): "model_moneta",
           ("objective", "huber"): "model_yaad", ("retention", "kl"): "model_memora"}
 LN_EPS = 1e-5
+RECOMPUTE_BACKWARD = True  # False: plain autograd through the chunk loop (keeps every chunk's activations)
 STEP_FLOOR = 1e-3  # normalize_step: the smallest output gain per unit step the normalizer assumes (see
                    # normalized_eta), so a near-degenerate Jacobian cannot turn into an unbounded weight step
 
@@ -570,7 +571,7 @@ def miras_memory(q, k, v, eta, alpha, state, ln_weight, ln_bias, *, objective="l
         inputs = (qf, kf, vf, eta_f, log_alpha, log_mu, delta_f)
         st = (weights, anchor, norm, mom, grad_sum)
         fns = (segment, lag_step, track)
-        if plan and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        if plan and RECOMPUTE_BACKWARD and torch.is_grad_enabled() and not torch.compiler.is_compiling():
             y, st = _ChunkLoop.run(plan, inputs, st, ln_w, ln_b, rule, fns)
         else:
             ys = []

@@ -1,0 +1,90 @@
+"""The chunk loop's recomputing backward (memory_core._ChunkLoop) against plain autograd through the same
+eager pieces (memory_core.RECOMPUTE_BACKWARD = False), in float64: every objective x retention, T not a
+multiple of the chunk and T < chunk, a carried MemoryState in and out, momentum, normalize_step."""
+import itertools
+
+import pytest
+import torch
+
+import memory_core
+from memory_core import OBJECTIVES, RETENTIONS, MemoryState, miras_memory
+from test_memory_core import assert_close, grad_inputs, make_inputs
+
+
+def grads(inp, leaves, recompute, carried, **kw):
+    memory_core.RECOMPUTE_BACKWARD = recompute
+    try:
+        state = inp["state"]
+        if carried:  # a chunk in progress: prefill 3 tokens without gradients, then continue from its state
+            cut = {n: x[:, :, :3] if torch.is_tensor(x) and n not in ("ln_weight", "ln_bias") else x
+                   for n, x in inp.items()}
+            with torch.no_grad():
+                _, st = _call(cut, MemoryState.start(state, kw.get("momentum") is not None, kw["retention"],
+                                                     kw.get("normalize_step", False)), **kw)
+            state = st._replace(weights=tuple(w.clone().requires_grad_(True) for w in st.weights))
+            leaves = dict(leaves, **{f"w{i}": w for i, w in enumerate(state.weights)})
+        y, out = _call(inp, state, **kw)
+        g = torch.Generator().manual_seed(0)
+        loss = (y * torch.randn(y.shape, generator=g, dtype=y.dtype)).sum()
+        for w in (out.weights if isinstance(out, MemoryState) else out):
+            loss = loss + (w * torch.randn(w.shape, generator=g, dtype=w.dtype)).sum()
+        names = list(leaves)
+        return y, dict(zip(names, torch.autograd.grad(loss, [leaves[n] for n in names], allow_unused=True)))
+    finally:
+        memory_core.RECOMPUTE_BACKWARD = True
+
+
+def _call(inp, state, **kw):
+    mom = kw.pop("momentum", None)
+    return miras_memory(inp["q"], inp["k"], inp["v"], inp["eta"], inp["alpha"], state, inp["ln_weight"],
+                        inp["ln_bias"], delta=inp["delta"] if kw["objective"] == "huber" else None,
+                        momentum=inp["momentum"] if mom is not None else None, **kw)
+
+
+@pytest.mark.parametrize("objective,retention", list(itertools.product(OBJECTIVES, RETENTIONS)))
+@pytest.mark.parametrize("T,b,carried", [(11, 4, False), (3, 8, False), (13, 4, True)])
+def test_recomputing_backward_equals_autograd(objective, retention, T, b, carried):
+    inp = make_inputs(21, T=T, retention=retention)
+    kw = dict(objective=objective, retention=retention, chunk_size=b)
+    results = []
+    for recompute in (True, False):
+        x, leaves = grad_inputs(inp, objective, False)
+        results.append(grads(x, leaves, recompute, carried, **kw))
+    (y1, g1), (y2, g2) = results
+    assert_close(y1, y2, rtol=0, atol=0, what="y")
+    for name in g2:
+        assert (g1[name] is None) == (g2[name] is None), name
+        if g2[name] is not None:
+            assert_close(g1[name], g2[name], rtol=1e-12, atol=1e-12, what=f"d/d{name}")
+
+
+@pytest.mark.parametrize("extra", [dict(momentum=True), dict(normalize_step=True)])
+def test_recomputing_backward_momentum_and_normalized(extra):
+    retention = "lq"
+    inp = make_inputs(22, T=10, retention=retention)
+    kw = dict(objective="lp", retention=retention, chunk_size=4, **extra)
+    results = []
+    for recompute in (True, False):
+        x, leaves = grad_inputs(inp, "lp", "momentum" in extra)
+        results.append(grads(x, leaves, recompute, True, **kw))
+    (y1, g1), (y2, g2) = results
+    assert_close(y1, y2, rtol=0, atol=0, what="y")
+    for name in g2:
+        if g2[name] is not None:
+            assert_close(g1[name], g2[name], rtol=1e-12, atol=1e-12, what=f"d/d{name}")
+
+
+def test_recomputing_backward_keeps_no_chunk_activations():
+    """The autograd graph holds one node for the whole loop, not one per chunk operation."""
+    inp = make_inputs(23, T=40, retention="l2")
+    x, _ = grad_inputs(inp, "l2", False)
+    y, _ = _call(x, x["state"], objective="l2", retention="l2", chunk_size=4)
+    seen, stack, n_loop = set(), [y.grad_fn], 0
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        n_loop += type(fn).__name__.startswith("_ChunkLoop")
+        stack.extend(f for f, _ in fn.next_functions)
+    assert n_loop == 1 and len(seen) < 60, (n_loop, len(seen))
