@@ -78,8 +78,10 @@ class Retention:
     name = ""
     has_norm = False      # carries a per-layer normalizer [B, H] frozen for each chunk (lq)
     momentum = True       # works with inner momentum
-    lag_step = None       # fn(q, k, v, eta, alpha, delta, weights, ln_w, ln_b, rule) -> (y, weights): an
-                          # exact nonlinear step on each chunk's first token, which anchors the rest (kl)
+    lag_step = None       # fn(q, k, v, eta, alpha, delta, weights, ln_w, ln_b, rule, grads=None) -> (y, weights):
+                          # an exact nonlinear step on each chunk's first token, which anchors the rest (kl);
+                          # grads: inner_grad at `weights` if the caller has it; its refresh anchor must be
+                          # the weights, so that the decode step takes the token's inner gradient once
 
     def refresh(self, weights, rule):
         """(anchor, norm) at a chunk start: the weights gradients are taken at, and frozen normalizers."""
@@ -254,14 +256,16 @@ def _masked_decay(log_cum):
 # ----------------------------------------------------------------------------------------------
 # One segment of a chunk: linear recurrence against a fixed anchor, computed with matmuls
 
-def _segment(q, k, v, eta, log_alpha, log_mu, delta, start, anchor, inv_norm, mom, grad_sum, ln_w, ln_b, rule):
+def _segment(q, k, v, eta, log_alpha, log_mu, delta, start, anchor, inv_norm, mom, grad_sum, ln_w, ln_b, rule,
+             grads=None):
     """Tokens of one chunk (or of the part of it still to come) against a fixed gradient anchor.
 
     start: weights (accumulator for lq) before the segment; anchor: weights the gradients are taken at;
     inv_norm: per-layer read scale 1/n (lq) or None; mom: momentum buffers or None; grad_sum: the chunk's
     earlier raw gradients (normalize_step with a carried state) or None.
+    grads: inner_grad's result at the anchor when the caller already has it (the decode step).
     Returns y [N, n, d], the weights after the segment, the momentum buffers and grad_sum after it."""
-    acts, dz, g, e = inner_grad(k, v, delta, anchor, ln_w, ln_b, rule)
+    acts, dz, g, e = grads if grads is not None else inner_grad(k, v, delta, anchor, ln_w, ln_b, rule)
     if rule["normalize_step"]:
         eta = normalized_eta(eta, g, e if rule["objective"].has_residual else None, acts, dz, inv_norm, grad_sum)
         if grad_sum is not None:
@@ -618,11 +622,14 @@ def miras_memory_step(q, k, v, eta, alpha, state, ln_weight, ln_bias, *, objecti
         anchor = [torch.where(fresh, a_new, a) for a_new, a in zip(new_anchor, anchor)]
         norm = [torch.where(fresh, n_new, n) for n_new, n in zip(new_norm, norm)]
         grad_sum = [torch.where(fresh, torch.zeros_like(s), s) for s in grad_sum] if normalize_step else None
+        # one inner gradient per token: at a chunk's first token the anchor is the weights, which is where
+        # the lag step (if any) takes it too
+        grads = inner_grad(kf, vf, delta_f, anchor, ln_w, ln_b, rule)
         y, new, mom, grad_sum = _segment(qf, kf, vf, eta_f, log_alpha, log_mu, delta_f, weights, anchor,
-                                         ret.read_scale(norm), mom, grad_sum, ln_w, ln_b, rule)
+                                         ret.read_scale(norm), mom, grad_sum, ln_w, ln_b, rule, grads)
         if ret.lag_step is not None:  # a chunk's first token takes the exact step instead
             y_lag, lag = ret.lag_step(qf, kf, vf, eta_f[:, 0], log_alpha[:, 0].exp(), delta_f, weights, ln_w, ln_b,
-                                      rule)
+                                      rule, grads)
             y = torch.where(fresh, y_lag, y)
             new = [torch.where(fresh, w_lag, w) for w_lag, w in zip(lag, new)]
             anchor = [torch.where(fresh, w_lag, a) for w_lag, a in zip(lag, anchor)]

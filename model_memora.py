@@ -33,11 +33,12 @@ def simplex_scale(rule_or_cfg_scale, w):
     return rule_or_cfg_scale or w.shape[-1]
 
 
-def kl_lag_step(q, k, v, eta, alpha, delta, weights, ln_w, ln_b, rule):
+def kl_lag_step(q, k, v, eta, alpha, delta, weights, ln_w, ln_b, rule, grads=None):
     """The chunk's first token takes the exact mirror step of Eq. 27 from the chunk's starting weights,
     W = c softmax_rows(alpha log W - eta G); its result anchors the rest of the chunk, whose tokens take
-    linear steps (Eq. 30-32). Returns (y of that token, the new weights)."""
-    acts, dz, g, e = memory_core.inner_grad(k, v, delta, weights, ln_w, ln_b, rule)
+    linear steps (Eq. 30-32). grads: the token's inner_grad at `weights`, if known. Returns (y of that
+    token, the new weights)."""
+    acts, dz, g, e = grads if grads is not None else memory_core.inner_grad(k, v, delta, weights, ln_w, ln_b, rule)
     if rule["normalize_step"]:  # an exponentiated-gradient step moves W by about eta (c / row length) G
         scale = [simplex_scale(rule["simplex_scale"], w) / w.shape[-1] for w in weights]
         e = e if rule["objective"].has_residual else None
