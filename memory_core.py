@@ -257,13 +257,15 @@ def _masked_decay(log_cum):
 # One segment of a chunk: linear recurrence against a fixed anchor, computed with matmuls
 
 def _segment(q, k, v, eta, log_alpha, log_mu, delta, start, anchor, inv_norm, mom, grad_sum, ln_w, ln_b, rule,
-             grads=None):
+             grads=None, last_row=None):
     """Tokens of one chunk (or of the part of it still to come) against a fixed gradient anchor.
 
     start: weights (accumulator for lq) before the segment; anchor: weights the gradients are taken at;
     inv_norm: per-layer read scale 1/n (lq) or None; mom: momentum buffers or None; grad_sum: the chunk's
     earlier raw gradients (normalize_step with a carried state) or None.
     grads: inner_grad's result at the anchor when the caller already has it (the decode step).
+    last_row: a 1-element index tensor: the segment's real last token when the caller padded it (the rows
+    after it must be no-op tokens: k = 0, eta = 0), so that one compiled graph serves every length.
     Returns y [N, n, d], the weights after the segment, the momentum buffers and grad_sum after it."""
     acts, dz, g, e = grads if grads is not None else inner_grad(k, v, delta, anchor, ln_w, ln_b, rule)
     if rule["normalize_step"]:
@@ -291,14 +293,22 @@ def _segment(q, k, v, eta, log_alpha, log_mu, delta, start, anchor, inv_norm, mo
         h = F.gelu(z) if i < n_layers - 1 else z
     y = q + _layer_norm(h, ln_w, ln_b)[0]
 
-    last = step[:, -1, :].unsqueeze(-1)  # Gamma[end, i] eta_i: [N, n, 1]
-    beta_end = beta[:, -1:, :]
+    # a one-hot row mask, not index_select: compiled with index_select, kl's eta and alpha gradients came out
+    # wrong (torch 2.13, inductor on CPU; tests/test_recompute.py checks compiled padded pieces)
+    pick = None if last_row is None else (torch.arange(step.shape[1], device=step.device) == last_row).to(step.dtype)
+
+    def end(x):  # the row of the segment's last real token: [N, 1, ...]
+        if last_row is None:
+            return x[:, -1:]
+        return (x * pick.view(1, -1, *([1] * (x.dim() - 2)))).sum(1, keepdim=True)
+    last = end(step).transpose(-1, -2)  # Gamma[end, i] eta_i: [N, n, 1]
+    beta_end = end(beta)
     new = [beta_end * start[i] - (dz[i] * last).transpose(-1, -2) @ acts[i] for i in range(n_layers)]
     new_mom = None
     if mom is not None:
-        new = [new[i] + carry[:, -1:, :] * mom[i] for i in range(n_layers)]
-        mu_last = (torch.exp(cum_mu[:, -1:] - cum_mu) * eta).unsqueeze(-1)  # (m_end / m_i) eta_i
-        m_end = torch.exp(cum_mu[:, -1:]).unsqueeze(-1)
+        new = [new[i] + end(carry) * mom[i] for i in range(n_layers)]
+        mu_last = (torch.exp(end(cum_mu) - cum_mu) * eta).unsqueeze(-1)  # (m_end / m_i) eta_i
+        m_end = torch.exp(end(cum_mu)).unsqueeze(-1)
         new_mom = [m_end * mom[i] - (dz[i] * mu_last).transpose(-1, -2) @ acts[i] for i in range(n_layers)]
     return y, new, new_mom, grad_sum
 
@@ -397,9 +407,11 @@ _COMPILED = {}
 
 
 def _compiled(fn):
-    """One torch.compile wrapper per chunk function. Shapes are static, so there is one graph per piece
-    length, batch, dtype and rule; dynamo's default of 8 graphs per function is too few for that (and a
-    hard error under fullgraph), so the calls raise it to 64 while they run."""
+    """One torch.compile wrapper per chunk function. Shapes are static and short pieces are padded to a
+    whole chunk, so the number of graphs does not grow with T: one per batch, dtype and rule, times a few
+    variants dynamo guards on (grad mode: forward vs the backward's recompute; whether the anchor is the
+    start weights themselves). Those can pass dynamo's default of 8 per function in one process (a hard
+    error under fullgraph), so the calls allow 64."""
     if fn not in _COMPILED:
         compiled = torch.compile(fn, fullgraph=True, dynamic=False)
 
@@ -424,10 +436,22 @@ def _split(inputs, plan):
     return list(zip(*(x.split(sizes, dim=1) if x is not None else [None] * len(plan) for x in inputs)))
 
 
+def _pad(x, size):
+    """Per-token inputs (q, k, v, eta, log alpha, log mu, delta) padded to `size` tokens with no-op tokens:
+    zero keys (so a zero inner gradient), eta 0, alpha 1, delta 1."""
+    fill = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0)
+    n = x[0].shape[1]
+    return [None if t is None else torch.cat([t, t.new_full((t.shape[0], size - n, *t.shape[2:]), f)], dim=1)
+            for t, f in zip(x, fill)]
+
+
 def _run_piece(kind, x, st, ln_w, ln_b, rule, fns):
     """One piece: a kl lag token, a fresh chunk ("refresh") or the rest of a chunk in progress ("continue").
-    st = (weights, anchor, norm, mom, grad_sum) before it; returns (y [N, n, d], st after it)."""
-    segment, lag_step, track = fns
+    st = (weights, anchor, norm, mom, grad_sum) before it; returns (y [N, n, d], st after it). With
+    fns' pad_to set (compiled chunks), a short piece is padded to a whole chunk: one graph for every length."""
+    segment, lag_step, track, pad_to = fns
+    if pad_to:  # compiled: contiguous pieces, so that strides (which depend on T) never force a new graph
+        x = [None if t is None else t.contiguous() for t in x]
     q_c, k_c, v_c, eta_c, la_c, lm_c, delta_c = x
     weights, anchor, norm, mom, grad_sum = st
     ret = rule["retention"]
@@ -438,9 +462,14 @@ def _run_piece(kind, x, st, ln_w, ln_b, rule, fns):
     if kind == "refresh":  # a new chunk: gradients are taken at its start
         anchor, norm = ret.refresh(weights, rule)
         grad_sum = [torch.zeros_like(w) for w in weights] if track else None
+    n, last_row = q_c.shape[1], None
+    if pad_to:  # every piece the same length and the same graph inputs, padded or not
+        if n < pad_to:
+            q_c, k_c, v_c, eta_c, la_c, lm_c, delta_c = _pad(x, pad_to)
+        last_row = torch.tensor([n - 1], device=q_c.device)
     y, weights, mom, grad_sum = segment(q_c, k_c, v_c, eta_c, la_c, lm_c, delta_c, weights, anchor,
-                                        ret.read_scale(norm), mom, grad_sum, ln_w, ln_b, rule)
-    return y, (list(weights), list(anchor), list(norm), mom, grad_sum)
+                                        ret.read_scale(norm), mom, grad_sum, ln_w, ln_b, rule, None, last_row)
+    return y[:, :n], (list(weights), list(anchor), list(norm), mom, grad_sum)
 
 
 def _flatten_state(st):
@@ -574,7 +603,7 @@ def miras_memory(q, k, v, eta, alpha, state, ln_weight, ln_bias, *, objective="l
             t, pos = t + n, (pos + n) % b
         inputs = (qf, kf, vf, eta_f, log_alpha, log_mu, delta_f)
         st = (weights, anchor, norm, mom, grad_sum)
-        fns = (segment, lag_step, track)
+        fns = (segment, lag_step, track, b if segment is not _segment else None)
         if plan and RECOMPUTE_BACKWARD and torch.is_grad_enabled() and not torch.compiler.is_compiling():
             y, st = _ChunkLoop.run(plan, inputs, st, ln_w, ln_b, rule, fns)
         else:

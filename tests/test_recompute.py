@@ -88,3 +88,23 @@ def test_recomputing_backward_keeps_no_chunk_activations():
         n_loop += type(fn).__name__.startswith("_ChunkLoop")
         stack.extend(f for f, _ in fn.next_functions)
     assert n_loop == 1 and len(seen) < 60, (n_loop, len(seen))
+
+
+def test_compiled_chunks_one_graph_for_every_length():
+    """compile_chunks pads short pieces to a whole chunk with no-op tokens: the padded pieces give eager's
+    outputs and gradients (float64, kl: lag token + padded rest), and a new length compiles nothing new."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    memory_core._COMPILED.clear()
+    kw = dict(objective="huber", retention="kl", chunk_size=4)
+    for T in (9, 15):
+        x, leaves = grad_inputs(make_inputs(24, T=T, retention="kl"), "huber", False)
+        y, g = grads(x, leaves, True, False, **kw)
+        y_c, g_c = grads(x, leaves, True, False, compile_chunks=True, **kw)
+        assert_close(y_c, y, rtol=1e-10, atol=1e-11, what="compiled y")
+        for name in g:
+            assert_close(g_c[name], g[name], rtol=1e-9, atol=1e-10, what=f"compiled d/d{name}")
+    n_graphs = counters["stats"]["unique_graphs"]
+    x, leaves = grad_inputs(make_inputs(25, T=22, retention="kl"), "huber", False)
+    grads(x, leaves, True, False, compile_chunks=True, **kw)
+    assert counters["stats"]["unique_graphs"] == n_graphs, "a new length compiled a new graph"
