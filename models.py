@@ -98,6 +98,19 @@ def config_from_dict(name, saved):
     return make_config(name, None, **{k: v for k, v in saved.items() if k not in LEGACY_CONFIG_KEYS})
 
 
+def function_dict(config):
+    """config.to_dict() without the fields that cannot change what the model computes (the inactive step
+    gate's settings): the studies' caches compare these, so adding an option whose default keeps the old
+    function does not invalidate finished runs."""
+    out = config.to_dict()
+    if out.get("eta_gate") == "softplus":
+        for key in ("eta_gate", "eta_max", "eta_init"):
+            out.pop(key)
+    elif "eta_gate" in out:
+        out.pop("eta_base")
+    return out
+
+
 def model_name(config):
     """The registry name of a config instance (for checkpoints: save it beside config.to_dict())."""
     for name, (cls, _) in MODELS.items():

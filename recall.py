@@ -374,9 +374,9 @@ def run_one(model, s, out, preset, force=False, keep_ckpt=False, log=print):
             cached = json.loads(run_path.read_text())
             # the model config too: a change of a model's defaults must not reuse a stale run
             # (runs cached before learning_rate left the model config have it there: not a change)
-            saved = {k: v for k, v in cached["model_config"].items() if k not in models.LEGACY_CONFIG_KEYS}
+            saved = models.function_dict(models.config_from_dict(model_spec(model)[0], cached["model_config"]))
             if (cached.get("settings") == settings and cached.get("model") == model
-                    and saved == model_config(model, s).to_dict()):
+                    and saved == models.function_dict(model_config(model, s))):
                 return cached["records"], True
             log(f"  {run_path.name}: settings or model config changed, rerunning")
         except (json.JSONDecodeError, KeyError, AttributeError):

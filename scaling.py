@@ -189,9 +189,10 @@ DEFAULT_MODELS = {"cpu": ALL_MODELS, "ablation": ["moneta"], "seeds": ALL_MODELS
 
 def cache_key(config):
     # the resolved model config is hashed too, so a change of a model's defaults never reuses a stale run
-    resolved = models.make_config(config["model"], config["preset"], **config["model_args"],
-                                  **{k: config[k] for k in ("n_layer", "n_embd", "n_head") if config[k] is not None},
-                                  block_size=config["block_size"]).to_dict()
+    resolved = models.function_dict(models.make_config(
+        config["model"], config["preset"], **config["model_args"],
+        **{k: config[k] for k in ("n_layer", "n_embd", "n_head") if config[k] is not None},
+        block_size=config["block_size"]))
     resolved.pop("vocab_size")  # set from the dataset by train.py
     # the preset's lr was a model config field when the finished runs were keyed: kept, so their keys still match
     resolved["learning_rate"] = models.preset_learning_rate(config["preset"])

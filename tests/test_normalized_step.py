@@ -164,3 +164,15 @@ def test_normalized_gate_memorizes_in_context(name):
     normalized = memorization_ratio(name, eta_gate="normalized")
     softplus = memorization_ratio(name, eta_gate="softplus")
     assert normalized <= 0.85 and normalized < softplus - 0.05, (name, normalized, softplus)
+
+
+def test_function_dict_leaves_out_the_inactive_gate_settings():
+    """The studies' caches compare models.function_dict: configs saved before the step-gate options existed
+    (no eta_gate / eta_max / eta_init) compare equal to today's defaults; a real change does not."""
+    from models import config_from_dict, function_dict
+    cfg = make_config("yaad", "tiny")
+    old = {k: v for k, v in cfg.to_dict().items() if k not in ("eta_gate", "eta_max", "eta_init")}
+    assert function_dict(config_from_dict("yaad", old)) == function_dict(cfg)
+    assert function_dict(make_config("yaad", "tiny", eta_max=1.5)) == function_dict(cfg)  # inactive: softplus
+    assert function_dict(make_config("yaad", "tiny", eta_gate="normalized")) != function_dict(cfg)
+    assert function_dict(make_config("yaad", "tiny", eta_base=2e-4)) != function_dict(cfg)
