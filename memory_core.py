@@ -531,7 +531,8 @@ class _ChunkLoop(torch.autograd.Function):
         d_ln = [torch.zeros_like(ln_w), torch.zeros_like(ln_b)]
         d_pieces = [None] * len(pieces)
         for i in range(len(pieces) - 1, -1, -1):
-            with torch.enable_grad():
+            # recompute as the forward ran: with grad, and in the compute dtype whatever autocast is around
+            with torch.enable_grad(), torch.autocast(dy.device.type, enabled=False):
                 x = [None if t is None else t.detach().requires_grad_(True) for t in pieces[i]]
                 start = [t.detach().requires_grad_(True) for t in starts[i * n_st:(i + 1) * n_st]]
                 lw, lb = ln_w.detach().requires_grad_(True), ln_b.detach().requires_grad_(True)
