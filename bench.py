@@ -5,10 +5,16 @@
     python bench.py --op                             # miras_memory alone vs reference, GEMM peak, titans-pytorch
     python bench.py --models=moneta,transformer --seq_lens=256,1024 --json=out/bench.json
 
-Each (model, length, mode) runs in a forked worker so its peak memory is its own: CUDA allocator peak on
-GPU; on CPU the worker's peak resident set size above its size at the fork (ru_maxrss delta). Timings are
-medians over --repeats after --warmup untimed runs. The batch is tokens_per_step // seq_len so every length
-does the same work per step. A run that runs out of memory is reported as OOM and the sweep goes on.
+Each (model, length, mode) runs in its own worker process so its peak memory is its own: CUDA allocator
+peak on GPU (spawned workers: CUDA cannot be used in a forked child); on CPU the worker's peak resident set
+size above its size at the fork (ru_maxrss delta; forked workers). Timings are medians over --repeats after
+--warmup untimed runs. The batch is tokens_per_step // seq_len so every length does the same work per step.
+A run that runs out of memory is reported as OOM and the sweep goes on.
+
+The keys that the --preset sets take its values unless given. A bad key or value (unknown name,
+non-integer, a length < 1, --repeats < 1, ...) is a one-line error on stderr (`bench.py: error: ...`, exit
+status 2). --op times titans-pytorch's NeuralMemory (if installed) at the op's shape: same heads, head
+width, chunk and memory MLP (titans_memory).
 """
 import functools
 import multiprocessing as mp
@@ -18,11 +24,13 @@ import resource
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 import torch
 
+import cli
 import memory_core
+import memory_reference
 from train import save_json
 
 PRESETS = {
@@ -36,21 +44,30 @@ PRESETS = {
 }
 
 
+MODES = ("train", "prefill", "decode")
+OP_IMPLS = ("eager", "compiled_chunks", "compiled", "reference")
+
+
+class BenchError(cli.ConfigError):
+    """A bad command line: main() prints it as one line (`bench.py: error: ...`) and exits with status 2."""
+
+
 @dataclass
 class BenchConfig:
     preset: str = "cpu"
     op: bool = False              # benchmark memory_core.miras_memory alone instead of the models
     op_impls: str = "eager,compiled_chunks,reference"  # also: compiled (whole call; slow to compile on CPU)
-    models: str = ""              # comma-separated; "" = the preset's
-    seq_lens: str = ""            # comma-separated; "" = the preset's
+    # a key that the preset sets (PRESETS) and the command line does not give takes the preset's value
+    models: str = ""              # comma-separated
+    seq_lens: str = ""            # comma-separated; --op: 512,2048,8192
     modes: str = "train,prefill,decode"
-    model_preset: str = ""        # preset of every model ("" = the bench preset's), so sizes match
-    vocab_size: int = 0           # 0 = the bench preset's
-    tokens_per_step: int = 0
+    model_preset: str = ""        # preset of every model, so sizes match
+    vocab_size: int = 0
+    tokens_per_step: int = 0      # >= the longest seq_len: the batch is tokens_per_step // seq_len
     decode_tokens: int = 0        # decode steps timed after a prefill of seq_len tokens
     repeats: int = 0
     warmup: int = -1
-    device: str = "auto"
+    device: str = "auto"          # auto | cpu | cuda | cuda:N
     dtype: str = "auto"           # float32 | bfloat16 (autocast) | auto: bfloat16 on CUDA, float32 on CPU
     compile: bool = False
     mem_limit_gb: float = 0.0     # >0: cap each worker's memory (exercises the OOM path)
@@ -60,33 +77,81 @@ class BenchConfig:
 
 
 def parse_args(argv) -> BenchConfig:
-    cfg, valid = BenchConfig(), {f.name: f for f in fields(BenchConfig) if f.name != "extra"}
-    for arg in argv:
-        if arg == "--op":
-            cfg.op = True
-            continue
-        key, sep, val = arg.lstrip("-").partition("=")
-        if not arg.startswith("--") or key not in valid or not sep:
-            sys.exit(f"bench.py: bad argument {arg!r}; use --key=value with key in {sorted(valid)}")
-        typ = type(getattr(cfg, key))
-        try:
-            setattr(cfg, key, {"true": True, "false": False}[val.lower()] if typ is bool else typ(val))
-        except (KeyError, ValueError):
-            sys.exit(f"bench.py: --{key} needs a {typ.__name__}, got {val!r}")
-    if cfg.op and not cfg.seq_lens:
-        cfg.seq_lens = "512,2048,8192"  # the memory_core issue's lengths
+    """A validated BenchConfig from `--key=value` arguments (`--op` alone is --op=true); raises BenchError."""
+    cfg, given = cli.parse(BenchConfig, argv, "bench.py", error=BenchError)
     if cfg.preset not in PRESETS:
-        sys.exit(f"bench.py: unknown --preset={cfg.preset}; use one of {sorted(PRESETS)}")
+        raise BenchError(f"unknown --preset {cfg.preset!r}; use one of {', '.join(PRESETS)}")
     for key, val in PRESETS[cfg.preset].items():
-        if getattr(cfg, key) in ("", 0, -1):
+        if key not in given:
             setattr(cfg, key, val)
-    if cfg.device == "auto":
-        cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if cfg.dtype == "auto":
-        cfg.dtype = "bfloat16" if cfg.device == "cuda" else "float32"
-    if cfg.dtype not in ("float32", "bfloat16"):
-        sys.exit(f"bench.py: --dtype must be float32 or bfloat16, got {cfg.dtype}")
+    if cfg.op and "seq_lens" not in given:
+        cfg.seq_lens = "512,2048,8192"  # the memory_core issue's lengths
+    validate(cfg)
     return cfg
+
+
+def _names(cfg, key, valid):
+    """Check the comma-separated list --key against `valid`; store it without blanks."""
+    raw = getattr(cfg, key)
+    names = [s.strip() for s in raw.split(",")]
+    if "" in names:
+        raise BenchError(f"--{key} needs a comma-separated list of names from {', '.join(valid)}, got {raw!r}")
+    unknown = [n for n in names if n not in valid]
+    if unknown:
+        raise BenchError(f"unknown --{key} {', '.join(unknown)}; use some of {', '.join(valid)}")
+    if len(set(names)) < len(names):
+        raise BenchError(f"--{key} names something twice: {raw!r}")
+    setattr(cfg, key, ",".join(names))
+    return names
+
+
+def validate(cfg):
+    """Reject what cannot be measured, naming the key and what to pass instead (BenchError)."""
+    from models import MODELS, preset_overrides
+    models = _names(cfg, "models", list(MODELS))
+    modes = _names(cfg, "modes", MODES)
+    _names(cfg, "op_impls", OP_IMPLS)
+    try:
+        seq_lens = [int(s) for s in cfg.seq_lens.split(",")]
+    except ValueError:
+        raise BenchError(f"--seq_lens needs comma-separated positive integers (e.g. --seq_lens=512,2048), "
+                         f"got {cfg.seq_lens!r}") from None
+    if min(seq_lens) < 1:
+        raise BenchError(f"--seq_lens must all be >= 1 (e.g. --seq_lens=512,2048), got {cfg.seq_lens!r}")
+    if len(set(seq_lens)) < len(seq_lens):
+        raise BenchError(f"--seq_lens names a length twice: {cfg.seq_lens!r}")
+    cfg.seq_lens = ",".join(map(str, seq_lens))
+    for name in models:
+        try:
+            preset_overrides(name, cfg.model_preset)
+        except ValueError as e:
+            raise BenchError(f"--model_preset: {e}") from None
+    if cfg.repeats < 1:
+        raise BenchError(f"--repeats must be >= 1 (timed runs per measurement), got {cfg.repeats}")
+    if cfg.warmup < 0:
+        raise BenchError(f"--warmup must be >= 0 (untimed runs before timing), got {cfg.warmup}")
+    if cfg.vocab_size < 1:
+        raise BenchError(f"--vocab_size must be >= 1, got {cfg.vocab_size}")
+    if cfg.decode_tokens < (1 if "decode" in modes else 0):
+        raise BenchError(f"--decode_tokens must be >= 1 when --modes includes decode (>= 0 otherwise), "
+                         f"got {cfg.decode_tokens}")
+    if cfg.tokens_per_step < 1:
+        raise BenchError(f"--tokens_per_step must be >= 1, got {cfg.tokens_per_step}")
+    if not cfg.op and {"train", "prefill"} & set(modes) and cfg.tokens_per_step < max(seq_lens):
+        raise BenchError(f"--tokens_per_step={cfg.tokens_per_step} is less than the longest --seq_lens, "
+                         f"{max(seq_lens)}: the batch (tokens_per_step // seq_len) would be 0; "
+                         f"pass --tokens_per_step={max(seq_lens)} or more")
+    if not (cfg.mem_limit_gb >= 0 and cfg.mem_limit_gb != float("inf")):
+        raise BenchError(f"--mem_limit_gb must be a finite number >= 0 (0 = no limit), got {cfg.mem_limit_gb}")
+    if not cfg.json:
+        raise BenchError("--json needs a file path (e.g. --json=out/bench.json)")
+    device = cli.resolve_device(cfg.device, BenchError)
+    if device.type not in ("cpu", "cuda"):
+        raise BenchError(f"--device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+    cfg.device = str(device)
+    cfg.dtype = cli.resolve_dtype(cfg.dtype, device, BenchError)
+    if cfg.dtype not in ("float32", "bfloat16"):
+        raise BenchError(f"--dtype must be auto, float32 or bfloat16, got {cfg.dtype!r}")
 
 
 def sync(device):
@@ -112,43 +177,64 @@ def rss_bytes():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def in_worker(fn, cfg):
-    """Run fn() in a forked process; return (result dict, peak memory bytes) or ({"oom": msg}, None)."""
-    ctx = mp.get_context("fork")
+def worker_start_method(device):
+    """How in_worker starts its process: "spawn" when CUDA is in use or already initialized here, else "fork".
+
+    CUDA cannot be used in a forked child once the parent has initialized it (header() does, naming the GPU),
+    so CUDA runs spawn a fresh interpreter per worker; their peak is the CUDA allocator's, which a fresh
+    process measures the same way. CPU runs keep fork for the memory measurement: the CPU peak is ru_maxrss
+    above the worker's RSS at its start, and a forked child's high-water mark starts at its current RSS, so
+    the difference is what the job itself allocated. A spawned child (fork + exec) keeps the parent's
+    pre-exec high-water mark in ru_maxrss while its own RSS starts small, so a job using less than the parent
+    would be reported at the parent's size. (Fork also spares each job re-importing torch.)
+    """
+    if str(device).startswith("cuda") or torch.cuda.is_initialized():
+        return "spawn"
+    return "fork"
+
+
+def _worker(job, cfg, conn):
+    """Body of the worker process (module level, so that spawn can pickle it): run job(), send the result."""
+    cuda = cfg.device.startswith("cuda")
+    try:
+        if cfg.mem_limit_gb > 0:
+            if cuda:
+                total = torch.cuda.get_device_properties(cfg.device).total_memory
+                torch.cuda.set_per_process_memory_fraction(min(1.0, cfg.mem_limit_gb * 2**30 / total), cfg.device)
+            else:  # RLIMIT_DATA bounds heap and anonymous mmaps: a big tensor then fails to allocate
+                soft = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 + int(cfg.mem_limit_gb * 2**30)
+                resource.setrlimit(resource.RLIMIT_DATA, (soft, resource.RLIM_INFINITY))
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(cfg.device)
+        base = rss_bytes()
+        out = job()
+        if cuda:
+            peak = torch.cuda.max_memory_allocated(cfg.device)
+        else:
+            peak = max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base)
+        conn.send((out, peak))
+    except (torch.OutOfMemoryError, MemoryError) as e:
+        conn.send(({"oom": str(e).splitlines()[0][:120]}, None))
+    except RuntimeError as e:
+        msg = str(e)
+        if "memory" in msg.lower() or "alloc" in msg.lower():
+            conn.send(({"oom": msg.splitlines()[0][:120]}, None))
+        else:
+            conn.send(({"error": msg.splitlines()[0][:200]}, None))
+    except Exception as e:  # reported in the table; the sweep goes on
+        conn.send(({"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}, None))
+    finally:
+        conn.close()
+
+
+def in_worker(job, cfg, method=None):
+    """Run job() in a worker process; return (result dict, peak memory bytes) or ({"oom": msg}, None).
+
+    job must be picklable when the worker is spawned (a functools.partial of a module-level function);
+    method: "fork" or "spawn", by default worker_start_method(cfg.device)."""
+    ctx = mp.get_context(method or worker_start_method(cfg.device))
     parent, child = ctx.Pipe(duplex=False)
-
-    def target():
-        try:
-            if cfg.mem_limit_gb > 0:
-                if cfg.device.startswith("cuda"):
-                    total = torch.cuda.get_device_properties(0).total_memory
-                    torch.cuda.set_per_process_memory_fraction(min(1.0, cfg.mem_limit_gb * 2**30 / total))
-                else:  # RLIMIT_DATA bounds heap and anonymous mmaps: a big tensor then fails to allocate
-                    soft = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 + int(cfg.mem_limit_gb * 2**30)
-                    resource.setrlimit(resource.RLIMIT_DATA, (soft, resource.RLIM_INFINITY))
-            if cfg.device.startswith("cuda"):
-                torch.cuda.reset_peak_memory_stats()
-            base = rss_bytes()
-            out = fn()
-            if cfg.device.startswith("cuda"):
-                peak = torch.cuda.max_memory_allocated()
-            else:
-                peak = max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base)
-            child.send((out, peak))
-        except (torch.OutOfMemoryError, MemoryError) as e:
-            child.send(({"oom": str(e).splitlines()[0][:120]}, None))
-        except RuntimeError as e:
-            msg = str(e)
-            if "memory" in msg.lower() or "alloc" in msg.lower():
-                child.send(({"oom": msg.splitlines()[0][:120]}, None))
-            else:
-                child.send(({"error": msg.splitlines()[0][:200]}, None))
-        except Exception as e:  # reported in the table; the sweep goes on
-            child.send(({"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}, None))
-        finally:
-            child.close()
-
-    proc = ctx.Process(target=target)
+    proc = ctx.Process(target=_worker, args=(job, cfg, child))
     proc.start()
     child.close()
     try:
@@ -278,14 +364,15 @@ def run_op(cfg):
         "compiled_chunks": functools.partial(memory_core.miras_memory, compile_chunks=True),
         # the whole call traced: the chunk loop is unrolled, so compile time grows with T / chunk (first_call_s)
         "compiled": torch.compile(memory_core.miras_memory, fullgraph=True),
-        "reference": memory_core.miras_memory_reference,
+        "reference": memory_reference.miras_memory_reference,
     }
-    names = cfg.op_impls.split(",")
-    if set(names) - set(available):
-        sys.exit(f"bench.py: unknown --op_impls {sorted(set(names) - set(available))}; use {sorted(available)}")
-    impls = [(n, available[n]) for n in names]
+    assert set(available) == set(OP_IMPLS)
+    impls = [(n, available[n]) for n in cfg.op_impls.split(",")]
+    titans = titans_baseline(cfg)
     for retention, (objective, model) in OP_MODELS.items():
         for T in seq_lens:
+            if retention == "l2" and titans and T <= 2048:  # the issue's comparison is at T = 2048
+                records += titans(T)  # beside our l2 rows, so that both see the same load on a shared machine
             for impl, fn in impls:
                 if impl == "reference" and T > min(seq_lens):
                     continue  # the token-by-token oracle: one length is enough to show the gap
@@ -315,20 +402,37 @@ def run_op(cfg):
                     records.append(rec)
                     print(f"{impl:>9} {retention:>2}/{objective:<5} T={T:<6} {mode:<8} {rec['tokens_per_s']:>10.0f} tok/s "
                           f"{rec['gflops']:>7.1f} GFLOP/s ({rec['pct_of_gemm']:.0f}% of GEMM)")
-    records += titans_baseline(cfg, seq_lens)
     return records, dict(gemm_gflops=peak)
 
 
-def titans_baseline(cfg, seq_lens):
+def titans_memory(device="cpu"):
+    """titans-pytorch's NeuralMemory at our op's shape: H heads of width d (dim_head=d; its default is the full
+    model width, H*d per head), chunk b, and the same memory model: a 2-layer MLP d -> E*d -> d per head
+    (its default MemoryMLP, depth 2, expansion_factor 4.0, passed explicitly) inside a LayerNorm + residual
+    (its default ResidualNorm; gamma [H, d]), as ours. Checked on the memory weights' shapes."""
+    from titans_pytorch import NeuralMemory
+    H, d, E, b = OP_SHAPE["H"], OP_SHAPE["d"], OP_SHAPE["E"], OP_SHAPE["chunk"]
+    mem = NeuralMemory(dim=H * d, dim_head=d, heads=H, chunk_size=b,
+                       default_model_kwargs=dict(depth=2, expansion_factor=float(E)))
+    shapes = [tuple(s) for s in mem.init_weight_shape]
+    if shapes != [(H, d), (H, d, E * d), (H, E * d, d)]:  # norm gamma, W1, W2
+        raise RuntimeError(f"titans-pytorch memory weights {shapes} do not match our op's (H={H}, d={d}, E={E})")
+    return mem.to(device)
+
+
+def titans_baseline(cfg):
+    """A function T -> records timing titans_memory at length T (fwd, fwd+bwd); None without titans-pytorch."""
     try:
-        from titans_pytorch import NeuralMemory
+        from importlib.metadata import version
+        mem = titans_memory(cfg.device)
     except ImportError:
         print("titans-pytorch not installed (pip install titans-pytorch): comparison skipped")
-        return []
-    records = []
-    H, d, b = OP_SHAPE["H"], OP_SHAPE["d"], OP_SHAPE["chunk"]
-    mem = NeuralMemory(dim=H * d, chunk_size=b, heads=H).to(cfg.device)
-    for T in [t for t in seq_lens if t <= 2048]:  # it needs ~16 GB at T = 8192 on CPU; the issue compares 2048
+        return None
+    H, d, E, b = OP_SHAPE["H"], OP_SHAPE["d"], OP_SHAPE["E"], OP_SHAPE["chunk"]
+    desc = f"NeuralMemory(dim={H * d}, dim_head={d}, heads={H}, chunk_size={b}, depth=2, expansion_factor={E})"
+
+    def measure(T):
+        records = []
         for mode in ("fwd", "fwd+bwd"):
             x = torch.randn(1, T, H * d, device=cfg.device, requires_grad=mode == "fwd+bwd")
 
@@ -338,20 +442,24 @@ def titans_baseline(cfg, seq_lens):
                     y.square().sum().backward()
             sec = timed(run, cfg.device, cfg.repeats, cfg.warmup)
             records.append(dict(kind="op", impl="titans-pytorch", model="titans-NeuralMemory", seq_len=T, mode=mode,
-                                tokens_per_s=T / sec, device=cfg.device, compile=False, dtype="float32"))
-            print(f"titans-pytorch NeuralMemory(dim={H * d}, heads={H}, chunk={b}) T={T:<6} {mode:<8} "
-                  f"{T / sec:>10.0f} tok/s")
-    return records
+                                tokens_per_s=T / sec, device=cfg.device, compile=False, dtype="float32",
+                                titans_pytorch=version("titans-pytorch"), titans_module=desc,
+                                memory_weight_shapes=[list(s) for s in mem.init_weight_shape]))
+            print(f"titans-pytorch {desc} T={T:<6} {mode:<8} {T / sec:>10.0f} tok/s")
+        return records
+    return measure
 
 
 # ----------------------------------------------------------------------------------------------
 
 def header(cfg):
-    dev = torch.cuda.get_device_name(0) if cfg.device.startswith("cuda") else (platform.processor() or platform.machine())
+    cuda = cfg.device.startswith("cuda")
+    dev = torch.cuda.get_device_name(cfg.device) if cuda else (platform.processor() or platform.machine())
     info = dict(device_name=dev, torch=torch.__version__, threads=torch.get_num_threads(), compile=cfg.compile,
                 dtype=cfg.dtype, python=platform.python_version(),
-                peak_mem_measure="cuda max_memory_allocated" if cfg.device.startswith("cuda")
-                else "worker peak RSS above its size at fork (ru_maxrss delta)")
+                peak_mem_measure="cuda max_memory_allocated" if cuda
+                else "worker peak RSS above its size at fork (ru_maxrss delta)",
+                workers=worker_start_method(cfg.device))
     print(" | ".join(f"{k}={v}" for k, v in info.items()))
     return info
 
@@ -361,7 +469,7 @@ def run_models(cfg):
     for name in cfg.models.split(","):
         for seq_len in (int(s) for s in cfg.seq_lens.split(",")):
             for mode in cfg.modes.split(","):
-                out, peak = in_worker(lambda: bench_model(cfg, name, seq_len, mode), cfg)
+                out, peak = in_worker(functools.partial(bench_model, cfg, name, seq_len, mode), cfg)
                 rec = dict(kind="model", model=name, seq_len=seq_len, mode=mode, device=cfg.device,
                            compile=cfg.compile, dtype=cfg.dtype, model_preset=cfg.model_preset, vocab_size=cfg.vocab_size,
                            tokens_per_s=None, peak_mem_bytes=peak)
@@ -413,7 +521,16 @@ def crossover(records):
 
 
 def main(argv=None):
-    cfg = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if cli.wants_help(argv):
+        print(cli.help_text(__doc__, BenchConfig(**PRESETS["cpu"]),
+                            "Keys and their defaults (the cpu preset's where it sets them):"))
+        return 0
+    try:
+        cfg = parse_args(argv)
+    except BenchError as e:
+        print(f"bench.py: error: {e}", file=sys.stderr)
+        return 2
     info = header(cfg)
     if cfg.op:
         records, extra = run_op(cfg)
@@ -427,8 +544,8 @@ def main(argv=None):
     print(f"json: {cfg.json}")
     if not cfg.op:
         plot(records, cfg.plot or os.path.splitext(cfg.json)[0] + ".png")
-    return records
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

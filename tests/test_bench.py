@@ -1,7 +1,13 @@
-"""bench.py end to end on CPU at toy sizes: valid JSON with every field, and the OOM path."""
+"""bench.py end to end on CPU at toy sizes: valid JSON with every field, the OOM path, one-line errors for
+impossible arguments, the worker start method (spawn for CUDA) and the titans-pytorch baseline's shape."""
+import functools
 import json
+import os
+import subprocess
+import sys
 
 import pytest
+import torch
 
 import bench
 
@@ -10,7 +16,8 @@ MODEL_FIELDS = {"model", "seq_len", "mode", "tokens_per_s", "peak_mem_bytes", "d
 
 def run_bench(tmp_path, *extra):
     out = tmp_path / "bench.json"
-    bench.main([f"--json={out}", "--repeats=1", "--warmup=1", "--tokens_per_step=64", "--decode_tokens=2", *extra])
+    assert bench.main([f"--json={out}", "--repeats=1", "--warmup=1", "--tokens_per_step=64", "--decode_tokens=2",
+                       *extra]) == 0
     return json.loads(out.read_text())
 
 
@@ -48,8 +55,105 @@ def test_op_mode_measures_fast_path_and_reference(tmp_path):
     for r in report["records"]:
         assert r["tokens_per_s"] > 0
     assert report["info"]["gemm_gflops"] > 0
+    titans = [r for r in report["records"] if r["impl"] == "titans-pytorch"]
+    try:
+        import titans_pytorch  # noqa: F401
+    except ImportError:
+        assert not titans
+    else:
+        assert {(r["seq_len"], r["mode"]) for r in titans} == {(64, "fwd"), (64, "fwd+bwd")}
 
 
-def test_bad_argument_is_one_line_error():
-    with pytest.raises(SystemExit, match="--key=value"):
-        bench.main(["--nope=1"])
+TINY = ["--models=transformer", "--seq_lens=16", "--modes=prefill", "--model_preset=tiny", "--tokens_per_step=32",
+        "--repeats=1", "--warmup=0"]
+
+
+@pytest.mark.parametrize("args, key", [
+    (["--nope=1"], "--key=value"),
+    (["models=moneta"], "--key=value"),
+    (["--repeats"], "--key=value"),
+    (["--seq_lens=0"], "--seq_lens"),
+    (["--seq_lens=16,-32"], "--seq_lens"),
+    (["--seq_lens="], "--seq_lens"),
+    (["--seq_lens=16,,32"], "--seq_lens"),
+    (["--seq_lens=16,abc"], "--seq_lens"),
+    (["--seq_lens=1.5"], "--seq_lens"),
+    (["--seq_lens=16,16"], "--seq_lens"),
+    (["--op", "--seq_lens=0"], "--seq_lens"),
+    (["--repeats=0"], "--repeats"),
+    (["--repeats=two"], "--repeats"),
+    (["--warmup=-1"], "--warmup"),
+    (["--tokens_per_step=8"], "--tokens_per_step"),      # < seq_len 16: a batch of 0
+    (["--tokens_per_step=0"], "--tokens_per_step"),
+    (["--modes=decode", "--decode_tokens=0"], "--decode_tokens"),
+    (["--decode_tokens=-1"], "--decode_tokens"),
+    (["--vocab_size=0"], "--vocab_size"),
+    (["--models=moneta,gpt"], "--models"),
+    (["--models="], "--models"),
+    (["--models=moneta,moneta"], "--models"),
+    (["--modes=train,eval"], "--modes"),
+    (["--modes=train,"], "--modes"),
+    (["--op", "--op_impls=eager,fast"], "--op_impls"),
+    (["--model_preset=huge"], "--model_preset"),
+    (["--preset=tpu"], "--preset"),
+    (["--dtype=float16"], "dtype"),
+    (["--dtype=float64"], "--dtype"),
+    (["--device=tpu"], "--device"),
+    (["--device=cuda:x"], "--device"),
+    (["--device="], "--device"),
+    (["--mem_limit_gb=-1"], "--mem_limit_gb"),
+    (["--mem_limit_gb=nan"], "--mem_limit_gb"),
+    (["--compile=yes"], "--compile"),
+    (["--json="], "--json"),
+])
+def test_impossible_argument_is_a_one_line_error(tmp_path, capsys, args, key):
+    out = tmp_path / "bench.json"
+    assert bench.main([*TINY, f"--json={out}", *args]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("bench.py: error: ") and captured.err.count("\n") == 1, captured.err
+    assert key in captured.err and not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_without_cuda_says_use_cpu(capsys):
+    assert bench.main([*TINY, "--device=cuda"]) == 2
+    assert "--device=cpu" in capsys.readouterr().err
+
+
+def test_command_line_error_exits_2_with_one_line_on_stderr():
+    proc = subprocess.run([sys.executable, "bench.py", "--seq_lens=0"], cwd=os.path.dirname(bench.__file__),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.startswith("bench.py: error: --seq_lens") and proc.stderr.count("\n") == 1, proc.stderr
+
+
+def test_given_values_win_over_the_preset_and_lists_are_normalized():
+    cfg = bench.parse_args(["--warmup=0", "--models= moneta ,yaad", "--seq_lens=512, 64", "--device=cpu"])
+    assert cfg.warmup == 0 and cfg.repeats == bench.PRESETS["cpu"]["repeats"]  # 0 is a value, not "unset"
+    assert cfg.models == "moneta,yaad" and cfg.seq_lens == "512,64" and cfg.dtype == "float32"
+    op = bench.parse_args(["--op", "--seq_lens=16384"])  # tokens_per_step does not limit the op benchmark
+    assert op.op and op.seq_lens == "16384"
+
+
+def test_worker_start_method_spawns_for_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    assert bench.worker_start_method("cpu") == "fork"
+    assert bench.worker_start_method("cuda") == "spawn" and bench.worker_start_method("cuda:1") == "spawn"
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)  # CUDA initialized here: no fork at all
+    assert bench.worker_start_method("cpu") == "spawn"
+
+
+def test_a_worker_runs_under_spawn(tmp_path):
+    cfg = bench.parse_args([*TINY, f"--json={tmp_path / 'bench.json'}"])
+    job = functools.partial(bench.bench_model, cfg, "transformer", 16, "prefill")
+    out, peak = bench.in_worker(job, cfg, method="spawn")
+    assert "error" not in out and "oom" not in out, out
+    assert out["tokens_per_s"] > 0 and out["batch_size"] == 2 and peak is not None
+
+
+def test_titans_baseline_has_our_heads_head_width_and_memory_width():
+    pytest.importorskip("titans_pytorch")
+    H, d, E = bench.OP_SHAPE["H"], bench.OP_SHAPE["d"], bench.OP_SHAPE["E"]
+    mem = bench.titans_memory()
+    assert [tuple(s) for s in mem.init_weight_shape] == [(H, d), (H, d, E * d), (H, E * d, d)]
+    assert mem.heads == H and mem.retrieve_chunk_size == mem.store_chunk_size == bench.OP_SHAPE["chunk"]
