@@ -31,6 +31,7 @@ import torch
 import cli
 import memory_core
 import memory_reference
+import model_common
 from train import save_json
 
 PRESETS = {
@@ -254,7 +255,7 @@ def bench_model(cfg, name, seq_len, mode):
     batch = max(1, cfg.tokens_per_step // seq_len)
     max_len = seq_len + (cfg.decode_tokens + max(1, cfg.warmup) if mode == "decode" else 0)
     model = build_model(name, cfg.model_preset, block_size=max_len, vocab_size=cfg.vocab_size).to(device)
-    autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
+    autocast = cli.autocast_for(device, cfg.dtype)
     gen = torch.Generator().manual_seed(0)
     idx = torch.randint(model.config.vocab_size, (batch, seq_len), generator=gen).to(device)
     if mode == "train":
@@ -297,20 +298,8 @@ def bench_model(cfg, name, seq_len, mode):
             lat.append(time.perf_counter() - t0)
             tok = logits[:, -1:].argmax(-1)
     sec = statistics.median(lat)
-    state_bytes = cache_bytes(cache)
-    return dict(batch_size=1, tokens_per_s=1.0 / sec, ms_per_token=1e3 * sec, state_bytes=state_bytes)
-
-
-def cache_bytes(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(cache_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(cache_bytes(v) for v in obj)
-    if hasattr(obj, "__dict__"):
-        return sum(cache_bytes(v) for v in vars(obj).values())
-    return 0
+    return dict(batch_size=1, tokens_per_s=1.0 / sec, ms_per_token=1e3 * sec,
+                state_bytes=model_common.state_bytes(cache)["total"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -321,9 +310,9 @@ OP_MODELS = {"l2": ("huber", "yaad"), "lq": ("lp", "moneta"), "kl": ("l2", "memo
 
 
 def op_flops_per_token(d, E, b):
-    """Forward FLOPs per token and head of the chunked MLP memory (matmuls only; backward ~2x)."""
-    h = E * d
-    return 14 * d * h + 4 * b * (d + h)
+    """Forward FLOPs per token and head of the chunked MLP memory (model_common.memory_flops; backward ~2x)."""
+    H = OP_SHAPE["H"]
+    return model_common.memory_flops(model_common.MirasConfig(n_embd=H * d, n_head=H, expansion=E), b)
 
 
 def op_inputs(T, retention, requires_grad):
