@@ -13,8 +13,9 @@ The mixer of each block is chosen by one letter of `layer_pattern` (tiled to n_l
 The Miras layer (paper section 5.4):
     x -> q, k, v = Linear(x) -> depthwise causal Conv1d (kernel 4) -> SiLU -> H heads -> l2-normalize q, k
       -> (RoPE on q, k if use_rope) -> per-token, per-head gates from x through a low-rank map:
-         eta_hat = eta_max * sigmoid(.)                    bounded inner step in (0, eta_max), normalized
-                                                           by memory_core.normalized_eta (eta_gate="normalized")
+         eta = eta_base * softplus(.)                      inner learning rate, > 0 (eta_gate="softplus", default)
+         eta_hat = eta_max * sigmoid(.)                    or a bounded step in (0, eta_max), normalized by
+                                                           memory_core.normalized_eta (eta_gate="normalized")
          alpha = alpha_min + (1 - alpha_min) * sigmoid(.)  retention, in [alpha_min, 1]  (or 1: alpha_gate=False)
          delta = softplus(.) + 1e-4                        huber threshold (objective "huber")
          mu = mu_min + (mu_max - mu_min) * sigmoid(.)      momentum (momentum=True)
