@@ -312,7 +312,8 @@ OP_MODELS = {"l2": ("huber", "yaad"), "lq": ("lp", "moneta"), "kl": ("l2", "memo
 def op_flops_per_token(d, E, b):
     """Forward FLOPs per token and head of the chunked MLP memory (model_common.memory_flops; backward ~2x)."""
     H = OP_SHAPE["H"]
-    return model_common.memory_flops(model_common.MirasConfig(n_embd=H * d, n_head=H, expansion=E), b)
+    return model_common.memory_flops(model_common.MirasConfig(n_embd=H * d, n_head=H, expansion=E, memory="mlp",
+                                                              momentum=False), b)
 
 
 def op_inputs(T, retention, requires_grad):

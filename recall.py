@@ -295,26 +295,30 @@ def train_run(model, s, run_dir, log=print):
     start = train.load_checkpoint(ckpt_path)["iter_num"] if resume else 0
     if resume:
         log(f"  resuming {model} / {s.name} at step {start}")
+    else:  # another run's (or a forced rerun's) checkpoint must never be resumed or read back below
+        shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_json(signature, sig_path)
     cfg = train_config(model, s, run_dir, "resume" if resume else "scratch")
     diverged = None
+    t0 = time.time()
     try:
         result = train.train(cfg, batches=TaskBatches(s))
     except train.TrainingDiverged as e:
         diverged, result = str(e), {}
         log(f"  {model} / {s.name}: {diverged}")
+    elapsed = time.time() - t0  # this call's training time (a resumed run: since the resume)
     torch.manual_seed(s.seed)  # the initial weights train.train started from
     net = build(model, s)
     steps = 0
     if ckpt_path.is_file():
         ck = train.load_checkpoint(ckpt_path)
         if models.config_from_dict(cfg.model, ck["model_config"]) != net.config:
-            raise RuntimeError(f"{ckpt_path} holds another model than model_config({model!r}, {s.name!r})")
+            raise RuntimeError(f"{ckpt_path} holds another model than model_config({model!r}, {s.name!r}); "
+                               "rerun with --force")
         net.load_state_dict(ck["model"])
         steps = int(ck["iter_num"])
     tokens = steps * s.batch_size * s.train_len
-    elapsed = result.get("elapsed_s", 0.0)  # this call's (a resumed run: since the resume)
     stats = dict(train_steps=steps, train_tokens=tokens, train_time_s=elapsed,
                  train_tokens_per_s=(tokens - start * s.batch_size * s.train_len) / max(elapsed, 1e-9),
                  final_train_loss=result.get("recent_train_loss"), diverged=diverged)
@@ -379,12 +383,12 @@ def run_one(model, s, out, preset, force=False, keep_ckpt=False, log=print):
                     and saved == models.function_dict(model_config(model, s))):
                 return cached["records"], True
             log(f"  {run_path.name}: settings or model config changed, rerunning")
-        except (json.JSONDecodeError, KeyError, AttributeError):
+        except (json.JSONDecodeError, KeyError, ValueError, TypeError):
             log(f"  {run_path.name}: unreadable, rerunning")
     (out / "runs").mkdir(parents=True, exist_ok=True)
     run_dir = out / "ckpt" / run_id
     if force:
-        (run_dir / "run.json").unlink(missing_ok=True)  # no resume: train.py starts it over
+        shutil.rmtree(run_dir, ignore_errors=True)  # no resume: train.py starts it over
     net, stats = train_run(model, s, run_dir, log)
     t0 = time.time()
     stats.update(validate(net, s))
