@@ -140,7 +140,7 @@ def resolve(kind, name):
     return _REGISTRY[(kind, name)]
 
 
-def _momentum_retentions():
+def momentum_retentions():
     return " or ".join(repr(n) for n in RETENTIONS if resolve("retention", n).momentum)
 
 
@@ -325,7 +325,7 @@ def _check(q, k, v, eta, alpha, state, ln_weight, ln_bias, rule, delta, momentum
     if objective.needs_delta and delta is None:
         raise ValueError(f"objective={objective.name!r} needs delta (a [B, H, T] tensor of positive thresholds)")
     if momentum is not None and not retention.momentum:
-        raise ValueError(f"momentum works with retention {_momentum_retentions()}, not {retention.name!r}; "
+        raise ValueError(f"momentum works with retention {momentum_retentions()}, not {retention.name!r}; "
                          "pass momentum=None")
     if q.dim() != 4 or q.shape != k.shape or q.shape[:-1] != v.shape[:-1] or q.shape[-1] != v.shape[-1]:
         raise ValueError(f"q, k, v must share one shape [B, H, T, d]; got "

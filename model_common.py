@@ -142,7 +142,7 @@ class MirasConfig(LMConfig):
                 raise ValueError(f"{name}={getattr(self, name)!r}: use one of {valid}")
         memory_core.resolve("objective", self.objective)
         if self.momentum and not memory_core.resolve("retention", self.retention).momentum:
-            raise ValueError(f"momentum works with retention {memory_core._momentum_retentions()}, "
+            raise ValueError(f"momentum works with retention {memory_core.momentum_retentions()}, "
                              f"not {self.retention!r}")
         if self.chunk_size < 1 or self.conv_size < 1 or self.gate_rank < 1 or self.expansion < 1:
             raise ValueError("chunk_size, conv_size, gate_rank and expansion must be >= 1")

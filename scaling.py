@@ -59,6 +59,7 @@ import traceback
 import numpy as np
 import torch
 
+import cli
 import models
 import train as train_mod
 from data.common import load_split
@@ -228,7 +229,7 @@ def torchrun_command(cfg, nproc):
 def evaluate(ckpt_path, eval_tokens, device="auto", dataset=None):
     """val loss over fixed evenly spaced non-overlapping val windows of the run's context, and the mean loss
     at each position of the window. Loads the final checkpoint written by train.py."""
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    dev = cli.resolve_device(device)
     ckpt = train_mod.load_checkpoint(ckpt_path, map_location=dev)
     mcfg = models.config_from_dict(ckpt["model_name"], ckpt["model_config"])
     model = models.build_model(mcfg).to(dev)
