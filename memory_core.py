@@ -51,8 +51,9 @@ _HOMES = {("objective", "lp"): "model_moneta", ("retention", "lq"): "model_monet
           ("objective", "huber"): "model_yaad", ("retention", "kl"): "model_memora"}
 LN_EPS = 1e-5
 RECOMPUTE_BACKWARD = True  # False: plain autograd through the chunk loop (keeps every chunk's activations)
-STEP_FLOOR = 1e-3  # normalize_step: the smallest output gain per unit step the normalizer assumes (see
-                   # normalized_eta), so a near-degenerate Jacobian cannot turn into an unbounded weight step
+STEP_FLOOR = 1.0  # normalize_step: the smallest output gain per unit step the normalizer assumes, so eta
+                  # never exceeds eta_hat <g, e> / ||g||^2 (see normalized_eta). With 1e-3 the floor let
+                  # eta grow ~1000x as the LayerNorm-invariant weight scale drifted up (README, "Stability")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -215,7 +216,9 @@ def normalized_eta(eta_hat, g, e, acts, dz, scale, grad_sum):
     Linearized, token j's step moves M(k_t) along g_t by eta_j <G_t, G_j> / ||g_t||, so with eta_hat = 1 a
     token alone in its chunk removes the projection of its residual e_t onto its descent direction g_t
     (for l2, g = e: the normalized-LMS / Newton step), whatever the scale of the weights, the LayerNorm or
-    the bias; b copies of one pair share that one step instead of taking it b times. Without a residual
+    the bias; b copies of one pair share that one step instead of taking it b times. The floor term makes
+    the step partial where the output gain <G, G> / ||g||^2 falls below STEP_FLOOR: there a full step would
+    mean a large weight step, which grows the weights' LayerNorm-invariant scale. Without a residual
     (dot: e is None) the numerator is ||g_t||^2: the output moves by eta_hat v. README, "Stability".
     grad_sum: per layer, the sum of the raw gradients of this chunk's earlier pieces (carried state), or None."""
     gram = 0.0

@@ -94,8 +94,12 @@ LEGACY_CONFIG_KEYS = ("learning_rate",)  # the preset's peak lr, now preset_lear
 
 def config_from_dict(name, saved):
     """The config of model `name` from a saved config.to_dict() (a checkpoint's model_config): the one place
-    saved configs turn back into configs, so the keys of older versions (LEGACY_CONFIG_KEYS) are dropped here."""
-    return make_config(name, None, **{k: v for k, v in saved.items() if k not in LEGACY_CONFIG_KEYS})
+    saved configs turn back into configs, so the keys of older versions (LEGACY_CONFIG_KEYS) are dropped here,
+    and a Miras config saved before eta_gate existed keeps the only step gate it had (softplus)."""
+    kwargs = {k: v for k, v in saved.items() if k not in LEGACY_CONFIG_KEYS}
+    if "eta_base" in kwargs and "eta_gate" not in kwargs:
+        kwargs["eta_gate"] = "softplus"
+    return make_config(name, None, **kwargs)
 
 
 def function_dict(config):

@@ -30,8 +30,8 @@ with full causal attention over the whole context, like the Miras models with th
 
 Learning rates: every (model, setting) is trained once per peak lr of the setting's lr_grid; the lr with the
 best exact match on a held-out validation set at the training length (its own seed) is the one reported (plots,
-summary); results.json keeps every run with `selected` true/false. The Miras models' inner learning-rate scale
-is set per model for the study (RECALL_ETA below; the language-model defaults leave the memory nearly static).
+summary); results.json keeps every run with `selected` true/false. Every model runs at its defaults: no setting
+overrides a model internal such as the inner learning rate.
 
 The `cpu` preset (2 layers, head_dim 32, AdamW + warmup/cosine, one thread per process):
   mqar_d32 / mqar_d64  4 kv pairs, vocabulary 64, trained at 32 tokens (2000 steps of 32 sequences), scored at
@@ -138,21 +138,12 @@ class Setting:
         return [dataclasses.replace(self, learning_rate=lr) for lr in (self.lr_grid or (self.learning_rate,))]
 
 
-# The peak lrs swept for every model, and each Miras model's inner learning rate scale eta_base for this study.
-# With the language-model defaults (3e-4; Yaad 1e-4) no Miras model learned MQAR at this budget: the in-context
-# updates are too small to move M(q) through the memory's LayerNorm, and the learned gate (eta_base * softplus)
-# does not grow by orders of magnitude in a few thousand steps. The right scale depends on the retention's
-# parametrization: Memora's weights are c * softmax rows with entries ~1 and its step acts on their logits, so it
-# needs ~300x Moneta's. Picked on MQAR width-64 pilots (results/recall/README.md), not on the evaluation sets.
-# The tasks are one to four chunks long, so the cross-chunk gradient growth that set the smaller LM defaults
-# (README "Stability") does not arise in training here.
+# The peak lrs swept for every model.
 LR_GRID = (1e-3, 3e-3, 5e-3)
-RECALL_ETA = dict(moneta=1e-3, moneta_linear=1e-3, yaad=1e-3, memora=0.3)
 
 
 def _setting(**kw):
-    over = {m: dict(eta_base=eta) for m, eta in RECALL_ETA.items()}
-    kw = dict(dict(lr_grid=LR_GRID, learning_rate=LR_GRID[0], model_overrides=over), **kw)
+    kw = dict(dict(lr_grid=LR_GRID, learning_rate=LR_GRID[0]), **kw)
     return Setting(warmup_iters=max(1, kw["steps"] // 10), **kw)
 
 

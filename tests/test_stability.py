@@ -3,7 +3,8 @@
 With all gradients of a chunk taken at one anchor, a chunk moves the memory by ~b inner steps at once; an
 inner learning rate that is fine for one or two chunks can make the outer gradient grow by a constant factor
 per chunk. That happened with the earlier defaults (eta_base 1e-3: Yaad's gradient norm 7.7e6 at 1,024 tokens
-and NaN at 4,096; Moneta with alpha 0.99: 1e16 at 4,096, because W = A / ||A||_4^2 grows as decay shrinks A).
+and NaN at 4,096; Moneta with alpha 0.99: 1e16 at 4,096, because W = A / ||A||_4^2 grows as decay shrinks A), and
+with the normalized step when its gain floor was 1e-3 or alpha started at 0.999 (README, "Stability").
 """
 import pytest
 import torch
@@ -26,7 +27,7 @@ def outer_grad_norm(name, T, **overrides):
 
 @pytest.mark.parametrize("name", ["moneta", "yaad", "memora"])
 def test_gradient_norm_at_init_is_bounded_at_long_context(name, one_thread):
-    T = 4096  # 64 chunks of the default 64 tokens: the paper's training context
+    T = 16384  # 256 chunks of the default 64 tokens: 4x the paper's training context
     loss, norm = outer_grad_norm(name, T)
     assert torch.isfinite(loss) and torch.isfinite(norm)
-    assert norm < 50, f"{name}: outer gradient norm {norm:.3g} at init over {T} tokens"
+    assert norm < 10, f"{name}: outer gradient norm {norm:.3g} at init over {T} tokens"
