@@ -13,6 +13,7 @@ import dataclasses
 import json
 import pathlib
 import runpy
+import sys
 import typing
 
 import torch
@@ -134,6 +135,24 @@ def parse(cls, argv, prog, files=False, noun="key", error=ConfigError):
 
 def wants_help(argv):
     return "-h" in argv or "--help" in argv
+
+
+def main(prog, doc, defaults, run, argv=None, error=ConfigError):
+    """A script's main(): --help (help_text of doc and the `defaults` config), else run(argv); an `error` is one
+    line `prog: error: ...` on stderr and exit status 2, Ctrl-C is status 130."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if wants_help(argv):
+        print(help_text(doc, defaults))
+        return 0
+    try:
+        run(argv)
+    except error as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted", file=sys.stderr)
+        return 130
+    return 0
 
 
 def help_text(doc, config, heading="Keys and their defaults:"):

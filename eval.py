@@ -36,6 +36,7 @@ variants, GPT-2 BPE or characters):
 Library use (tests): MirasLM(sample.load_model(...), batch_size); run(cfg) -> the harness's results dict.
 """
 import contextlib
+import functools
 import json
 import os
 import pathlib
@@ -75,7 +76,8 @@ class EvalConfig:
     bootstrap_iters: int = 100000       # the harness's stderr bootstrap (its default); 0: no stderr
     seed: int = 1234                    # sampling generator (greedy tasks do not use it) and the harness's seeds
     device: str = "auto"                # auto (cuda if available, else cpu) | cpu | cuda | cuda:N | mps
-    dtype: str = "auto"                 # auto (bfloat16 on CUDA if supported, else float32) | float32 | bfloat16 | float64
+    dtype: str = "auto"                 # auto (bfloat16 on CUDA if supported, else float32) | float32 | bfloat16 |
+                                        # float16 | float64
 
 
 class EvalError(cli.ConfigError):
@@ -292,19 +294,24 @@ class MirasLM(TemplateLM):
 # Tasks and the run
 
 
+@functools.lru_cache(maxsize=2)
+def task_manager(with_harness_tasks):
+    """Our tasks' TaskManager, with the harness's own tasks or without: indexing its thousands of configs takes
+    tens of seconds, so it happens only when a name is not ours, once per process."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=str(TASK_DIR), include_defaults=with_harness_tasks)
+
+
 def load_tasks(names, online):
     """The harness's task objects for `names` (our offline tasks built first if missing); one-line errors for
     an unknown name and for a dataset that cannot be had (offline, or no network)."""
-    from lm_eval.tasks import TaskManager
-
     if not prepare_eval.ready():
         print("the offline tasks' documents are not built yet: building them (data/prepare_eval.py) ...",
               file=sys.stderr, flush=True)
         prepare_eval.prepare(verbose=False)
-    ours = TaskManager(include_path=str(TASK_DIR), include_defaults=False)
-    # indexing the harness's own configs (thousands of files) takes tens of seconds: only when asked for them
-    manager = ours if set(names) <= set(ours.all_tasks) else TaskManager(include_path=str(TASK_DIR))
-    ours = set(ours.all_tasks)
+    ours = set(task_manager(False).all_tasks)
+    manager = task_manager(not set(names) <= ours)
     tasks = []
     for name in names:
         if name not in manager.all_tasks:
@@ -339,9 +346,13 @@ def run(cfg, out=None, err=None):
     out, err = out or sys.stdout, err or sys.stderr
     if not cfg.online:  # before `datasets` is imported: it reads them once
         os.environ["HF_DATASETS_OFFLINE"] = os.environ["HF_HUB_OFFLINE"] = "1"
+    import datasets
     import lm_eval
     from lm_eval.utils import handle_non_serializable, make_table
 
+    if not cfg.online and not datasets.config.HF_HUB_OFFLINE:
+        raise EvalError("datasets was imported online before eval.run could set offline mode: set "
+                        "HF_DATASETS_OFFLINE=1 before importing it, or pass --online=true")
     device = cli.resolve_device(cfg.device, EvalError)
     dtype = cli.resolve_dtype(cfg.dtype, device, EvalError)
     loaded = sample.load_model(cfg.out_dir, cfg.ckpt, device, dtype)
@@ -367,20 +378,8 @@ def run(cfg, out=None, err=None):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if cli.wants_help(argv):
-        print(cli.help_text(__doc__, EvalConfig()))
-        return 0
-    try:
-        run(parse_args(argv))
-    except cli.ConfigError as e:  # EvalError, and sample.py's SampleError (checkpoint, device)
-        print(f"eval.py: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\neval.py: interrupted", file=sys.stderr)
-        return 130
-    return 0
-
+    # EvalError, and sample.py's SampleError (checkpoint, device), are ConfigErrors
+    return cli.main("eval.py", __doc__, EvalConfig(), lambda a: run(parse_args(a)), argv)
 
 if __name__ == "__main__":
     sys.exit(main())

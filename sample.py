@@ -411,21 +411,7 @@ def run(cfg, out=None, err=None):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if cli.wants_help(argv):
-        print(cli.help_text(__doc__, SampleConfig()))
-        return 0
-    try:
-        cfg = parse_args(argv)
-        run(cfg)
-    except SampleError as e:
-        print(f"sample.py: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\nsample.py: interrupted", file=sys.stderr)
-        return 130
-    return 0
-
+    return cli.main("sample.py", __doc__, SampleConfig(), lambda a: run(parse_args(a)), argv, SampleError)
 
 if __name__ == "__main__":
     sys.exit(main())
