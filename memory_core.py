@@ -649,25 +649,42 @@ def miras_memory_step(q, k, v, eta, alpha, state, ln_weight, ln_bias, *, objecti
     with torch.autocast(q.device.type, enabled=False):
         (qf, kf, vf, eta_f, log_alpha, log_mu, delta_f, ln_w, ln_b, weights, anchor, norm,
          mom, grad_sum) = _flat_inputs(q, k, v, eta, alpha, delta, momentum, state, ln_weight, ln_bias)
-        pos = torch.as_tensor(state.pos, device=q.device)
-        fresh = pos == 0  # first token of a chunk: the anchor (and normalizers) are refreshed
-        new_anchor, new_norm = ret.refresh(weights, rule)
-        anchor = [torch.where(fresh, a_new, a) for a_new, a in zip(new_anchor, anchor)]
-        norm = [torch.where(fresh, n_new, n) for n_new, n in zip(new_norm, norm)]
-        grad_sum = [torch.where(fresh, torch.zeros_like(s), s) for s in grad_sum] if normalize_step else None
+        pos = state.pos
+        if isinstance(pos, int):  # eager decoding: the position is host data, so only the branch taken runs
+            fresh = pos == 0
+
+            def choose(make_new, old):
+                return make_new() if fresh else old
+        else:  # a tensor position (a compiled step): both branches run, torch.where picks
+            pos = torch.as_tensor(pos, device=q.device)
+            fresh = pos == 0
+
+            def choose(make_new, old):
+                return [torch.where(fresh, n, o) for n, o in zip(make_new(), old)]
+        # first token of a chunk: the anchor (and normalizers) are refreshed
+        if fresh is not False:
+            new_anchor, new_norm = ret.refresh(weights, rule)
+            anchor, norm = choose(lambda: list(new_anchor), anchor), choose(lambda: list(new_norm), norm)
+        if normalize_step:
+            grad_sum = choose(lambda: [torch.zeros_like(s) for s in grad_sum], grad_sum)
         # one inner gradient per token: at a chunk's first token the anchor is the weights, which is where
         # the lag step (if any) takes it too
         grads = inner_grad(kf, vf, delta_f, anchor, ln_w, ln_b, rule)
-        y, new, mom, grad_sum = _segment(qf, kf, vf, eta_f, log_alpha, log_mu, delta_f, weights, anchor,
-                                         ret.read_scale(norm), mom, grad_sum, ln_w, ln_b, rule, grads)
-        if ret.lag_step is not None:  # a chunk's first token takes the exact step instead
+        lag_only = ret.lag_step is not None and fresh is True
+        if not lag_only:
+            y, new, mom, grad_sum = _segment(qf, kf, vf, eta_f, log_alpha, log_mu, delta_f, weights, anchor,
+                                             ret.read_scale(norm), mom, grad_sum, ln_w, ln_b, rule, grads)
+        if ret.lag_step is not None and fresh is not False:  # a chunk's first token takes the exact step instead
             y_lag, lag = ret.lag_step(qf, kf, vf, eta_f[:, 0], log_alpha[:, 0].exp(), delta_f, weights, ln_w, ln_b,
                                       rule, grads)
-            y = torch.where(fresh, y_lag, y)
-            new = [torch.where(fresh, w_lag, w) for w_lag, w in zip(lag, new)]
-            anchor = [torch.where(fresh, w_lag, a) for w_lag, a in zip(lag, anchor)]
+            if lag_only:
+                y, new, anchor = y_lag, list(lag), list(lag)
+            else:
+                y = torch.where(fresh, y_lag, y)
+                new = [torch.where(fresh, w_lag, w) for w_lag, w in zip(lag, new)]
+                anchor = [torch.where(fresh, w_lag, a) for w_lag, a in zip(lag, anchor)]
             if normalize_step:  # the rest of the chunk is normalized among itself
-                grad_sum = [torch.where(fresh, torch.zeros_like(s), s) for s in grad_sum]
+                grad_sum = choose(lambda: [torch.zeros_like(s) for s in grad_sum], grad_sum)
         y = y.view(B, H, d).to(q.dtype)
 
     new_state = MemoryState(_unflat(B, H, new), _unflat(B, H, anchor), tuple(n.view(B, H) for n in norm),

@@ -452,7 +452,12 @@ class MirasLayer(nn.Module):
         """Depthwise causal conv over time. x: [B, 3C, T]; prev: the K-1 inputs before x, or None (zeros)."""
         K = self.conv_weight.shape[-1]
         xp = F.pad(x, (K - 1, 0)) if prev is None else torch.cat([prev.to(x.dtype), x], dim=-1)
-        return F.conv1d(xp, self.conv_weight.to(x.dtype), groups=x.shape[1]), xp[..., xp.shape[-1] - (K - 1):]
+        w = self.conv_weight.to(x.dtype)
+        if x.shape[-1] == 1:  # decoding: one dot product per channel (setting up conv1d costs more than that)
+            y = (xp * w.squeeze(1)).sum(-1, keepdim=True)
+        else:
+            y = F.conv1d(xp, w, groups=x.shape[1])
+        return y, xp[..., xp.shape[-1] - (K - 1):]
 
     def forward(self, x, rope, cache=None, pos=None):
         B, T, C = x.shape
