@@ -156,12 +156,12 @@ class MirasLM(TemplateLM):
         self.stats["requests"] += 1
         self.stats["longest"] = max(self.stats["longest"], len(ids))
         self.stats["past_block"] += len(ids) > self.loaded.config.block_size
-        return ids
 
     def _window(self, context, continuation):
         """The input ids whose last len(continuation) logits score the continuation: all of them, or (full
         attention) the last block_size."""
-        ids = self._count((context + continuation)[:-1])
+        ids = (context + continuation)[:-1]
+        self._count(ids)
         if self.max_length is not None and len(ids) > self.max_length:
             if len(continuation) > self.max_length:
                 raise EvalError(f"a continuation of {len(continuation)} tokens does not fit the attention "
@@ -247,7 +247,8 @@ class MirasLM(TemplateLM):
         max_new = int(gen_kwargs.get("max_gen_toks", 256))
         sampled = bool(gen_kwargs.get("do_sample", False))
         temperature = float(gen_kwargs.get("temperature", 1.0)) if sampled else 0.0
-        if self._count(ids) and self.max_length is not None:  # room for the answer inside the trained positions
+        self._count(ids)
+        if self.max_length is not None:  # room for the answer inside the trained positions
             ids = ids[-max(self.max_length - max_new, 1):]
         stream, text = sample.TextStream(self.tok), ""
         for token in sample.generate_stream(self.model, ids, max_new, temperature, int(gen_kwargs.get("top_k", 0)),
@@ -319,16 +320,17 @@ def load_tasks(names, online):
                             f"'offline' ({', '.join(sorted(ours - {OFFLINE_TAG}))}) or 'paper' "
                             f"({', '.join(PAPER_TASKS)})")
         try:
-            loaded = manager.load([name])  # a group stays one (its aggregate); a tag or a task gives tasks
-            tasks += [loaded["groups"][name]] if name in loaded["groups"] else list(loaded["tasks"].values())
+            got = manager.load([name])  # a group stays one (its aggregate); a tag or a task gives tasks
+            tasks += [got["groups"][name]] if name in got["groups"] else list(got["tasks"].values())
         except Exception as e:  # noqa: BLE001 - datasets and the hub raise many kinds
             why = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
             if name in ours:
-                raise EvalError(f"task {name}: cannot load its documents ({why}); rebuild them with "
-                                f"python data/prepare_eval.py") from None
-            how = ("eval.py runs offline unless --online=true: rerun with --online=true on a machine that "
-                   "reaches the Hugging Face Hub, or choose offline tasks (--tasks=offline)") if not online else \
-                  "check the network (and the task's name and version)"
+                how = "rebuild the offline tasks' documents: python data/prepare_eval.py"
+            elif online:
+                how = "check the network connection to the Hugging Face Hub"
+            else:
+                how = ("eval.py runs offline unless --online=true: rerun with --online=true on a machine that "
+                       "reaches the Hugging Face Hub, or choose offline tasks (--tasks=offline)")
             raise EvalError(f"task {name}: its dataset could not be loaded ({why}); {how}") from None
     return manager, tasks
 
