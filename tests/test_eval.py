@@ -8,6 +8,7 @@ few steps by train.train (a random model's greedy text is often one repeated cha
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -194,6 +195,33 @@ def test_offline_tasks_end_to_end(tmp_path, hf_env, capsys, one_thread):
     assert all(saved["results"]["shakespeare_ppl"][k] == pytest.approx(ppl[k]) for k in ("word_perplexity,none",
                                                                                         "byte_perplexity,none"))
     assert "long_context" in saved["config"]
+
+
+def test_offline_task_documents():
+    """What data/prepare_eval.py promises: the last word follows the LAMBADA-style rule, the perplexity documents
+    are all of the held-out plays, the passkey prompts are recall_tasks' samples cut before the key."""
+    from data import recall_tasks
+    from data.shakespeare import corpus
+
+    if not prepare_eval.ready():
+        prepare_eval.prepare(verbose=False)
+    docs = {f: [json.loads(line) for line in open(prepare_eval.TASK_DIR / f)] for f in prepare_eval.files()}
+    last = docs["shakespeare_lastword.jsonl"]
+    assert len(last) == prepare_eval.LASTWORD_DOCS and {d["play"] for d in last} == set(corpus.VAL_PLAYS)
+    for d in last:
+        word, context = d["target"][1:], d["context"]
+        before, line = context.rsplit("\n", 1)
+        assert d["target"][0] == " " and word.isalpha() and len(word) >= 4 and not line.endswith(" ")
+        assert re.search(rf"\b{word}\b", before) and not re.search(rf"\b{word}\b", line)
+        assert context + d["target"] in corpus.play_text(d["play"])
+    for play in corpus.VAL_PLAYS:
+        text = "\n\n".join(d["text"] for d in docs["shakespeare_ppl.jsonl"] if d["play"] == play)
+        assert text == corpus.play_text(play)
+    for n in prepare_eval.PASSKEY_LENGTHS:
+        batch = recall_tasks.passkey(prepare_eval.PASSKEY_DOCS, context_len=n, seed=prepare_eval.SEED)
+        for d, row, key in zip(docs[f"passkey_noise_{n}.jsonl"], batch.inputs, batch.info["passkeys"]):
+            assert len(d["prompt"]) == n - 4 and d["target"] == key
+            assert (d["prompt"] + key).startswith(recall_tasks.decode(row))
 
 
 # ---------------------------------------------------------------------------------------------- errors
