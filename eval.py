@@ -18,8 +18,8 @@ checkpoint (<out_dir>/lm_eval_<ckpt>_<tasks>.json) or to --output.
 
 The model (MirasLM, an lm_eval TemplateLM; any checkpoint sample.load_model reads: all four models, hybrids,
 variants, GPT-2 BPE or characters):
-- loglikelihood / loglikelihood_rolling: requests sorted longest first (as the harness's HF model), batch_size
-  rows per parallel forward, right-padded; log-probabilities over the model's whole (padded) vocabulary, as in
+- loglikelihood / loglikelihood_rolling: requests sorted longest first (as the harness's HF model), one
+  parallel forward per batch of at most batch_size x block_size padded tokens, right-padded; log-probabilities over the model's whole (padded) vocabulary, as in
   its training loss; "greedy" compares with the argmax over the tokenizer's ids (what generation may produce).
 - generate_until: sample.generate_stream (parallel prefill, then the recurrent O(1) step for Miras layers, a
   KV cache for attention), greedy unless the request samples; stops at the request's `until` strings (and at
@@ -70,7 +70,8 @@ class EvalConfig:
                                         # offline (these and passkey_noise); paper
     limit: Optional[int] = None         # documents per task (a quick look: then not the task's numbers)
     num_fewshot: Optional[int] = None   # None: each task's own (0 for the offline tasks and the paper's)
-    batch_size: int = 16                # rows per forward (scoring); generation runs one request at a time
+    batch_size: int = 16                # scoring: rows of block_size tokens per forward (fewer, longer rows for a
+                                        # recurrent model's long requests); generation: one request at a time
     online: bool = False                # allow the Hugging Face Hub (the paper's tasks download their data)
     output: str = ""                    # results JSON; "": next to the checkpoint
     bootstrap_iters: int = 100000       # the harness's stderr bootstrap (its default); 0: no stderr
@@ -169,16 +170,29 @@ class MirasLM(TemplateLM):
             ids = ids[-self.max_length:]
         return ids
 
+    def _batches(self, inputs):
+        """Row indices of `inputs` (input ids, longest first) in batches of at most batch_size x block_size padded
+        tokens: batch_size rows of the training context, fewer (at least one) of the longer rows a recurrent
+        model reads whole, so the [rows, length, vocab] logits stay bounded."""
+        budget, batch = self.batch_size * self.loaded.config.block_size, []
+        for i in inputs:
+            if batch and (len(batch) + 1) * len(inputs[batch[0]]) > budget:
+                yield batch
+                batch = []
+            batch.append(i)
+        if batch:
+            yield batch
+
     @torch.no_grad()
     def _score(self, rows):
         """[(log P(continuation | context), continuation is greedy)] for rows of (context ids, continuation
-        ids): longest first, batch_size rows per forward, right-padded (causal: padding never reaches a
+        ids): longest first, one forward per batch (_batches), right-padded (causal: padding never reaches a
         scored position)."""
         out = [(0.0, True)] * len(rows)  # an empty continuation: probability 1
         order = sorted((i for i, (_, cont) in enumerate(rows) if cont), key=lambda i: -sum(map(len, rows[i])))
-        for start in range(0, len(order), self.batch_size):
-            batch = order[start:start + self.batch_size]
-            inputs = [self._window(*rows[i]) for i in batch]
+        windows = {i: self._window(*rows[i]) for i in order}  # dicts keep the order
+        for batch in self._batches(windows):
+            inputs = [windows[i] for i in batch]
             idx = torch.zeros(len(batch), max(map(len, inputs)), dtype=torch.long, device=self._device)
             for j, ids in enumerate(inputs):
                 idx[j, :len(ids)] = torch.tensor(ids)

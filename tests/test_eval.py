@@ -103,6 +103,17 @@ def test_loglikelihood_equals_the_models_logprobs(name, kind, variant, tmp_path,
     assert lm.stats["past_block"] >= 1 and lm.stats["longest"] > BLOCK
 
 
+def test_batches_hold_at_most_batch_size_blocks(tmp_path, monkeypatch, one_thread):
+    lm = adapter(save_ckpt(tmp_path / "ckpt", "moneta", char_meta(TEXT)))
+    shapes, forward = [], lm.model.forward
+    monkeypatch.setattr(lm.model, "forward", lambda idx, *a: shapes.append(tuple(idx.shape)) or forward(idx, *a))
+    args = [(TEXT[:n], " fox") for n in (2, 3, 5, 9, 10, 40, 41, 150, 151)]
+    got = lm.loglikelihood(requests("loglikelihood", args))
+    assert sum(b for b, _ in shapes) == len(args) and any(b > 1 for b, _ in shapes)
+    assert all(b == 1 or b * t <= 3 * BLOCK for b, t in shapes)  # batch_size 3 rows of BLOCK tokens
+    assert [g[0] for g in got] == pytest.approx([model_logprob(lm, *a)[0] for a in args], rel=1e-10)
+
+
 @pytest.mark.parametrize("name", ["moneta", "transformer"])
 def test_rolling_loglikelihood_past_the_block_equals_the_models_loss(name, tmp_path, one_thread):
     lm = adapter(save_ckpt(tmp_path / "ckpt", name, char_meta(TEXT)))
