@@ -36,9 +36,10 @@ length plus token-by-token decoding (miras_memory_step) equals one call over the
 The semantics (the contract tests and benchmarks rely on) and where they deviate from the paper: README,
 "The memory engine" and "Deviations".
 """
+import ast
 import importlib
 import math
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -491,68 +492,172 @@ def _unflatten_state(flat, like):
     return tuple(out)
 
 
-class _ChunkLoop(torch.autograd.Function):
-    """The chunk loop with a recomputing backward (activation checkpointing per piece): the forward keeps
-    only what each piece starts from (fast weights, anchor, normalizers, momentum, grad_sum), not the
-    per-chunk activations of the E*d-wide memory MLP; the backward walks the pieces in reverse, recomputes
-    each one from its saved start and differentiates it with autograd. Same operations, same numbers."""
+def _plan(T, pos, b, has_lag):
+    """The pieces of a call: (kind, length) with kind "lag" (a chunk's exact first step), "refresh" (a chunk's
+    start) or "continue" (the rest of a chunk in progress); pos: tokens of the current chunk already consumed."""
+    plan, t = [], 0
+    while t < T:
+        if pos == 0 and has_lag:
+            plan.append(("lag", 1))
+            t, pos = t + 1, 1 % b
+            continue
+        n = min(T - t, b - pos)
+        plan.append(("refresh" if pos == 0 else "continue", n))
+        t, pos = t + n, (pos + n) % b
+    return plan
 
-    @staticmethod
-    def run(plan, inputs, st, ln_w, ln_b, rule, fns):
-        present = [x is not None for x in inputs]
-        meta = dict(plan=plan, present=present, like=st, rule=rule, fns=fns, n_state=len(_flatten_state(st)))
-        outs = _ChunkLoop.apply(meta, ln_w, ln_b, *[x for x in inputs if x is not None], *_flatten_state(st))
-        return outs[0], _unflatten_state(outs[1:], st)
 
-    @staticmethod
-    def forward(ctx, meta, ln_w, ln_b, *flat):
-        n_in = sum(meta["present"])
-        it = iter(flat[:n_in])
-        inputs = [next(it) if p else None for p in meta["present"]]
-        st = _unflatten_state(flat[n_in:], meta["like"])
-        starts, ys = [], []
-        for (kind, _), x in zip(meta["plan"], _split(inputs, meta["plan"])):
+_SPEC_FIELDS = ("objective", "retention", "chunk_size", "p", "q_norm", "sharpness", "eps", "simplex_scale", "memory",
+                "normalize_step", "compile_chunks", "track")
+
+
+def _spec(*values):
+    """The rule as the operator's one string argument (plain string ops, which torch.compile traces)."""
+    return "|".join(repr(x) for x in values)
+
+
+def _loop_setup(inputs, spec, pos):
+    """What the op's primitive arguments stand for: (plan, rule, fns)."""
+    s = dict(zip(_SPEC_FIELDS, (ast.literal_eval(x) for x in spec.split("|"))))
+    rule = _rule(s["objective"], s["retention"], s["chunk_size"], s["p"], s["q_norm"], s["sharpness"], s["eps"],
+                 s["simplex_scale"], s["memory"], s["normalize_step"])
+    lag_step = rule["retention"].lag_step
+    segment = _segment
+    if s["compile_chunks"]:
+        segment, lag_step = _compiled(_segment), lag_step and _compiled(lag_step)
+    fns = (segment, lag_step, s["track"], rule["chunk_size"] if s["compile_chunks"] else None)
+    return _plan(inputs[0].shape[1], pos, rule["chunk_size"], lag_step is not None), rule, fns
+
+
+def _with_absent(xs, present):
+    it = iter(xs)
+    return [next(it) if p else None for p in present]
+
+
+def _like(layout):
+    return tuple(None if n < 0 else [None] * n for n in layout)
+
+
+def _fresh(tensors, seen):
+    """A custom op's outputs: contiguous, as its fake (meta) implementation promises, and aliasing neither its
+    inputs nor each other (the anchor is often the weights themselves)."""
+    out = []
+    for t in tensors:
+        t = t.contiguous()
+        out.append(t.clone() if id(t) in seen else t)
+        seen.add(id(out[-1]))
+    return out
+
+
+def _empty(t):
+    return t.new_empty(t.shape)  # contiguous, whatever t's strides
+
+
+@torch.library.custom_op("miras::chunk_loop", mutates_args=())
+def _chunk_loop(xs: list[torch.Tensor], present: list[bool], state: list[torch.Tensor], ln_w: torch.Tensor,
+                ln_b: torch.Tensor, spec: str, pos: int, layout: list[int], save_starts: bool) -> list[torch.Tensor]:
+    """The whole chunk loop as one operator, so that torch.compile of a model sees one node whatever T is.
+    xs: the present ones of (q, k, v, eta, log alpha, log mu, delta), [N, T, ...]; state: the flattened
+    (weights, anchor, norm, momentum, grad_sum) with part lengths `layout` (-1: absent); spec: the rule (JSON).
+    Returns [y, *state after, *the state each piece after the first starts from (if save_starts)]."""
+    inputs = _with_absent(xs, present)
+    plan, rule, fns = _loop_setup(inputs, spec, pos)
+    st = _unflatten_state(state, _like(layout))
+    starts, ys = [], []
+    for i, ((kind, _), x) in enumerate(zip(plan, _split(inputs, plan))):
+        if save_starts and i > 0:
             starts.extend(_flatten_state(st))
-            y, st = _run_piece(kind, x, st, ln_w, ln_b, meta["rule"], meta["fns"])
-            ys.append(y)
-        ctx.meta = meta
-        ctx.save_for_backward(ln_w, ln_b, *flat[:n_in], *starts)
-        return (torch.cat(ys, dim=1), *_flatten_state(st))
+        y, st = _run_piece(kind, x, st, ln_w, ln_b, rule, fns)
+        ys.append(y)
+    return _fresh([torch.cat(ys, dim=1), *_flatten_state(st), *starts], {id(t) for t in (*xs, *state)})
 
-    @staticmethod
-    def backward(ctx, dy, *d_end):
-        meta = ctx.meta
-        saved = ctx.saved_tensors
-        ln_w, ln_b = saved[:2]
-        n_in, n_st = sum(meta["present"]), meta["n_state"]
-        it = iter(saved[2:2 + n_in])
-        inputs = [next(it) if p else None for p in meta["present"]]
-        starts = saved[2 + n_in:]
-        pieces = _split(inputs, meta["plan"])
-        dys = dy.split([n for _, n in meta["plan"]], dim=1)
-        d_state = list(d_end)
-        d_ln = [torch.zeros_like(ln_w), torch.zeros_like(ln_b)]
-        d_pieces = [None] * len(pieces)
-        for i in range(len(pieces) - 1, -1, -1):
-            # recompute as the forward ran: with grad, and in the compute dtype whatever autocast is around
-            with torch.enable_grad(), torch.autocast(dy.device.type, enabled=False):
-                x = [None if t is None else t.detach().requires_grad_(True) for t in pieces[i]]
-                start = [t.detach().requires_grad_(True) for t in starts[i * n_st:(i + 1) * n_st]]
-                lw, lb = ln_w.detach().requires_grad_(True), ln_b.detach().requires_grad_(True)
-                y, st = _run_piece(meta["plan"][i][0], x, _unflatten_state(start, meta["like"]), lw, lb,
-                                   meta["rule"], meta["fns"])
-                outs = [y, *_flatten_state(st)]
-                grads_out = [dys[i], *[torch.zeros_like(o) if g is None else g for o, g in zip(outs[1:], d_state)]]
-                wrt = [lw, lb, *[t for t in x if t is not None], *start]
-                grads = torch.autograd.grad(outs, wrt, grads_out, allow_unused=True)
-            grads = [torch.zeros_like(w) if g is None else g for w, g in zip(wrt, grads)]
-            d_ln[0] += grads[0]
-            d_ln[1] += grads[1]
-            n_x = sum(t is not None for t in x)
-            d_pieces[i] = grads[2:2 + n_x]
-            d_state = grads[2 + n_x:]
-        d_inputs = [torch.cat(parts, dim=1) for parts in zip(*d_pieces)]
-        return (None, *d_ln, *d_inputs, *d_state)
+
+@_chunk_loop.register_fake
+def _(xs, present, state, ln_w, ln_b, spec, pos, layout, save_starts):
+    plan, _, _ = _loop_setup(_with_absent(xs, present), spec, pos)
+    n_starts = len(plan) - 1 if save_starts else 0
+    return [_empty(xs[0])] + [_empty(s) for _ in range(1 + n_starts) for s in state]  # distinct: no aliasing
+
+
+def _autograd_inside_op():
+    """Custom-op kernels run below autograd (its dispatch keys excluded); the backward's recompute needs it."""
+    key = torch._C.DispatchKey
+    exclude = torch._C._dispatch_tls_local_exclude_set().remove(key.AutogradFunctionality).remove(key.ADInplaceOrView)
+    return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude)
+
+
+@torch.library.custom_op("miras::chunk_loop_backward", mutates_args=())
+def _chunk_loop_backward(xs: list[torch.Tensor], present: list[bool], starts: list[torch.Tensor],
+                         ln_w: torch.Tensor, ln_b: torch.Tensor, grads_out: list[Optional[torch.Tensor]], spec: str,
+                         pos: int, layout: list[int]) -> list[torch.Tensor]:
+    """The loop's backward: walks the pieces in reverse, recomputes each from its saved start (activation
+    checkpointing per piece: the forward kept no per-chunk activations of the E*d-wide memory MLP) and
+    differentiates it with autograd. starts: every piece's start state, flattened; grads_out: the gradients of
+    [y, *state after]. Returns [d ln_w, d ln_b, *d xs, *d state]."""
+    inputs = _with_absent(xs, present)
+    plan, rule, fns = _loop_setup(inputs, spec, pos)
+    like, n_st = _like(layout), sum(max(n, 0) for n in layout)
+    if len(starts) != n_st * len(plan):
+        raise RuntimeError("miras::chunk_loop backward without the saved piece starts: the forward ran with "
+                           "grad mode off; run it under torch.enable_grad() to differentiate it")
+    pieces = _split(inputs, plan)
+    dys = grads_out[0].split([n for _, n in plan], dim=1)
+    d_state = [torch.zeros_like(s) if g is None else g for s, g in zip(starts[-n_st:], grads_out[1:])]
+    d_ln = [torch.zeros_like(ln_w), torch.zeros_like(ln_b)]
+    d_pieces = [None] * len(pieces)
+    for i in range(len(pieces) - 1, -1, -1):
+        # recompute as the forward ran: with grad, and in the compute dtype whatever autocast is around
+        with _autograd_inside_op(), torch.enable_grad(), torch.autocast(ln_w.device.type, enabled=False):
+            x = [None if t is None else t.detach().requires_grad_(True) for t in pieces[i]]
+            start = [t.detach().requires_grad_(True) for t in starts[i * n_st:(i + 1) * n_st]]
+            lw, lb = ln_w.detach().requires_grad_(True), ln_b.detach().requires_grad_(True)
+            y, st = _run_piece(plan[i][0], x, _unflatten_state(start, like), lw, lb, rule, fns)
+            wrt = [lw, lb, *[t for t in x if t is not None], *start]
+            grads = torch.autograd.grad([y, *_flatten_state(st)], wrt, [dys[i], *d_state], allow_unused=True)
+        grads = [torch.zeros_like(w) if g is None else g for w, g in zip(wrt, grads)]
+        d_ln[0] += grads[0]
+        d_ln[1] += grads[1]
+        n_x = sum(t is not None for t in x)
+        d_pieces[i] = grads[2:2 + n_x]
+        d_state = grads[2 + n_x:]
+    d_inputs = [torch.cat(parts, dim=1) for parts in zip(*d_pieces)]
+    return _fresh([*d_ln, *d_inputs, *d_state], {id(t) for t in (*xs, *starts, ln_w, ln_b, *grads_out)})
+
+
+@_chunk_loop_backward.register_fake
+def _(xs, present, starts, ln_w, ln_b, grads_out, spec, pos, layout):
+    n_st = sum(max(n, 0) for n in layout)
+    return [_empty(t) for t in (ln_w, ln_b, *xs, *starts[:n_st])]
+
+
+def _loop_setup_context(ctx, inputs, output):
+    xs, present, state, ln_w, ln_b, spec, pos, layout, _ = inputs
+    n_state = len(state)
+    ctx.save_for_backward(ln_w, ln_b, *xs, *state, *output[1 + n_state:])
+    ctx.present, ctx.spec, ctx.pos, ctx.layout, ctx.n_x, ctx.n_state = present, spec, pos, layout, len(xs), n_state
+
+
+def _loop_backward(ctx, grads):
+    saved = ctx.saved_tensors
+    ln_w, ln_b, xs, starts = saved[0], saved[1], list(saved[2:2 + ctx.n_x]), list(saved[2 + ctx.n_x:])
+    out = _chunk_loop_backward(xs, ctx.present, starts, ln_w, ln_b, list(grads[:1 + ctx.n_state]), ctx.spec,
+                               ctx.pos, ctx.layout)
+    return list(out[2:2 + ctx.n_x]), None, list(out[2 + ctx.n_x:]), out[0], out[1], None, None, None, None
+
+
+torch.library.register_autograd("miras::chunk_loop", _loop_backward, setup_context=_loop_setup_context)
+
+
+def _run_loop(inputs, st, ln_w, ln_b, spec, pos):
+    """The chunk loop through the operator: (y, state after)."""
+    layout = [-1 if part is None else len(part) for part in st]
+    # what the backward recomputes from; by grad mode alone, because under torch.compile's tracing the inputs'
+    # requires_grad does not say whether a backward will run
+    save = torch.is_grad_enabled()
+    out = _chunk_loop([t for t in inputs if t is not None], [t is not None for t in inputs], _flatten_state(st),
+                      ln_w, ln_b, spec, pos, layout, save)
+    n_state = len(_flatten_state(st))
+    return out[0], _unflatten_state(out[1:1 + n_state], st)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -571,9 +676,11 @@ def miras_memory(q, k, v, eta, alpha, state, ln_weight, ln_bias, *, objective="l
     normalize_step=True reads eta as the bounded step eta_hat of normalized_eta (the models' default);
     False (the default here) is the plain per-token step eta_t G_t.
 
-    compile_chunks=True runs each chunk through a torch.compile'd (fullgraph, static-shape) chunk function
-    while the loop over chunks stays in Python: compile time does not grow with T (tracing the whole call
-    unrolls the loop). Ignored inside a region that torch.compile is already tracing."""
+    The chunk loop runs inside one operator (miras::chunk_loop, a torch.library custom op with a recomputing
+    backward), so torch.compile of a whole model traces it as one node: its graph and compile time do not
+    grow with T. compile_chunks=True runs each chunk inside it through a torch.compile'd (fullgraph,
+    static-shape, padded to a whole chunk) chunk function: one graph for every T, with or without a
+    whole-model compile around the call."""
     rule = _rule(objective, retention, chunk_size, p, q_norm, sharpness, eps, simplex_scale, memory, normalize_step)
     _check(q, k, v, eta, alpha, state, ln_weight, ln_bias, rule, delta, momentum, check_values)
     ret = rule["retention"]
@@ -584,9 +691,6 @@ def miras_memory(q, k, v, eta, alpha, state, ln_weight, ln_bias, *, objective="l
     if not carried:
         state = MemoryState.start(state, momentum is not None, retention)
     B, H, T, d = q.shape
-    segment, lag_step = _segment, ret.lag_step
-    if compile_chunks and not torch.compiler.is_compiling():
-        segment, lag_step = _compiled(_segment), lag_step and _compiled(lag_step)
     with torch.autocast(q.device.type, enabled=False):
         (qf, kf, vf, eta_f, log_alpha, log_mu, delta_f, ln_w, ln_b, weights, anchor, norm,
          mom, grad_sum) = _flat_inputs(q, k, v, eta, alpha, delta, momentum, state, ln_weight, ln_bias)
@@ -594,28 +698,22 @@ def miras_memory(q, k, v, eta, alpha, state, ln_weight, ln_bias, *, objective="l
         # the chunk's running gradient sum is needed only to continue a chunk cut by the caller
         track = normalize_step and carried
         grad_sum = grad_sum if track else None
-
-        # plan the pieces: (kind, length) with kind "lag", "refresh" (a chunk's start) or "continue"
-        b, plan, t = rule["chunk_size"], [], 0
-        while t < T:
-            if pos == 0 and lag_step is not None:
-                plan.append(("lag", 1))  # the chunk's first token takes the retention's exact step
-                t, pos = t + 1, 1 % b
-                continue
-            n = min(T - t, b - pos)
-            plan.append(("refresh" if pos == 0 else "continue", n))
-            t, pos = t + n, (pos + n) % b
         inputs = (qf, kf, vf, eta_f, log_alpha, log_mu, delta_f)
         st = (weights, anchor, norm, mom, grad_sum)
-        fns = (segment, lag_step, track, b if segment is not _segment else None)
-        if plan and RECOMPUTE_BACKWARD and torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            y, st = _ChunkLoop.run(plan, inputs, st, ln_w, ln_b, rule, fns)
-        else:
+        spec = _spec(objective, retention, rule["chunk_size"], rule["p"], rule["q_norm"], rule["sharpness"], rule["eps"],
+                     simplex_scale, memory, rule["normalize_step"], bool(compile_chunks), bool(track))
+        if T == 0:  # an empty prefill
+            y = qf
+        elif RECOMPUTE_BACKWARD:
+            y, st = _run_loop(inputs, st, ln_w, ln_b, spec, pos)
+        else:  # plain autograd through the same pieces: keeps every chunk's activations (the tests' reference)
+            plan, _, fns = _loop_setup(inputs, spec, pos)
             ys = []
             for (kind, _), x in zip(plan, _split(inputs, plan)):
                 y, st = _run_piece(kind, x, st, ln_w, ln_b, rule, fns)
                 ys.append(y)
-            y = torch.cat(ys, dim=1) if ys else qf  # T == 0: an empty prefill
+            y = torch.cat(ys, dim=1)
+        pos = (pos + T) % rule["chunk_size"]
         weights, anchor, norm, mom, grad_sum = st
         y = y.view(B, H, T, d).to(q.dtype)
 

@@ -116,8 +116,8 @@ class MirasConfig(LMConfig):
     eps: float = 1e-6
     simplex_scale: float = 0.0    # kl: rows live on c * simplex; 0 means c = the row's length
     chunk_size: int = 64          # b: gradients inside a chunk are taken at one anchor
-    compile_memory: bool = False  # torch.compile each memory chunk (memory_core compile_chunks): for eager
-                                  # models at long context, where compiling the whole model unrolls the chunks
+    compile_memory: bool = False  # torch.compile each memory chunk (memory_core compile_chunks), with or
+                                  # without a whole-model compile (which sees the chunk loop as one operator)
     conv_size: int = 4            # depthwise causal conv on q, k, v
     use_rope: bool = False        # RoPE on the Miras layer's q, k (attention layers always use RoPE)
     gate_rank: int = 32           # rank of the low-rank gate projection (paper: 32 or 64)

@@ -1,4 +1,4 @@
-"""The chunk loop's recomputing backward (memory_core._ChunkLoop) against plain autograd through the same
+"""The chunk loop's recomputing backward (the miras::chunk_loop operator, memory_core._chunk_loop) against plain autograd through the same
 eager pieces (memory_core.RECOMPUTE_BACKWARD = False), in float64: every objective x retention, T not a
 multiple of the chunk and T < chunk, a carried MemoryState in and out, momentum, normalize_step."""
 import itertools
@@ -11,7 +11,7 @@ from memory_core import OBJECTIVES, RETENTIONS, MemoryState, miras_memory
 from test_memory_core import assert_close, grad_inputs, make_inputs
 
 
-def grads(inp, leaves, recompute, carried, **kw):
+def grads(inp, leaves, recompute, carried, fn=miras_memory, **kw):
     memory_core.RECOMPUTE_BACKWARD = recompute
     try:
         state = inp["state"]
@@ -19,11 +19,11 @@ def grads(inp, leaves, recompute, carried, **kw):
             cut = {n: x[:, :, :3] if torch.is_tensor(x) and n not in ("ln_weight", "ln_bias") else x
                    for n, x in inp.items()}
             with torch.no_grad():
-                _, st = _call(cut, MemoryState.start(state, kw.get("momentum") is not None, kw["retention"],
+                _, st = _call(cut, fn, MemoryState.start(state, kw.get("momentum") is not None, kw["retention"],
                                                      kw.get("normalize_step", False)), **kw)
             state = st._replace(weights=tuple(w.clone().requires_grad_(True) for w in st.weights))
             leaves = dict(leaves, **{f"w{i}": w for i, w in enumerate(state.weights)})
-        y, out = _call(inp, state, **kw)
+        y, out = _call(inp, fn, state, **kw)
         g = torch.Generator().manual_seed(0)
         loss = (y * torch.randn(y.shape, generator=g, dtype=y.dtype)).sum()
         for w in (out.weights if isinstance(out, MemoryState) else out):
@@ -34,9 +34,9 @@ def grads(inp, leaves, recompute, carried, **kw):
         memory_core.RECOMPUTE_BACKWARD = True
 
 
-def _call(inp, state, **kw):
+def _call(inp, fn, state, **kw):
     mom = kw.pop("momentum", None)
-    return miras_memory(inp["q"], inp["k"], inp["v"], inp["eta"], inp["alpha"], state, inp["ln_weight"],
+    return fn(inp["q"], inp["k"], inp["v"], inp["eta"], inp["alpha"], state, inp["ln_weight"],
                         inp["ln_bias"], delta=inp["delta"] if kw["objective"] == "huber" else None,
                         momentum=inp["momentum"] if mom is not None else None, **kw)
 
@@ -78,14 +78,14 @@ def test_recomputing_backward_keeps_no_chunk_activations():
     """The autograd graph holds one node for the whole loop, not one per chunk operation."""
     inp = make_inputs(23, T=40, retention="l2")
     x, _ = grad_inputs(inp, "l2", False)
-    y, _ = _call(x, x["state"], objective="l2", retention="l2", chunk_size=4)
+    y, _ = _call(x, miras_memory, x["state"], objective="l2", retention="l2", chunk_size=4)
     seen, stack, n_loop = set(), [y.grad_fn], 0
     while stack:
         fn = stack.pop()
         if fn is None or fn in seen:
             continue
         seen.add(fn)
-        n_loop += type(fn).__name__.startswith("_ChunkLoop")
+        n_loop += "chunk_loop" in type(fn).__name__  # the miras::chunk_loop operator's backward node
         stack.extend(f for f, _ in fn.next_functions)
     assert n_loop == 1 and len(seen) < 60, (n_loop, len(seen))
 
@@ -108,3 +108,50 @@ def test_compiled_chunks_one_graph_for_every_length():
     x, leaves = grad_inputs(make_inputs(25, T=22, retention="kl"), "huber", False)
     grads(x, leaves, True, False, compile_chunks=True, **kw)
     assert counters["stats"]["unique_graphs"] == n_graphs, "a new length compiled a new graph"
+
+
+@pytest.mark.parametrize("name", ["moneta", "memora"])
+def test_whole_model_compile_sees_one_node_for_the_memory(name):
+    """torch.compile of a whole model traces the chunk loop as one operator (miras::chunk_loop): the traced
+    graph has the same number of ops at 64 and 200 tokens (before the operator it unrolled every chunk), and
+    the compiled model's loss and gradients equal eager's (float64, aot_eager: the same kernels)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    from models import build_model
+    torch.manual_seed(0)
+    model = build_model(name, "tiny", n_layer=1, vocab_size=32, block_size=256, chunk_size=16).double()
+    ops = []
+    for T in (64, 200):
+        torch._dynamo.reset()
+        counter = CompileCounterWithBackend("aot_eager")
+        compiled = torch.compile(model, backend=counter, fullgraph=True)
+        idx = torch.randint(32, (2, T + 1))
+        grads = []
+        for fn in (compiled, model):
+            model.zero_grad()
+            _, loss = fn(idx[:, :-1], idx[:, 1:])
+            loss.backward()
+            grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+        (loss_c, g_c), (loss_e, g_e) = grads
+        assert_close(loss_c, loss_e, rtol=1e-12, atol=1e-12, what="compiled loss")
+        for a, b in zip(g_c, g_e):
+            assert_close(a, b, rtol=1e-10, atol=1e-12, what="compiled grad")
+        assert counter.frame_count == 1
+        ops.append(counter.op_count)
+    assert ops[0] == ops[1], f"the traced graph grew with T: {ops}"
+
+
+@pytest.mark.parametrize("objective,retention", [("l2", "l2"), ("lp", "lq"), ("huber", "kl")])
+def test_traced_operator_gradients_equal_eager(objective, retention):
+    """miras_memory traced whole by torch.compile (aot_eager: the same kernels, so equal to the last bit):
+    the operator's fake outputs, saved piece starts and backward line up for several pieces (T 10, chunk 4)."""
+    inp = make_inputs(26, T=10, retention=retention)
+    kw = dict(objective=objective, retention=retention, chunk_size=4)
+    x, leaves = grad_inputs(inp, objective, False)
+    y, g = grads(x, leaves, True, False, **kw)
+    torch._dynamo.reset()
+    traced = torch.compile(miras_memory, backend="aot_eager", fullgraph=True)
+    y_c, g_c = grads(x, leaves, True, False, fn=traced, **kw)
+    assert_close(y_c, y, rtol=0, atol=0, what="traced y")
+    for name in g:
+        if g[name] is not None:
+            assert_close(g_c[name], g[name], rtol=0, atol=0, what=f"traced d/d{name}")
