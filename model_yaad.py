@@ -26,11 +26,10 @@ from model_common import LM, Block, Gate, MirasConfig, inv_softplus, make_mixer
 class YaadConfig(MirasConfig):
     objective: str = "huber"
     retention: str = "l2"
-    eta_gate: str = "normalized"  # the bounded, scale-aware step (memory_core.normalized_eta)
-    # with the normalized step, decay that starts at 0.99 or 0.999 per token made the outer gradients grow
-    # across chunks of the MLP memory at long context; the gate still learns any alpha in [alpha_min, 1]
-    # (README, "Stability")
-    alpha_init: float = 0.9999
+    # the softplus step (MirasConfig.eta_gate): with the normalized step Yaad's outer gradients grew during
+    # training at 2,048 tokens; plain l2 retention bounds nothing: at eta_base 3e-4 training at 1,024 tokens
+    # went unstable as the learned eta gate grew (README, "Stability")
+    eta_base: float = 1e-4
 
 
 class HuberBias(memory_core.Objective):

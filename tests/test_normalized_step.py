@@ -170,12 +170,12 @@ def test_function_dict_leaves_out_the_inactive_gate_settings():
     """The studies' caches compare models.function_dict: configs saved before the step-gate options existed
     (no eta_gate / eta_max / eta_init) compare equal to today's defaults; a real change does not."""
     from models import config_from_dict, function_dict
-    cfg = make_config("yaad", "tiny", eta_gate="softplus")
+    cfg = make_config("memora", "tiny", eta_gate="softplus")
     old = {k: v for k, v in cfg.to_dict().items() if k not in ("eta_gate", "eta_max", "eta_init")}
-    assert config_from_dict("yaad", old).eta_gate == "softplus"  # what it was trained with, not today's default
-    assert function_dict(config_from_dict("yaad", old)) == function_dict(cfg)
-    assert function_dict(make_config("yaad", "tiny", eta_gate="softplus", eta_max=1.5)) == function_dict(cfg)
-    assert function_dict(make_config("yaad", "tiny")) != function_dict(cfg)  # the default is normalized
-    assert function_dict(make_config("yaad", "tiny", eta_gate="softplus", eta_base=2e-4)) != function_dict(cfg)
-    normalized = make_config("yaad", "tiny")
-    assert function_dict(make_config("yaad", "tiny", eta_base=2e-4)) == function_dict(normalized)  # inactive
+    assert config_from_dict("memora", old).eta_gate == "softplus"  # what it was trained with, not the default
+    assert function_dict(config_from_dict("memora", old)) == function_dict(cfg)
+    assert function_dict(make_config("memora", "tiny", eta_gate="softplus", eta_max=1.5)) == function_dict(cfg)
+    assert function_dict(make_config("memora", "tiny")) != function_dict(cfg)  # the default is normalized
+    assert function_dict(make_config("memora", "tiny", eta_gate="softplus", eta_base=2e-4)) != function_dict(cfg)
+    normalized = make_config("memora", "tiny")
+    assert function_dict(make_config("memora", "tiny", eta_base=2e-4)) == function_dict(normalized)  # inactive
