@@ -36,7 +36,6 @@ length plus token-by-token decoding (miras_memory_step) equals one call over the
 The semantics (the contract tests and benchmarks rely on) and where they deviate from the paper: README,
 "The memory engine" and "Deviations".
 """
-import ast
 import importlib
 import math
 from typing import NamedTuple, Optional
@@ -507,26 +506,37 @@ def _plan(T, pos, b, has_lag):
     return plan
 
 
-_SPEC_FIELDS = ("objective", "retention", "chunk_size", "p", "q_norm", "sharpness", "eps", "simplex_scale", "memory",
-                "normalize_step", "compile_chunks", "track")
+def _spec(rule, compile_chunks, track):
+    """The rule as the operator's typed arguments: (names "objective,retention,memory", ints [chunk_size,
+    normalize_step, compile_chunks, track], floats [p, q_norm, sharpness, eps, simplex_scale or 0])."""
+    names = ",".join((rule["objective"].name, rule["retention"].name, rule["memory"]))
+    ints = [rule["chunk_size"], int(rule["normalize_step"]), int(compile_chunks), int(track)]
+    floats = [rule["p"], rule["q_norm"], rule["sharpness"], rule["eps"], float(rule["simplex_scale"] or 0.0)]
+    return names, ints, floats
 
 
-def _spec(*values):
-    """The rule as the operator's one string argument (plain string ops, which torch.compile traces)."""
-    return "|".join(repr(x) for x in values)
-
-
-def _loop_setup(inputs, spec, pos):
-    """What the op's primitive arguments stand for: (plan, rule, fns)."""
-    s = dict(zip(_SPEC_FIELDS, (ast.literal_eval(x) for x in spec.split("|"))))
-    rule = _rule(s["objective"], s["retention"], s["chunk_size"], s["p"], s["q_norm"], s["sharpness"], s["eps"],
-                 s["simplex_scale"], s["memory"], s["normalize_step"])
+def _loop_setup(inputs, names, ints, floats, pos):
+    """What the op's arguments stand for: (plan, rule, fns)."""
+    objective, retention, memory = names.split(",")
+    chunk_size, normalize_step, compile_chunks, track = ints
+    p, q_norm, sharpness, eps, simplex = floats
+    rule = _rule(objective, retention, chunk_size, p, q_norm, sharpness, eps, simplex or None, memory, normalize_step)
     lag_step = rule["retention"].lag_step
     segment = _segment
-    if s["compile_chunks"]:
+    if compile_chunks:
         segment, lag_step = _compiled(_segment), lag_step and _compiled(lag_step)
-    fns = (segment, lag_step, s["track"], rule["chunk_size"] if s["compile_chunks"] else None)
+    fns = (segment, lag_step, bool(track), rule["chunk_size"] if compile_chunks else None)
     return _plan(inputs[0].shape[1], pos, rule["chunk_size"], lag_step is not None), rule, fns
+
+
+def _saved_start(kind, st, layout):
+    """A piece's start state as the forward saves it: a piece that refreshes its anchor (a chunk's start, the
+    kl lag step) never reads the old one, so its anchor slots are saved empty instead of as a copy."""
+    flat = _flatten_state(st)
+    if kind == "continue":
+        return flat
+    n_w, n_a = layout[0], layout[1]
+    return [t.new_empty(0) if n_w <= j < n_w + n_a else t for j, t in enumerate(flat)]
 
 
 def _with_absent(xs, present):
@@ -555,28 +565,31 @@ def _empty(t):
 
 @torch.library.custom_op("miras::chunk_loop", mutates_args=())
 def _chunk_loop(xs: list[torch.Tensor], present: list[bool], state: list[torch.Tensor], ln_w: torch.Tensor,
-                ln_b: torch.Tensor, spec: str, pos: int, layout: list[int], save_starts: bool) -> list[torch.Tensor]:
+                ln_b: torch.Tensor, names: str, ints: list[int], floats: list[float], pos: int, layout: list[int],
+                save_starts: bool) -> list[torch.Tensor]:
     """The whole chunk loop as one operator, so that torch.compile of a model sees one node whatever T is.
     xs: the present ones of (q, k, v, eta, log alpha, log mu, delta), [N, T, ...]; state: the flattened
-    (weights, anchor, norm, momentum, grad_sum) with part lengths `layout` (-1: absent); spec: the rule (JSON).
+    (weights, anchor, norm, momentum, grad_sum) with part lengths `layout` (-1: absent); names, ints, floats:
+    the rule (_spec).
     Returns [y, *state after, *the state each piece after the first starts from (if save_starts)]."""
     inputs = _with_absent(xs, present)
-    plan, rule, fns = _loop_setup(inputs, spec, pos)
+    plan, rule, fns = _loop_setup(inputs, names, ints, floats, pos)
     st = _unflatten_state(state, _like(layout))
     starts, ys = [], []
     for i, ((kind, _), x) in enumerate(zip(plan, _split(inputs, plan))):
         if save_starts and i > 0:
-            starts.extend(_flatten_state(st))
+            starts.extend(_saved_start(kind, st, layout))
         y, st = _run_piece(kind, x, st, ln_w, ln_b, rule, fns)
         ys.append(y)
     return _fresh([torch.cat(ys, dim=1), *_flatten_state(st), *starts], {id(t) for t in (*xs, *state)})
 
 
 @_chunk_loop.register_fake
-def _(xs, present, state, ln_w, ln_b, spec, pos, layout, save_starts):
-    plan, _, _ = _loop_setup(_with_absent(xs, present), spec, pos)
-    n_starts = len(plan) - 1 if save_starts else 0
-    return [_empty(xs[0])] + [_empty(s) for _ in range(1 + n_starts) for s in state]  # distinct: no aliasing
+def _(xs, present, state, ln_w, ln_b, names, ints, floats, pos, layout, save_starts):
+    plan, _, _ = _loop_setup(_with_absent(xs, present), names, ints, floats, pos)
+    st = _unflatten_state(state, _like(layout))
+    starts = [t for kind, _ in plan[1:] for t in _saved_start(kind, st, layout)] if save_starts else []
+    return [_empty(t) for t in (xs[0], *state, *starts)]  # distinct tensors: no aliasing
 
 
 def _autograd_inside_op():
@@ -588,14 +601,14 @@ def _autograd_inside_op():
 
 @torch.library.custom_op("miras::chunk_loop_backward", mutates_args=())
 def _chunk_loop_backward(xs: list[torch.Tensor], present: list[bool], starts: list[torch.Tensor],
-                         ln_w: torch.Tensor, ln_b: torch.Tensor, grads_out: list[Optional[torch.Tensor]], spec: str,
-                         pos: int, layout: list[int]) -> list[torch.Tensor]:
+                         ln_w: torch.Tensor, ln_b: torch.Tensor, grads_out: list[Optional[torch.Tensor]], names: str,
+                         ints: list[int], floats: list[float], pos: int, layout: list[int]) -> list[torch.Tensor]:
     """The loop's backward: walks the pieces in reverse, recomputes each from its saved start (activation
     checkpointing per piece: the forward kept no per-chunk activations of the E*d-wide memory MLP) and
     differentiates it with autograd. starts: every piece's start state, flattened; grads_out: the gradients of
     [y, *state after]. Returns [d ln_w, d ln_b, *d xs, *d state]."""
     inputs = _with_absent(xs, present)
-    plan, rule, fns = _loop_setup(inputs, spec, pos)
+    plan, rule, fns = _loop_setup(inputs, names, ints, floats, pos)
     like, n_st = _like(layout), sum(max(n, 0) for n in layout)
     if len(starts) != n_st * len(plan):
         raise RuntimeError("miras::chunk_loop backward without the saved piece starts: the forward ran with "
@@ -613,7 +626,11 @@ def _chunk_loop_backward(xs: list[torch.Tensor], present: list[bool], starts: li
             lw, lb = ln_w.detach().requires_grad_(True), ln_b.detach().requires_grad_(True)
             y, st = _run_piece(plan[i][0], x, _unflatten_state(start, like), lw, lb, rule, fns)
             wrt = [lw, lb, *[t for t in x if t is not None], *start]
-            grads = torch.autograd.grad([y, *_flatten_state(st)], wrt, [dys[i], *d_state], allow_unused=True)
+            outs = [y, *_flatten_state(st)]
+            # a start slot saved empty (_saved_start) was not read: its gradient is zero
+            grads_out_i = [dys[i], *[g if g.shape == o.shape else torch.zeros_like(o) for o, g in zip(outs[1:], d_state)]]
+            used = [(o, g) for o, g in zip(outs, grads_out_i) if o.requires_grad]  # kl's lag: a fresh grad_sum
+            grads = torch.autograd.grad([o for o, _ in used], wrt, [g for _, g in used], allow_unused=True)
         grads = [torch.zeros_like(w) if g is None else g for w, g in zip(wrt, grads)]
         d_ln[0] += grads[0]
         d_ln[1] += grads[1]
@@ -625,27 +642,36 @@ def _chunk_loop_backward(xs: list[torch.Tensor], present: list[bool], starts: li
 
 
 @_chunk_loop_backward.register_fake
-def _(xs, present, starts, ln_w, ln_b, grads_out, spec, pos, layout):
+def _(xs, present, starts, ln_w, ln_b, grads_out, names, ints, floats, pos, layout):
     n_st = sum(max(n, 0) for n in layout)
     return [_empty(t) for t in (ln_w, ln_b, *xs, *starts[:n_st])]
 
 
 def _loop_setup_context(ctx, inputs, output):
-    xs, present, state, ln_w, ln_b, spec, pos, layout, _ = inputs
+    xs, present, state, ln_w, ln_b, names, ints, floats, pos, layout, _ = inputs
     n_state = len(state)
     ctx.save_for_backward(ln_w, ln_b, *xs, *state, *output[1 + n_state:])
-    ctx.present, ctx.spec, ctx.pos, ctx.layout, ctx.n_x, ctx.n_state = present, spec, pos, layout, len(xs), n_state
+    ctx.present, ctx.spec, ctx.pos, ctx.layout = present, (names, ints, floats), pos, layout
+    ctx.n_x, ctx.n_state = len(xs), n_state
 
 
 def _loop_backward(ctx, grads):
     saved = ctx.saved_tensors
     ln_w, ln_b, xs, starts = saved[0], saved[1], list(saved[2:2 + ctx.n_x]), list(saved[2 + ctx.n_x:])
-    out = _chunk_loop_backward(xs, ctx.present, starts, ln_w, ln_b, list(grads[:1 + ctx.n_state]), ctx.spec,
+    out = _chunk_loop_backward(xs, ctx.present, starts, ln_w, ln_b, list(grads[:1 + ctx.n_state]), *ctx.spec,
                                ctx.pos, ctx.layout)
-    return list(out[2:2 + ctx.n_x]), None, list(out[2 + ctx.n_x:]), out[0], out[1], None, None, None, None
+    return (list(out[2:2 + ctx.n_x]), None, list(out[2 + ctx.n_x:]), out[0], out[1], None, None, None, None, None,
+            None)
 
 
 torch.library.register_autograd("miras::chunk_loop", _loop_backward, setup_context=_loop_setup_context)
+
+
+def _under_transform():
+    """Forward-mode AD or a torch.func transform is active: the operator has neither rule."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch.autograd.forward_ad._current_level >= 0 or torch._C._functorch.peek_interpreter_stack() is not None
 
 
 def _run_loop(inputs, st, ln_w, ln_b, spec, pos):
@@ -655,7 +681,7 @@ def _run_loop(inputs, st, ln_w, ln_b, spec, pos):
     # requires_grad does not say whether a backward will run
     save = torch.is_grad_enabled()
     out = _chunk_loop([t for t in inputs if t is not None], [t is not None for t in inputs], _flatten_state(st),
-                      ln_w, ln_b, spec, pos, layout, save)
+                      ln_w, ln_b, *spec, pos, layout, save)
     n_state = len(_flatten_state(st))
     return out[0], _unflatten_state(out[1:1 + n_state], st)
 
@@ -700,14 +726,14 @@ def miras_memory(q, k, v, eta, alpha, state, ln_weight, ln_bias, *, objective="l
         grad_sum = grad_sum if track else None
         inputs = (qf, kf, vf, eta_f, log_alpha, log_mu, delta_f)
         st = (weights, anchor, norm, mom, grad_sum)
-        spec = _spec(objective, retention, rule["chunk_size"], rule["p"], rule["q_norm"], rule["sharpness"], rule["eps"],
-                     simplex_scale, memory, rule["normalize_step"], bool(compile_chunks), bool(track))
+        spec = _spec(rule, compile_chunks, track)
         if T == 0:  # an empty prefill
             y = qf
-        elif RECOMPUTE_BACKWARD:
+        elif RECOMPUTE_BACKWARD and not _under_transform():
             y, st = _run_loop(inputs, st, ln_w, ln_b, spec, pos)
-        else:  # plain autograd through the same pieces: keeps every chunk's activations (the tests' reference)
-            plan, _, fns = _loop_setup(inputs, spec, pos)
+        else:  # plain autograd through the same pieces: keeps every chunk's activations (the tests' reference;
+            # also under forward-mode AD and torch.func transforms, which the operator does not support)
+            plan, _, fns = _loop_setup(inputs, *spec, pos)
             ys = []
             for (kind, _), x in zip(plan, _split(inputs, plan)):
                 y, st = _run_piece(kind, x, st, ln_w, ln_b, rule, fns)
@@ -748,7 +774,8 @@ def miras_memory_step(q, k, v, eta, alpha, state, ln_weight, ln_bias, *, objecti
         (qf, kf, vf, eta_f, log_alpha, log_mu, delta_f, ln_w, ln_b, weights, anchor, norm,
          mom, grad_sum) = _flat_inputs(q, k, v, eta, alpha, delta, momentum, state, ln_weight, ln_bias)
         pos = state.pos
-        if isinstance(pos, int):  # eager decoding: the position is host data, so only the branch taken runs
+        if isinstance(pos, int) and not torch.compiler.is_compiling():  # eager decoding: the position is host
+            # data, so only the branch taken runs (traced, an int position may become symbolic)
             fresh = pos == 0
 
             def choose(make_new, old):

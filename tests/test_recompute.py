@@ -58,14 +58,16 @@ def test_recomputing_backward_equals_autograd(objective, retention, T, b, carrie
             assert_close(g1[name], g2[name], rtol=1e-12, atol=1e-12, what=f"d/d{name}")
 
 
-@pytest.mark.parametrize("extra", [dict(momentum=True), dict(normalize_step=True)])
-def test_recomputing_backward_momentum_and_normalized(extra):
-    retention = "lq"
+@pytest.mark.parametrize("objective,retention,extra", [("lp", "lq", dict(momentum=True)),
+                                                       ("lp", "lq", dict(normalize_step=True)),
+                                                       ("huber", "kl", dict(normalize_step=True))])
+def test_recomputing_backward_momentum_and_normalized(objective, retention, extra):
+    """With a carried state (kl: its lag pieces start the normalizer's running sum afresh)."""
     inp = make_inputs(22, T=10, retention=retention)
-    kw = dict(objective="lp", retention=retention, chunk_size=4, **extra)
+    kw = dict(objective=objective, retention=retention, chunk_size=4, **extra)
     results = []
     for recompute in (True, False):
-        x, leaves = grad_inputs(inp, "lp", "momentum" in extra)
+        x, leaves = grad_inputs(inp, objective, "momentum" in extra)
         results.append(grads(x, leaves, recompute, True, **kw))
     (y1, g1), (y2, g2) = results
     assert_close(y1, y2, rtol=0, atol=0, what="y")
