@@ -397,5 +397,6 @@ def main(argv=None):
     # EvalError, and sample.py's SampleError (checkpoint, device), are ConfigErrors
     return cli.main("eval.py", __doc__, EvalConfig(), lambda a: run(parse_args(a)), argv)
 
+
 if __name__ == "__main__":
     sys.exit(main())

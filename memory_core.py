@@ -570,7 +570,7 @@ def _chunk_loop(xs: list[torch.Tensor], present: list[bool], state: list[torch.T
     """The whole chunk loop as one operator, so that torch.compile of a model sees one node whatever T is.
     xs: the present ones of (q, k, v, eta, log alpha, log mu, delta), [N, T, ...]; state: the flattened
     (weights, anchor, norm, momentum, grad_sum) with part lengths `layout` (-1: absent); names, ints, floats:
-    the rule (_spec).
+    the rule (_spec); pos: tokens of the current chunk already consumed.
     Returns [y, *state after, *the state each piece after the first starts from (if save_starts)]."""
     inputs = _with_absent(xs, present)
     plan, rule, fns = _loop_setup(inputs, names, ints, floats, pos)
@@ -680,10 +680,10 @@ def _run_loop(inputs, st, ln_w, ln_b, spec, pos):
     # what the backward recomputes from; by grad mode alone, because under torch.compile's tracing the inputs'
     # requires_grad does not say whether a backward will run
     save = torch.is_grad_enabled()
-    out = _chunk_loop([t for t in inputs if t is not None], [t is not None for t in inputs], _flatten_state(st),
+    state = _flatten_state(st)
+    out = _chunk_loop([t for t in inputs if t is not None], [t is not None for t in inputs], state,
                       ln_w, ln_b, *spec, pos, layout, save)
-    n_state = len(_flatten_state(st))
-    return out[0], _unflatten_state(out[1:1 + n_state], st)
+    return out[0], _unflatten_state(out[1:1 + len(state)], st)
 
 
 # ----------------------------------------------------------------------------------------------

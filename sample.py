@@ -413,5 +413,6 @@ def run(cfg, out=None, err=None):
 def main(argv=None):
     return cli.main("sample.py", __doc__, SampleConfig(), lambda a: run(parse_args(a)), argv, SampleError)
 
+
 if __name__ == "__main__":
     sys.exit(main())
