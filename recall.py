@@ -222,7 +222,10 @@ class TaskBatches:
 
     def __init__(self, s):
         self.s, self.vocab_size = s, vocab_size(s)
-        self.info = {"dir": None, "meta": {"vocab_size": self.vocab_size, "recall_setting": s.to_dict()}}
+        meta = {"vocab_size": self.vocab_size, "recall_setting": s.to_dict()}
+        if s.task == "passkey":  # text: sample.py and eval.py read the checkpoint with this tokenizer
+            meta.update(tokenizer="char", itos=list(recall_tasks.PASSKEY_VOCAB))
+        self.info = {"dir": None, "meta": meta}
 
     def describe(self):
         return f"data: {self.s.task} samples generated per step (data/recall_tasks.py, setting {self.s.name})"

@@ -1,6 +1,7 @@
 """recall.py (issue 8): a micro train+eval run of the driver (every model at every lr of the grid) completes,
 writes valid JSON with every field and plots, and marks one lr per model and setting as selected by validation
 accuracy; a second invocation reads everything from the cache; an interrupted run resumes from its checkpoint."""
+import dataclasses
 import json
 import math
 
@@ -154,3 +155,20 @@ def test_bad_arguments():
         recall.main(["--preset=micro", "--models=gpt5", "--out=/nonexistent/x"])
     with pytest.raises(recall.ConfigError):
         recall.main(["--preset=micro", "--tasks=sudoku", "--out=/nonexistent/x"])
+
+
+def test_passkey_checkpoint_carries_its_tokenizer(tmp_path):
+    """A kept passkey checkpoint names its character vocabulary, so sample.py and eval.py can read it: the
+    tokenizer they rebuild encodes the task's own text to the ids the model was trained on."""
+    import sample
+    from data import recall_tasks
+    s = next(x for x in recall.PRESETS["micro"] if x.task == "passkey")
+    s = dataclasses.replace(s, learning_rate=s.lr_grid[0])
+    recall.run_one("transformer", s, tmp_path, "micro", keep_ckpt=True, log=lambda *a, **k: None)
+    run_dir = next((tmp_path / "ckpt").iterdir())
+    loaded = sample.load_model(str(run_dir))
+    assert loaded.tokenizer.kind == "char"
+    batch = recall_tasks.passkey(2, context_len=s.train_len, seed=3)
+    text = recall_tasks.decode(batch.inputs[0])
+    assert loaded.tokenizer.encode(text) == batch.inputs[0].tolist()
+    assert loaded.tokenizer.decode(batch.inputs[0]) == text
