@@ -38,6 +38,7 @@ The semantics (the contract tests and benchmarks rely on) and where they deviate
 """
 import importlib
 import math
+import types
 from typing import NamedTuple, Optional
 
 import torch
@@ -409,20 +410,18 @@ def _flat_inputs(q, k, v, eta, alpha, delta, momentum, state, ln_weight, ln_bias
 _COMPILED = {}
 
 
-def _compiled(fn):
-    """One torch.compile wrapper per chunk function. Shapes are static and short pieces are padded to a
-    whole chunk, so the number of graphs does not grow with T: one per batch, dtype and rule, times a few
-    variants dynamo guards on (grad mode: forward vs the backward's recompute; whether the anchor is the
-    start weights themselves). Those can pass dynamo's default of 8 per function in one process (a hard
-    error under fullgraph), so the calls allow 64."""
-    if fn not in _COMPILED:
-        compiled = torch.compile(fn, fullgraph=True, dynamic=False)
-
-        def call(*args):
-            with torch._dynamo.config.patch(recompile_limit=64):
-                return compiled(*args)
-        _COMPILED[fn] = call
-    return _COMPILED[fn]
+def _compiled(fn, key):
+    """The torch.compile'd copy of a chunk function for one key (rule, batch, dtype, device). Shapes are
+    static and short pieces are padded to a whole chunk, so the number of graphs does not grow with T. Each
+    key gets its own copy of the function's code object: dynamo counts recompilations per code object, so
+    each key has its own budget (dynamo's default of 8) for the variants it guards on: the forward (no grad,
+    detached inputs) and the backward's recompute (grad), each with or without the anchor being the start
+    weights themselves (a chunk start of a retention whose anchor is its weights vs a chunk in progress)."""
+    if (fn, key) not in _COMPILED:
+        code = fn.__code__.replace(co_name=f"{fn.__name__}_{len(_COMPILED)}")
+        copy = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+        _COMPILED[(fn, key)] = torch.compile(copy, fullgraph=True, dynamic=False)
+    return _COMPILED[(fn, key)]
 
 
 def _unflat(B, H, xs):
@@ -524,7 +523,8 @@ def _loop_setup(inputs, names, ints, floats, pos):
     lag_step = rule["retention"].lag_step
     segment = _segment
     if compile_chunks:
-        segment, lag_step = _compiled(_segment), lag_step and _compiled(lag_step)
+        key = (names, tuple(ints), tuple(floats), inputs[0].shape[0], inputs[0].dtype, inputs[0].device)
+        segment, lag_step = _compiled(_segment, key), lag_step and _compiled(lag_step, key)
     fns = (segment, lag_step, bool(track), rule["chunk_size"] if compile_chunks else None)
     return _plan(inputs[0].shape[1], pos, rule["chunk_size"], lag_step is not None), rule, fns
 
@@ -572,15 +572,19 @@ def _chunk_loop(xs: list[torch.Tensor], present: list[bool], state: list[torch.T
     (weights, anchor, norm, momentum, grad_sum) with part lengths `layout` (-1: absent); names, ints, floats:
     the rule (_spec); pos: tokens of the current chunk already consumed.
     Returns [y, *state after, *the state each piece after the first starts from (if save_starts)]."""
+    # the kernel records no autograd graph (the backward recomputes); detached inputs under no_grad give
+    # compiled chunks one variant for the forward, whatever requires_grad the caller's tensors have
+    xs, state, ln_w, ln_b = [t.detach() for t in xs], [t.detach() for t in state], ln_w.detach(), ln_b.detach()
     inputs = _with_absent(xs, present)
     plan, rule, fns = _loop_setup(inputs, names, ints, floats, pos)
     st = _unflatten_state(state, _like(layout))
     starts, ys = [], []
-    for i, ((kind, _), x) in enumerate(zip(plan, _split(inputs, plan))):
-        if save_starts and i > 0:
-            starts.extend(_saved_start(kind, st, layout))
-        y, st = _run_piece(kind, x, st, ln_w, ln_b, rule, fns)
-        ys.append(y)
+    with torch.no_grad():
+        for i, ((kind, _), x) in enumerate(zip(plan, _split(inputs, plan))):
+            if save_starts and i > 0:
+                starts.extend(_saved_start(kind, st, layout))
+            y, st = _run_piece(kind, x, st, ln_w, ln_b, rule, fns)
+            ys.append(y)
     return _fresh([torch.cat(ys, dim=1), *_flatten_state(st), *starts], {id(t) for t in (*xs, *state)})
 
 

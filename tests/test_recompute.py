@@ -112,6 +112,36 @@ def test_compiled_chunks_one_graph_for_every_length():
     assert counters["stats"]["unique_graphs"] == n_graphs, "a new length compiled a new graph"
 
 
+def test_compiled_chunks_graph_count_is_bounded_per_rule_without_a_recompile_limit_patch():
+    """Each (rule, batch, dtype) gets its own compiled copy of the chunk function with at most two graphs
+    (forward; the backward's recompute) at a chunk start, so a process that trains and evaluates several
+    rules stays within dynamo's default budget of 8 per function (fullgraph makes running past it an error),
+    and a new length compiles nothing."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    memory_core._COMPILED.clear()
+    counters.clear()
+    rules = [("l2", "l2"), ("lp", "lq"), ("huber", "kl"), ("dot", "l2")]
+
+    def run_all(T):
+        for objective, retention in rules:
+            kw = dict(objective=objective, retention=retention, chunk_size=4, compile_chunks=True)
+            x, leaves = grad_inputs(make_inputs(26, T=T, retention=retention), objective, False)
+            grads(x, leaves, True, False, **kw)  # train: forward + recomputing backward
+            with torch.no_grad():  # evaluation, another batch size
+                one = {n: t[:1] if torch.is_tensor(t) and n not in ("ln_weight", "ln_bias") else t
+                       for n, t in x.items()}
+                one["state"] = tuple(w[:1] for w in x["state"])
+                _call(one, miras_memory, one["state"], **kw)
+    run_all(9)
+    n_graphs = counters["stats"]["unique_graphs"]
+    assert n_graphs > 8  # more than one function's default budget in this process, and no error
+    assert n_graphs <= 2 * len(memory_core._COMPILED), (n_graphs, len(memory_core._COMPILED))
+    assert len(memory_core._COMPILED) == 2 * len(rules) + 2  # (train, eval batch) x rule, + kl's lag step x 2
+    run_all(14)
+    assert counters["stats"]["unique_graphs"] == n_graphs, "a new length compiled a new graph"
+
+
 @pytest.mark.parametrize("name", ["moneta", "memora"])
 def test_whole_model_compile_sees_one_node_for_the_memory(name):
     """torch.compile of a whole model traces the chunk loop as one operator (miras::chunk_loop): the traced
