@@ -206,6 +206,12 @@ def autocast_for(device, dtype):
     return contextlib.nullcontext()
 
 
+def resolve_compile(value, device):
+    """--compile: None (the default) compiles on CUDA, where it pays, and not elsewhere (on a CPU the compiled
+    train step measured slower than eager and compiling takes minutes: README, "Benchmarks")."""
+    return torch.device(device).type == "cuda" if value is None else bool(value)
+
+
 def allow_tf32(device):
     """TF32 matmuls and convolutions on a CUDA device (float32 math on tensor cores)."""
     if torch.device(device).type == "cuda":

@@ -37,7 +37,7 @@ and its LM assembled from the pieces here. The presets that name sizes and known
 import inspect
 import math
 from dataclasses import asdict, dataclass
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -116,8 +116,9 @@ class MirasConfig(LMConfig):
     eps: float = 1e-6
     simplex_scale: float = 0.0    # kl: rows live on c * simplex; 0 means c = the row's length
     chunk_size: int = 64          # b: gradients inside a chunk are taken at one anchor
-    compile_memory: bool = False  # torch.compile each memory chunk (memory_core compile_chunks), with or
-                                  # without a whole-model compile (which sees the chunk loop as one operator)
+    compile_memory: Optional[bool] = None  # torch.compile each memory chunk (memory_core compile_chunks), with
+                                  # or without a whole-model compile (which sees the chunk loop as one operator);
+                                  # None: on CUDA inputs only (on a CPU compiling costs more than it saves)
     conv_size: int = 4            # depthwise causal conv on q, k, v
     use_rope: bool = False        # RoPE on the Miras layer's q, k (attention layers always use RoPE)
     gate_rank: int = 32           # rank of the low-rank gate projection (paper: 32 or 64)
@@ -475,7 +476,8 @@ class MirasLayer(nn.Module):
         gates = self._gates(u, dt)
         kw = dict(self.mem_kwargs, delta=gates["delta"], momentum=gates["momentum"])
         args = (self.mem_ln_weight, self.mem_ln_bias)
-        chunked = dict(check_values=False, compile_chunks=self.cfg.compile_memory)
+        compile_chunks = q.is_cuda if self.cfg.compile_memory is None else self.cfg.compile_memory
+        chunked = dict(check_values=False, compile_chunks=compile_chunks)
         if cache is None:  # training: plain tuple in, chunk-aligned from the first token
             y, _ = memory_core.miras_memory(q, k, v, gates["eta"], gates["alpha"], self.initial_weights(B),
                                             *args, **chunked, **kw)

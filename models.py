@@ -14,6 +14,7 @@ are a training setting: preset_learning_rate(preset). A saved config (a checkpoi
 into a config through config_from_dict, which also reads checkpoints written before learning_rate left it.
 """
 import dataclasses
+from typing import Optional
 
 from model_common import (DEFAULT_LEARNING_RATE, PRESET_LEARNING_RATES, SIZE_ALIASES, SIZE_PRESETS, VARIANTS,
                           LMConfig, MirasConfig)
@@ -29,7 +30,8 @@ MODELS = {
     "transformer": (TransformerConfig, Transformer),
 }
 
-_TYPES = {"bool": bool, "int": int, "float": float, "str": str, bool: bool, int: int, float: float, str: str}
+_TYPES = {"bool": bool, "int": int, "float": float, "str": str, bool: bool, int: int, float: float, str: str,
+          Optional[bool]: (bool, type(None))}  # compile_memory: None follows the device
 
 
 def _preset_parts(preset):
@@ -62,7 +64,8 @@ def _check_value(cls, key, value):
     if ftype is int and isinstance(value, float) and value.is_integer():
         return int(value)
     if not isinstance(value, ftype) or (ftype is int and isinstance(value, bool)):
-        raise ValueError(f"{cls.__name__}.{key} must be a {ftype.__name__}, got {value!r} ({type(value).__name__})")
+        what = " or ".join(t.__name__ for t in (ftype if isinstance(ftype, tuple) else (ftype,)))
+        raise ValueError(f"{cls.__name__}.{key} must be a {what}, got {value!r} ({type(value).__name__})")
     return value
 
 
@@ -107,6 +110,7 @@ def function_dict(config):
     gate's settings): the studies' caches compare these, so adding an option whose default keeps the old
     function does not invalidate finished runs."""
     out = config.to_dict()
+    out.pop("compile_memory", None)  # how the chunks run, not what they compute
     if out.get("eta_gate") == "softplus":
         for key in ("eta_gate", "eta_max", "eta_init"):
             out.pop(key)

@@ -35,6 +35,7 @@ import pathlib
 import sys
 import time
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -64,7 +65,8 @@ class SampleConfig:
     seed: int = 1337
     device: str = "auto"           # auto (cuda if available, else cpu) | cpu | cuda | cuda:N | mps
     dtype: str = "auto"            # auto (bfloat16 on CUDA if supported, else float32) | float32 | bfloat16 | float16 | float64
-    compile: bool = False          # torch.compile the decode step (static shapes: one graph for every position)
+    compile: Optional[bool] = None  # torch.compile the decode step (static shapes: one graph for every position);
+                                   # None: on CUDA only (cli.resolve_compile)
     compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead | max-autotune
 
 
@@ -365,8 +367,9 @@ def run(cfg, out=None, err=None):
     if note:
         print(note, file=err, flush=True)
 
-    step = make_step(model, autocast, cfg.compile, cfg.compile_mode)
-    if cfg.compile and cfg.max_new_tokens > 1:  # compile outside the timings: prefill + 3 steps on a scratch run
+    compile = cli.resolve_compile(cfg.compile, device)
+    step = make_step(model, autocast, compile, cfg.compile_mode)
+    if compile and cfg.max_new_tokens > 1:  # compile outside the timings: prefill + 3 steps on a scratch run
         t0 = time.perf_counter()
         for _ in generate_stream(model, prompt, min(cfg.max_new_tokens, 4), 0.0, 0, 1.0, None, step, autocast,
                                  tok.vocab_size, cache_len=len(prompt) + cfg.max_new_tokens):
@@ -405,7 +408,7 @@ def run(cfg, out=None, err=None):
         parts.append(f"attention {what}: {_fmt_bytes(sb['attention'])}")
     print(f"prefill: {totals.prefill_tokens_per_s:,.0f} tokens/s ({totals.prompt_tokens} tokens) | decode: "
           f"{totals.decode_tokens_per_s:,.0f} tokens/s ({totals.new_tokens} tokens"
-          f"{', compiled' if cfg.compile else ''}) | state per sequence: {sb['total']:,} bytes ({_fmt_bytes(sb['total'])}"
+          f"{', compiled' if compile else ''}) | state per sequence: {sb['total']:,} bytes ({_fmt_bytes(sb['total'])}"
           f"{'; ' + ', '.join(parts) if parts else ''})", file=err, flush=True)
     return totals
 

@@ -101,7 +101,7 @@ class TrainConfig:
     # system
     device: str = "auto"                        # auto (cuda if available, else cpu) | cpu | cuda | cuda:N | mps
     dtype: str = "auto"                         # auto (bfloat16 on CUDA if supported, else float32) | float32 | bfloat16 | float16
-    compile: bool = False                       # torch.compile the model
+    compile: Optional[bool] = None              # torch.compile the model; None: on CUDA only (cli.resolve_compile)
 
 
 class TrainingDiverged(RuntimeError):
@@ -496,6 +496,7 @@ class Run:
     fwd_model: torch.nn.Module = None  # compiled or not: evaluation runs it
     model: torch.nn.Module = None      # fwd_model, DDP-wrapped under torchrun: training steps run it
     scaler: typing.Any = None          # a GradScaler for float16
+    compile: bool = False              # cfg.compile resolved for the device
     iter_num: int = 0                  # optimizer steps taken
     best_val: float = float("inf")
     saved_iter: Optional[int] = None   # the iteration of ckpt.pt
@@ -577,7 +578,8 @@ def setup(cfg, device, ddp, rank, world, batches=None):
         resume(run, ckpt)
         del ckpt
     run.scaler = torch.amp.GradScaler("cuda") if dtype == "float16" else None
-    run.fwd_model = run.model = torch.compile(raw_model) if cfg.compile else raw_model
+    run.compile = cli.resolve_compile(cfg.compile, device)
+    run.fwd_model = run.model = torch.compile(raw_model) if run.compile else raw_model
     if ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
         run.model = DDP(run.fwd_model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -621,7 +623,8 @@ def start_outputs(run):
     run.log(run.batches.describe())
     run.log(f"global batch: {run.n_micro * cfg.batch_size:,} sequences x {T:,} tokens = {run.tokens_per_iter:,} "
             f"tokens per step ({run.split_how})")
-    run.log(f"device {run.device}, dtype {run.dtype}, compile {cfg.compile}, lr {run.resolved.learning_rate:g} -> "
+    run.log(f"device {run.device}, dtype {run.dtype}, compile {run.compile}"
+            f"{' (auto)' if cfg.compile is None else ''}, lr {run.resolved.learning_rate:g} -> "
             f"{run.resolved.min_lr:g}, {'resuming at' if run.iter_num else 'starting at'} iteration {run.iter_num} "
             f"of {cfg.max_iters}")
 

@@ -178,4 +178,6 @@ def test_function_dict_leaves_out_the_inactive_gate_settings():
     assert function_dict(make_config("memora", "tiny")) != function_dict(cfg)  # the default is normalized
     assert function_dict(make_config("memora", "tiny", eta_gate="softplus", eta_base=2e-4)) != function_dict(cfg)
     normalized = make_config("memora", "tiny")
+    # how the chunks run (compiled or not) is not what they compute
+    assert function_dict(make_config("memora", "tiny", compile_memory=True)) == function_dict(normalized)
     assert function_dict(make_config("memora", "tiny", eta_base=2e-4)) == function_dict(normalized)  # inactive

@@ -51,6 +51,14 @@ def test_overrides_are_typed():
     assert cfg.n_layer is None and cfg.min_lr == 1.0 and isinstance(cfg.min_lr, float) and cfg.model == "yaad"
 
 
+def test_compile_defaults_to_the_device():
+    """--compile's default (None) compiles where it pays, on CUDA, and not on a CPU; an explicit value wins."""
+    import cli
+    assert train.parse_args([]).compile is None and train.parse_args(["--compile=None"]).compile is None
+    assert cli.resolve_compile(None, "cpu") is False and cli.resolve_compile(None, "cuda") is True
+    assert cli.resolve_compile(True, "cpu") is True and cli.resolve_compile(False, "cuda") is False
+
+
 @pytest.mark.parametrize("args, expect", [
     (["--max_itres=5"], "unknown config key 'max_itres'"),
     (["--max_iters=five"], "'max_iters' must be int"),
