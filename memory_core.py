@@ -529,11 +529,12 @@ def _loop_setup(inputs, names, ints, floats, pos):
     return _plan(inputs[0].shape[1], pos, rule["chunk_size"], lag_step is not None), rule, fns
 
 
-def _saved_start(kind, st, layout):
-    """A piece's start state as the forward saves it: a piece that refreshes its anchor (a chunk's start, the
-    kl lag step) never reads the old one, so its anchor slots are saved empty instead of as a copy."""
+def _saved_start(kind, st, layout, after_lag):
+    """A piece's start state as the forward saves it, anchor slots empty where the anchor need not be kept: a
+    piece that refreshes its anchor (a chunk's start, the kl lag step) never reads the old one, and the rest
+    of a chunk after a kl lag step starts with anchor == weights (the backward re-aliases them)."""
     flat = _flatten_state(st)
-    if kind == "continue":
+    if kind == "continue" and not after_lag:
         return flat
     n_w, n_a = layout[0], layout[1]
     return [t.new_empty(0) if n_w <= j < n_w + n_a else t for j, t in enumerate(flat)]
@@ -582,7 +583,7 @@ def _chunk_loop(xs: list[torch.Tensor], present: list[bool], state: list[torch.T
     with torch.no_grad():
         for i, ((kind, _), x) in enumerate(zip(plan, _split(inputs, plan))):
             if save_starts and i > 0:
-                starts.extend(_saved_start(kind, st, layout))
+                starts.extend(_saved_start(kind, st, layout, plan[i - 1][0] == "lag"))
             y, st = _run_piece(kind, x, st, ln_w, ln_b, rule, fns)
             ys.append(y)
     return _fresh([torch.cat(ys, dim=1), *_flatten_state(st), *starts], {id(t) for t in (*xs, *state)})
@@ -592,7 +593,8 @@ def _chunk_loop(xs: list[torch.Tensor], present: list[bool], state: list[torch.T
 def _(xs, present, state, ln_w, ln_b, names, ints, floats, pos, layout, save_starts):
     plan, _, _ = _loop_setup(_with_absent(xs, present), names, ints, floats, pos)
     st = _unflatten_state(state, _like(layout))
-    starts = [t for kind, _ in plan[1:] for t in _saved_start(kind, st, layout)] if save_starts else []
+    starts = ([t for i, (kind, _) in enumerate(plan[1:], 1)
+               for t in _saved_start(kind, st, layout, plan[i - 1][0] == "lag")] if save_starts else [])
     return [_empty(t) for t in (xs[0], *state, *starts)]  # distinct tensors: no aliasing
 
 
@@ -628,7 +630,10 @@ def _chunk_loop_backward(xs: list[torch.Tensor], present: list[bool], starts: li
             x = [None if t is None else t.detach().requires_grad_(True) for t in pieces[i]]
             start = [t.detach().requires_grad_(True) for t in starts[i * n_st:(i + 1) * n_st]]
             lw, lb = ln_w.detach().requires_grad_(True), ln_b.detach().requires_grad_(True)
-            y, st = _run_piece(plan[i][0], x, _unflatten_state(start, like), lw, lb, rule, fns)
+            st = _unflatten_state(start, like)
+            if i > 0 and plan[i][0] == "continue" and plan[i - 1][0] == "lag":  # saved without its anchor:
+                st = (st[0], list(st[0]), *st[2:])  # it is the weights (their gradient takes both parts)
+            y, st = _run_piece(plan[i][0], x, st, lw, lb, rule, fns)
             wrt = [lw, lb, *[t for t in x if t is not None], *start]
             outs = [y, *_flatten_state(st)]
             # a start slot saved empty (_saved_start) was not read: its gradient is zero

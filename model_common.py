@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable, NamedTuple, Optional
 
 import torch
+import torch.utils.checkpoint
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -463,17 +464,30 @@ class MirasLayer(nn.Module):
             y = F.conv1d(xp, w, groups=x.shape[1])
         return y, xp[..., xp.shape[-1] - (K - 1):]
 
-    def forward(self, x, rope, cache=None, pos=None):
+    def _memory_inputs(self, x, rope, conv_prev):
+        """x -> (q, k, v [B, H, T, d], gates, output gate, conv tail): projections, short conv, silu, l2 norm."""
         B, T, C = x.shape
         H, d = self.H, self.d
         dt = self.mem_ln_weight.dtype  # float32 (float64 for a double model), also under autocast
         qkv, out_gate, u = self.in_proj(x).split([3 * C, C, self.r], dim=-1)
-        h, conv_state = self._short_conv(qkv.transpose(1, 2), None if cache is None else cache.conv)
+        h, conv_state = self._short_conv(qkv.transpose(1, 2), conv_prev)
         q, k, v = F.silu(h).view(B, 3, H, d, T).permute(1, 0, 2, 4, 3).to(dt)  # each [B, H, T, d]
         q, k = F.normalize(q, dim=-1, eps=1e-6), F.normalize(k, dim=-1, eps=1e-6)
         if self.cfg.use_rope:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
-        gates = self._gates(u, dt)
+        # own storage for what outlives this function: views would keep the whole projection alive
+        return q, k, v.contiguous(), self._gates(u, dt), out_gate.contiguous(), conv_state
+
+    def forward(self, x, rope, cache=None, pos=None):
+        B, T, C = x.shape
+        H, d = self.H, self.d
+        if cache is None and torch.is_grad_enabled():
+            # training: the backward recomputes the inputs (one projection matmul, the conv and elementwise ops)
+            # instead of keeping the padded conv input, its output and the silu's (3 x 3C per token)
+            q, k, v, gates, out_gate, _ = torch.utils.checkpoint.checkpoint(self._memory_inputs, x, rope, None,
+                                                                            use_reentrant=False)
+        else:
+            q, k, v, gates, out_gate, conv_state = self._memory_inputs(x, rope, None if cache is None else cache.conv)
         kw = dict(self.mem_kwargs, delta=gates["delta"], momentum=gates["momentum"])
         args = (self.mem_ln_weight, self.mem_ln_bias)
         compile_chunks = q.is_cuda if self.cfg.compile_memory is None else self.cfg.compile_memory

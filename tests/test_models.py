@@ -111,6 +111,36 @@ def test_decode_equals_forward_float64(name, variant):
         torch.testing.assert_close(torch.cat(out, 1), full, rtol=0, atol=1e-10, msg=f"prompt length {n}")
 
 
+@pytest.mark.parametrize("name", ["moneta", "memora"])
+def test_training_recomputes_the_memory_inputs(name, monkeypatch):
+    """In training the Miras layer's input stage (projections, conv, silu, l2 norm, gates) runs under activation
+    checkpointing: the gradients equal those without it (float64, exactly), and the layer keeps fewer bytes for
+    the backward."""
+    torch.manual_seed(0)
+    model = build_model(name, "tiny", n_layer=1, vocab_size=64, block_size=128, chunk_size=16).double()
+    idx = torch.randint(64, (2, 97))
+
+    def run():
+        model.zero_grad()
+        kept = {}
+
+        def pack(t):
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            _, loss = model(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}, sum(kept.values())
+    grads, kept = run()
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda fn, *args, **kw: fn(*args))
+    plain, kept_plain = run()
+    for n in plain:
+        assert torch.equal(grads[n], plain[n]), n
+    # the conv's padded input, its output and the silu's (3 x 3C floats per token), less the copies of v and
+    # the output gate: at least 6C floats per token fewer
+    assert kept_plain - kept >= 6 * model.config.n_embd * idx[:, :-1].numel() * 8, (kept, kept_plain)
+
+
 def test_generate_greedy_matches_forward_and_passes_block_size():
     torch.manual_seed(0)
     model = micro("moneta", block_size=8).double().eval()
