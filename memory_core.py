@@ -317,6 +317,34 @@ def _segment(q, k, v, eta, log_alpha, log_mu, delta, start, anchor, inv_norm, mo
     return y, new, new_mom, grad_sum
 
 
+def _token_step(q, eta, log_alpha, log_mu, start, inv_norm, mom, grad_sum, ln_w, ln_b, rule, grads):
+    """One token (the decode step): _segment's recurrence for n = 1 without its chunk matrices. With the
+    token's rank-1 gradient G_l = dz_l^T a_l (taken at the anchor, `grads`), momentum m_l' = mu m_l - eta G_l
+    and W_l' = alpha W_l + m_l' (without momentum W_l' = alpha W_l - eta G_l); the output reads W' (lq: times
+    1 / n). Returns y [N, 1, d], the weights, the momentum buffers and grad_sum after the token."""
+    acts, dz, g, e = grads
+    if rule["normalize_step"]:
+        eta = normalized_eta(eta, g, e if rule["objective"].has_residual else None, acts, dz, inv_norm, grad_sum)
+        if grad_sum is not None:
+            grad_sum = [s + d.transpose(-1, -2) @ a for s, a, d in zip(grad_sum, acts, dz)]
+    alpha, eta = log_alpha.exp().unsqueeze(-1), eta.unsqueeze(-1)  # [N, 1, 1]
+    mu = log_mu.exp().unsqueeze(-1) if mom is not None else None
+    new, new_mom = [], [] if mom is not None else None
+    for i in range(len(start)):
+        update = -(eta * dz[i]).transpose(-1, -2) @ acts[i]  # -eta G_l: [N, out, in]
+        if mom is not None:
+            update = mu * mom[i] + update
+            new_mom.append(update)
+        new.append(alpha * start[i] + update)
+    h = q
+    for i, w in enumerate(new):
+        z = h @ w.transpose(-1, -2)
+        if inv_norm is not None:
+            z = z * inv_norm[i]
+        h = F.gelu(z) if i < len(new) - 1 else z
+    return q + _layer_norm(h, ln_w, ln_b)[0], new, new_mom, grad_sum
+
+
 # ----------------------------------------------------------------------------------------------
 # Input checks (one line each, saying what to do)
 
@@ -806,8 +834,8 @@ def miras_memory_step(q, k, v, eta, alpha, state, ln_weight, ln_bias, *, objecti
         grads = inner_grad(kf, vf, delta_f, anchor, ln_w, ln_b, rule)
         lag_only = ret.lag_step is not None and fresh is True
         if not lag_only:
-            y, new, mom, grad_sum = _segment(qf, kf, vf, eta_f, log_alpha, log_mu, delta_f, weights, anchor,
-                                             ret.read_scale(norm), mom, grad_sum, ln_w, ln_b, rule, grads)
+            y, new, mom, grad_sum = _token_step(qf, eta_f, log_alpha, log_mu, weights, ret.read_scale(norm), mom,
+                                                grad_sum, ln_w, ln_b, rule, grads)
         if ret.lag_step is not None and fresh is not False:  # a chunk's first token takes the exact step instead
             y_lag, lag = ret.lag_step(qf, kf, vf, eta_f[:, 0], log_alpha[:, 0].exp(), delta_f, weights, ln_w, ln_b,
                                       rule, grads)
