@@ -1,14 +1,16 @@
 """Throughput versus context length, every model in one harness; and the memory op alone (--op).
 
     python bench.py                                  # CPU preset: all four models, short lengths
-    python bench.py --preset=gpu --compile=true      # GPU preset: up to 32K tokens (8K is the paper's point)
+    python bench.py --preset=gpu                     # GPU preset: up to 32K tokens (8K is the paper's point), compiled
     python bench.py --op                             # miras_memory alone vs reference, GEMM peak, titans-pytorch
     python bench.py --models=moneta,transformer --seq_lens=256,1024 --json=out/bench.json
 
 Each (model, length, mode) runs in its own worker process so its peak memory is its own: CUDA allocator
 peak on GPU (spawned workers: CUDA cannot be used in a forked child); on CPU the worker's peak resident set
 size above its size at the fork (ru_maxrss delta; forked workers). Timings are medians over --repeats after
---warmup untimed runs. The batch is tokens_per_step // seq_len so every length does the same work per step.
+--warmup untimed runs (at least one: the first call, timed on its own as first_call_s, which includes
+compiling under --compile). The batch is tokens_per_step // seq_len so every length does the same work per step.
+--compile (default None: on CUDA only) compiles the models for train and prefill, and sample.py's decode step.
 A run that runs out of memory is reported as OOM and the sweep goes on.
 
 The keys that the --preset sets take its values unless given. A bad key or value (unknown name,
@@ -25,6 +27,7 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Optional
 
 import torch
 
@@ -70,7 +73,7 @@ class BenchConfig:
     warmup: int = -1
     device: str = "auto"          # auto | cpu | cuda | cuda:N
     dtype: str = "auto"           # float32 | bfloat16 (autocast) | auto: bfloat16 on CUDA, float32 on CPU
-    compile: bool = False
+    compile: Optional[bool] = None  # torch.compile the models (train, prefill) and the decode step; None: on CUDA only
     mem_limit_gb: float = 0.0     # >0: cap each worker's memory (exercises the OOM path)
     json: str = "bench.json"
     plot: str = ""                # PNG path (needs matplotlib); "" = next to the JSON
@@ -150,6 +153,7 @@ def validate(cfg):
     if device.type not in ("cpu", "cuda"):
         raise BenchError(f"--device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
     cfg.device = str(device)
+    cfg.compile = cli.resolve_compile(cfg.compile, device)
     cfg.dtype = cli.resolve_dtype(cfg.dtype, device, BenchError)
     if cfg.dtype not in ("float32", "bfloat16"):
         raise BenchError(f"--dtype must be auto, float32 or bfloat16, got {cfg.dtype!r}")
@@ -158,6 +162,15 @@ def validate(cfg):
 def sync(device):
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def first_call(fn, device):
+    """Seconds of one call (the first one: under --compile it includes compiling)."""
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
 
 
 def timed(fn, device, repeats, warmup):
@@ -269,8 +282,10 @@ def bench_model(cfg, name, seq_len, mode):
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        sec = timed(step, device, cfg.repeats, cfg.warmup)
-        return dict(batch_size=batch, tokens_per_s=batch * seq_len / sec, ms_per_step=1e3 * sec)
+        first = first_call(step, device)  # one of the warm-up calls
+        sec = timed(step, device, cfg.repeats, max(0, cfg.warmup - 1))
+        return dict(batch_size=batch, tokens_per_s=batch * seq_len / sec, ms_per_step=1e3 * sec,
+                    first_call_s=first)
     model.eval()
     if mode == "prefill":
         fwd = torch.compile(model) if cfg.compile else model
@@ -278,27 +293,32 @@ def bench_model(cfg, name, seq_len, mode):
         def prefill():
             with torch.no_grad(), autocast:
                 fwd(idx)
-        sec = timed(prefill, device, cfg.repeats, cfg.warmup)
-        return dict(batch_size=batch, tokens_per_s=batch * seq_len / sec, ms_per_step=1e3 * sec)
-    # decode: one sequence, prefilled to seq_len, then decode_tokens single-token steps
+        first = first_call(prefill, device)
+        sec = timed(prefill, device, cfg.repeats, max(0, cfg.warmup - 1))
+        return dict(batch_size=batch, tokens_per_s=batch * seq_len / sec, ms_per_step=1e3 * sec,
+                    first_call_s=first)
+    # decode: one sequence, prefilled to seq_len, then decode_tokens single-token steps of sample.py's step
+    import sample
     prompt = idx[:1]
-    step_fn = torch.compile(model.forward_step, fullgraph=True) if cfg.compile else model.forward_step
-    with torch.no_grad(), autocast:
+    step_fn = sample.make_step(model, autocast, cfg.compile)
+    with torch.no_grad():
         cache = model.init_cache(1, max_len, device, torch.float32)
-        _, cache = model.prefill(prompt, cache)
+        with autocast:
+            model.prefill(prompt, cache)
         tok = prompt[:, -1:]
-        for _ in range(max(1, cfg.warmup)):  # untimed steps at position seq_len (compiles the step)
+        first = first_call(lambda: step_fn(tok, cache), device)  # compiles the step under --compile
+        for _ in range(max(0, cfg.warmup - 1)):  # untimed steps at position seq_len
             step_fn(tok, cache)
         lat = []
         for _ in range(cfg.decode_tokens):
             sync(device)
             t0 = time.perf_counter()
-            logits, cache = step_fn(tok, cache)
+            logits = step_fn(tok, cache)
             sync(device)
             lat.append(time.perf_counter() - t0)
-            tok = logits[:, -1:].argmax(-1)
+            tok = logits.argmax(-1, keepdim=True)
     sec = statistics.median(lat)
-    return dict(batch_size=1, tokens_per_s=1.0 / sec, ms_per_token=1e3 * sec,
+    return dict(batch_size=1, tokens_per_s=1.0 / sec, ms_per_token=1e3 * sec, first_call_s=first,
                 state_bytes=model_common.state_bytes(cache)["total"])
 
 

@@ -11,7 +11,7 @@ import torch
 
 import bench
 
-MODEL_FIELDS = {"model", "seq_len", "mode", "tokens_per_s", "peak_mem_bytes", "device", "compile", "dtype"}
+MODEL_FIELDS = {"model", "seq_len", "mode", "tokens_per_s", "peak_mem_bytes", "device", "compile", "dtype", "first_call_s"}
 
 
 def run_bench(tmp_path, *extra):
