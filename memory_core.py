@@ -496,7 +496,7 @@ def _run_piece(kind, x, st, ln_w, ln_b, rule, fns):
     if pad_to:  # every piece the same length and the same graph inputs, padded or not
         if n < pad_to:
             q_c, k_c, v_c, eta_c, la_c, lm_c, delta_c = _pad(x, pad_to)
-        last_row = torch.tensor([n - 1], device=q_c.device)
+        last_row = torch.full((1,), n - 1, device=q_c.device)  # a fill, not a host-to-device copy
     y, weights, mom, grad_sum = segment(q_c, k_c, v_c, eta_c, la_c, lm_c, delta_c, weights, anchor,
                                         ret.read_scale(norm), mom, grad_sum, ln_w, ln_b, rule, None, last_row)
     return y[:, :n], (list(weights), list(anchor), list(norm), mom, grad_sum)
