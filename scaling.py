@@ -7,6 +7,7 @@
     python scaling.py --grid=paper                    # prints the torchrun commands of the paper-scale grid
     python scaling.py --grid=paper --launch --nproc=8 # ... or runs them one after the other, then evaluates
     python scaling.py --grid=cpu --models=moneta,transformer --max_runs=3 --plots_only ...
+    python scaling.py --grid=cpu --sizes=l --keep_ckpt --out=out-scaling   # the largest models, checkpoints kept
 
 Each run is `train.train(TrainConfig(...))` in-process (under torchrun for the paper grid) in its own out_dir
 under the cache directory (default <out>/cache/<key>/), then an evaluation on the held-out split: val loss
@@ -592,8 +593,9 @@ def write_results(grid_dir, grid, records, failed, pending, summary):
 
 
 def run_grid(grid, models_=None, out="results/scaling", cache=None, max_runs=None, device="auto", dataset=None,
-             keep_ckpt=False, launch=False, nproc=8, plots=True, plots_only=False, log=print):
-    """Run (or complete) a grid; returns {"records", "failed", "pending", "summary", "plots"}."""
+             keep_ckpt=False, launch=False, nproc=8, plots=True, plots_only=False, log=print, sizes=None):
+    """Run (or complete) a grid, or only its runs of the named sizes; returns {"records", "failed", "pending",
+    "summary", "plots"}."""
     if grid not in GRIDS:
         raise SystemExit(f"scaling.py: unknown grid {grid!r}; valid: {', '.join(GRIDS)}")
     models_ = models_ or DEFAULT_MODELS[grid]
@@ -605,6 +607,12 @@ def run_grid(grid, models_=None, out="results/scaling", cache=None, max_runs=Non
     cache_dir = pathlib.Path(cache) if cache else out / "cache"
     cache_dir.mkdir(parents=True, exist_ok=True)
     specs = GRIDS[grid](models_)
+    if sizes:
+        known = sorted({spec["size"] for spec in specs})
+        if set(sizes) - set(known):
+            raise SystemExit(f"scaling.py: grid {grid!r} has no size {', '.join(sorted(set(sizes) - set(known)))}; "
+                             f"its sizes: {', '.join(known)}")
+        specs = [spec for spec in specs if spec["size"] in sizes]
     if dataset:  # another corpus is another run: it goes into the cache key
         for spec in specs:
             spec["config"]["dataset"] = dataset
@@ -713,6 +721,7 @@ def main(argv=None):
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dataset", default=None, help="override the grid's dataset (name under data/ or a dir)")
     ap.add_argument("--keep_ckpt", action="store_true", help="keep each run's checkpoints")
+    ap.add_argument("--sizes", default=None, help="comma-separated subset of the grid's sizes (default: all)")
     ap.add_argument("--launch", action="store_true", help="paper grid: run the torchrun commands")
     ap.add_argument("--nproc", type=int, default=8, help="paper grid: GPUs per node for torchrun")
     ap.add_argument("--no_plots", action="store_true")
@@ -725,7 +734,8 @@ def main(argv=None):
     def log(msg, **_):
         print(msg, flush=True)
     res = run_grid(args.grid, models_, args.out, args.cache, args.max_runs, args.device, args.dataset,
-                   args.keep_ckpt, args.launch, args.nproc, not args.no_plots, args.plots_only, log)
+                   args.keep_ckpt, args.launch, args.nproc, not args.no_plots, args.plots_only, log,
+                   [s.strip() for s in args.sizes.split(",")] if args.sizes else None)
     return 1 if res["failed"] else 0
 
 

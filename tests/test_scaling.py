@@ -64,6 +64,19 @@ def test_micro_grid_end_to_end_and_cache(tmp_path, dataset, monkeypatch):
     assert [r["val_loss"] for r in res2["records"]] == [r["val_loss"] for r in recs]
 
 
+def test_sizes_filter_and_kept_checkpoints(tmp_path, dataset):
+    """--sizes runs only the grid's runs of those sizes; --keep_ckpt keeps each run's checkpoint (what eval.py
+    scores); a size the grid lacks is a one-line error naming its sizes."""
+    out = tmp_path / "out"
+    assert scaling.main(["--grid=micro", f"--out={out}", f"--dataset={dataset}", "--sizes=b", "--keep_ckpt",
+                         "--no_plots"]) == 0
+    recs = json.loads((out / "micro" / "results.json").read_text())["records"]
+    assert {r["size"] for r in recs} == {"b"} and len(recs) == 4
+    assert len(list((out / "cache").glob("*/ckpt.pt"))) == 4
+    with pytest.raises(SystemExit, match="has no size xl; its sizes: a, b"):
+        scaling.main(["--grid=micro", f"--out={out}", f"--dataset={dataset}", "--sizes=b,xl"])
+
+
 def test_failed_run_is_recorded_and_others_go_on(tmp_path, dataset, monkeypatch):
     real = train.train
 
