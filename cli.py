@@ -208,7 +208,7 @@ def autocast_for(device, dtype):
 
 def resolve_compile(value, device):
     """--compile: None (the default) compiles on CUDA, where it pays, and not elsewhere (on a CPU the compiled
-    train step measured slower than eager and compiling takes minutes: README, "Benchmarks")."""
+    train step measured no faster than eager, after minutes of compiling: README, "What was verified where")."""
     return torch.device(device).type == "cuda" if value is None else bool(value)
 
 
