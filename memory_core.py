@@ -557,15 +557,31 @@ def _loop_setup(inputs, names, ints, floats, pos):
     return _plan(inputs[0].shape[1], pos, rule["chunk_size"], lag_step is not None), rule, fns
 
 
-def _saved_start(kind, st, layout, after_lag):
-    """A piece's start state as the forward saves it, anchor slots empty where the anchor need not be kept: a
-    piece that refreshes its anchor (a chunk's start, the kl lag step) never reads the old one, and the rest
-    of a chunk after a kl lag step starts with anchor == weights (the backward re-aliases them)."""
-    flat = _flatten_state(st)
-    if kind == "continue" and not after_lag:
-        return flat
-    n_w, n_a = layout[0], layout[1]
-    return [t.new_empty(0) if n_w <= j < n_w + n_a else t for j, t in enumerate(flat)]
+def _saved_slots(plan, layout):
+    """Which state slots each piece after the first saves for the backward (a list of bools per piece). The
+    anchor is left out where it need not be kept: a piece that refreshes it (a chunk's start, the kl lag step)
+    never reads the old one, and the rest of a chunk after a kl lag step starts with anchor == weights (the
+    backward re-aliases them)."""
+    n_st, n_w, n_a = sum(max(n, 0) for n in layout), layout[0], layout[1]
+    return [[plan[i][0] == "continue" and plan[i - 1][0] != "lag" or not n_w <= j < n_w + n_a
+             for j in range(n_st)] for i in range(1, len(plan))]
+
+
+def _stacked_shapes(state, slots):
+    """The saved starts as one tensor per state slot, stacked over the pieces that save it: the operator's
+    outputs are as many whatever T is (so is the graph a whole-model compile traces around it)."""
+    return [(sum(row[j] for row in slots), *t.shape) for j, t in enumerate(state)]
+
+
+def _unstack_starts(state, stacked, slots):
+    """Every piece's start state, flattened: the first piece's is `state`; later pieces read their saved slots
+    from `stacked` and get an empty tensor for a slot they did not save."""
+    starts, used = list(state), [0] * len(state)
+    for row in slots:
+        for j, saved in enumerate(row):
+            starts.append(stacked[j][used[j]] if saved else stacked[j].new_empty(0))
+            used[j] += saved
+    return starts
 
 
 def _with_absent(xs, present):
@@ -600,30 +616,34 @@ def _chunk_loop(xs: list[torch.Tensor], present: list[bool], state: list[torch.T
     xs: the present ones of (q, k, v, eta, log alpha, log mu, delta), [N, T, ...]; state: the flattened
     (weights, anchor, norm, momentum, grad_sum) with part lengths `layout` (-1: absent); names, ints, floats:
     the rule (_spec); pos: tokens of the current chunk already consumed.
-    Returns [y, *state after, *the state each piece after the first starts from (if save_starts)]."""
+    Returns [y, *state after, *the saved piece starts (if save_starts): one tensor per state slot]."""
     # the kernel records no autograd graph (the backward recomputes); detached inputs under no_grad give
     # compiled chunks one variant for the forward, whatever requires_grad the caller's tensors have
     xs, state, ln_w, ln_b = [t.detach() for t in xs], [t.detach() for t in state], ln_w.detach(), ln_b.detach()
     inputs = _with_absent(xs, present)
     plan, rule, fns = _loop_setup(inputs, names, ints, floats, pos)
     st = _unflatten_state(state, _like(layout))
-    starts, ys = [], []
+    slots = _saved_slots(plan, layout) if save_starts else []
+    stacked = [t.new_empty(shape) for t, shape in zip(state, _stacked_shapes(state, slots))] if save_starts else []
+    used, ys = [0] * len(state), []
     with torch.no_grad():
         for i, ((kind, _), x) in enumerate(zip(plan, _split(inputs, plan))):
             if save_starts and i > 0:
-                starts.extend(_saved_start(kind, st, layout, plan[i - 1][0] == "lag"))
+                for j, t in enumerate(_flatten_state(st)):
+                    if slots[i - 1][j]:
+                        stacked[j][used[j]].copy_(t)
+                        used[j] += 1
             y, st = _run_piece(kind, x, st, ln_w, ln_b, rule, fns)
             ys.append(y)
-    return _fresh([torch.cat(ys, dim=1), *_flatten_state(st), *starts], {id(t) for t in (*xs, *state)})
+    return _fresh([torch.cat(ys, dim=1), *_flatten_state(st), *stacked], {id(t) for t in (*xs, *state)})
 
 
 @_chunk_loop.register_fake
 def _(xs, present, state, ln_w, ln_b, names, ints, floats, pos, layout, save_starts):
     plan, _, _ = _loop_setup(_with_absent(xs, present), names, ints, floats, pos)
-    st = _unflatten_state(state, _like(layout))
-    starts = ([t for i, (kind, _) in enumerate(plan[1:], 1)
-               for t in _saved_start(kind, st, layout, plan[i - 1][0] == "lag")] if save_starts else [])
-    return [_empty(t) for t in (xs[0], *state, *starts)]  # distinct tensors: no aliasing
+    stacked = ([t.new_empty(shape) for t, shape in zip(state, _stacked_shapes(state, _saved_slots(plan, layout)))]
+               if save_starts else [])
+    return [_empty(t) for t in (xs[0], *state)] + stacked  # distinct tensors: no aliasing
 
 
 def _autograd_inside_op():
@@ -639,14 +659,15 @@ def _chunk_loop_backward(xs: list[torch.Tensor], present: list[bool], starts: li
                          ints: list[int], floats: list[float], pos: int, layout: list[int]) -> list[torch.Tensor]:
     """The loop's backward: walks the pieces in reverse, recomputes each from its saved start (activation
     checkpointing per piece: the forward kept no per-chunk activations of the E*d-wide memory MLP) and
-    differentiates it with autograd. starts: every piece's start state, flattened; grads_out: the gradients of
-    [y, *state after]. Returns [d ln_w, d ln_b, *d xs, *d state]."""
+    differentiates it with autograd. starts: the start state and the forward's stacked saved starts (one tensor
+    per slot); grads_out: the gradients of [y, *state after]. Returns [d ln_w, d ln_b, *d xs, *d state]."""
     inputs = _with_absent(xs, present)
     plan, rule, fns = _loop_setup(inputs, names, ints, floats, pos)
     like, n_st = _like(layout), sum(max(n, 0) for n in layout)
-    if len(starts) != n_st * len(plan):
+    if len(starts) != 2 * n_st:
         raise RuntimeError("miras::chunk_loop backward without the saved piece starts: the forward ran with "
                            "grad mode off; run it under torch.enable_grad() to differentiate it")
+    starts = _unstack_starts(starts[:n_st], starts[n_st:], _saved_slots(plan, layout))
     pieces = _split(inputs, plan)
     dys = grads_out[0].split([n for _, n in plan], dim=1)
     d_state = [torch.zeros_like(s) if g is None else g for s, g in zip(starts[-n_st:], grads_out[1:])]
@@ -664,7 +685,7 @@ def _chunk_loop_backward(xs: list[torch.Tensor], present: list[bool], starts: li
             y, st = _run_piece(plan[i][0], x, st, lw, lb, rule, fns)
             wrt = [lw, lb, *[t for t in x if t is not None], *start]
             outs = [y, *_flatten_state(st)]
-            # a start slot saved empty (_saved_start) was not read: its gradient is zero
+            # a start slot not saved (_saved_slots) was not read: its gradient is zero
             grads_out_i = [dys[i], *[g if g.shape == o.shape else torch.zeros_like(o) for o, g in zip(outs[1:], d_state)]]
             used = [(o, g) for o, g in zip(outs, grads_out_i) if o.requires_grad]  # kl's lag: a fresh grad_sum
             grads = torch.autograd.grad([o for o, _ in used], wrt, [g for _, g in used], allow_unused=True)
@@ -675,7 +696,7 @@ def _chunk_loop_backward(xs: list[torch.Tensor], present: list[bool], starts: li
         d_pieces[i] = grads[2:2 + n_x]
         d_state = grads[2 + n_x:]
     d_inputs = [torch.cat(parts, dim=1) for parts in zip(*d_pieces)]
-    return _fresh([*d_ln, *d_inputs, *d_state], {id(t) for t in (*xs, *starts, ln_w, ln_b, *grads_out)})
+    return _fresh([*d_ln, *d_inputs, *d_state], {id(t) for t in (*xs, ln_w, ln_b, *grads_out)})
 
 
 @_chunk_loop_backward.register_fake

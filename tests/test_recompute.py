@@ -172,6 +172,35 @@ def test_whole_model_compile_sees_one_node_for_the_memory(name):
     assert ops[0] == ops[1], f"the traced graph grew with T: {ops}"
 
 
+@pytest.mark.parametrize("name", ["moneta", "memora"])
+def test_aot_graphs_do_not_grow_with_the_length(name):
+    """What Inductor compiles is AOTAutograd's forward and backward graphs, which hold everything the backward
+    keeps: the operator saves its piece starts as one stacked tensor per state slot, so both graphs have the
+    same nodes at 64 and 200 tokens (with one saved tensor per piece they grew with T / chunk_size, and the
+    compile time with them)."""
+    from torch._dynamo.backends.common import aot_autograd
+    from models import build_model
+    torch.manual_seed(0)
+    model = build_model(name, "tiny", n_layer=1, vocab_size=32, block_size=256, chunk_size=16).double()
+    sizes = []
+    for T in (64, 200):
+        torch._dynamo.reset()
+        seen = {}
+
+        def keep(kind):
+            def compiler(gm, example_inputs):
+                seen[kind] = len(gm.graph.nodes)
+                return gm.forward
+            return compiler
+        compiled = torch.compile(model, backend=aot_autograd(fw_compiler=keep("fw"), bw_compiler=keep("bw")),
+                                 fullgraph=True)
+        idx = torch.randint(32, (2, T + 1))
+        _, loss = compiled(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+        sizes.append((seen["fw"], seen["bw"]))
+    assert sizes[0] == sizes[1], f"forward / backward graph nodes at 64 and 200 tokens: {sizes}"
+
+
 @pytest.mark.parametrize("objective,retention", [("l2", "l2"), ("lp", "lq"), ("huber", "kl")])
 def test_traced_operator_gradients_equal_eager(objective, retention):
     """miras_memory traced whole by torch.compile (aot_eager: the same kernels, so equal to the last bit):
