@@ -178,6 +178,7 @@ def test_aot_graphs_do_not_grow_with_the_length(name):
     keeps: the operator saves its piece starts as one stacked tensor per state slot, so both graphs have the
     same nodes at 64 and 200 tokens (with one saved tensor per piece they grew with T / chunk_size, and the
     compile time with them)."""
+    from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
     from models import build_model
     torch.manual_seed(0)
@@ -190,7 +191,7 @@ def test_aot_graphs_do_not_grow_with_the_length(name):
         def keep(kind):
             def compiler(gm, example_inputs):
                 seen[kind] = len(gm.graph.nodes)
-                return gm.forward
+                return make_boxed_func(gm.forward)
             return compiler
         compiled = torch.compile(model, backend=aot_autograd(fw_compiler=keep("fw"), bw_compiler=keep("bw")),
                                  fullgraph=True)
