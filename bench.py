@@ -35,6 +35,7 @@ import cli
 import memory_core
 import memory_reference
 import model_common
+import sample
 from train import save_json
 
 PRESETS = {
@@ -298,7 +299,6 @@ def bench_model(cfg, name, seq_len, mode):
         return dict(batch_size=batch, tokens_per_s=batch * seq_len / sec, ms_per_step=1e3 * sec,
                     first_call_s=first)
     # decode: one sequence, prefilled to seq_len, then decode_tokens single-token steps of sample.py's step
-    import sample
     prompt = idx[:1]
     step_fn = sample.make_step(model, autocast, cfg.compile)
     with torch.no_grad():
