@@ -43,6 +43,7 @@ from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import register_flop_formula
 
 # The names miras_memory accepts, and the module that defines each one that is not generic.
 OBJECTIVES = ("l2", "dot", "lp", "huber")
@@ -343,6 +344,22 @@ def _token_step(q, eta, log_alpha, log_mu, start, inv_norm, mom, grad_sum, ln_w,
             z = z * inv_norm[i]
         h = F.gelu(z) if i < len(new) - 1 else z
     return q + _layer_norm(h, ln_w, ln_b)[0], new, new_mom, grad_sum
+
+
+def chunk_flops(d, expansion, memory, momentum, b):
+    """Forward FLOPs per token and head of the chunked memory with chunk length b: the keys' forward and
+    hand-derived backward at the anchor, the queries' read (weight matmuls plus the b x b in-chunk terms) and
+    the chunk-end weight update; momentum adds its buffers' reads and updates."""
+    dims = [(d, expansion * d), (expansion * d, d)] if memory == "mlp" else [(d, d)]
+    f = 2 * b * b if momentum else 0  # Gamma = D @ M: b^3 per chunk
+    for i, (n_in, n_out) in enumerate(dims):
+        w = 2 * n_in * n_out
+        f += w * (2 if i > 0 else 1)         # keys: forward, and the backward signal into earlier layers
+        f += w + 2 * b * (n_in + n_out)      # queries: weights, then (h a^T) and (. dz) over the chunk
+        f += w                               # chunk-end weight update, amortized per token
+        if momentum:
+            f += 2 * w                       # momentum buffers: read and update
+    return f
 
 
 # ----------------------------------------------------------------------------------------------
@@ -723,6 +740,23 @@ def _loop_backward(ctx, grads):
 
 
 torch.library.register_autograd("miras::chunk_loop", _loop_backward, setup_context=_loop_setup_context)
+
+
+def _loop_flops(xs, present, state, names, ints):
+    """chunk_flops for a whole call of the operator (xs, state: shapes, as torch's FLOP counter passes them)."""
+    (N, T, d), memory = xs[0], names.split(",")[2]
+    expansion = state[0][-2] // d if memory == "mlp" else 1
+    return N * T * chunk_flops(d, expansion, memory, present[5], min(T, ints[0]))
+
+
+@register_flop_formula(torch.ops.miras.chunk_loop)
+def _(xs, present, state, ln_w, ln_b, names, ints, floats, pos, layout, save_starts, out_shape=None, **_):
+    return _loop_flops(xs, present, state, names, ints)
+
+
+@register_flop_formula(torch.ops.miras.chunk_loop_backward)
+def _(xs, present, starts, ln_w, ln_b, grads_out, names, ints, floats, pos, layout, out_shape=None, **_):
+    return 3 * _loop_flops(xs, present, starts, names, ints)  # each piece recomputed (1x), then differentiated (2x)
 
 
 def _under_transform():

@@ -722,17 +722,6 @@ def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None, voc
 
 
 def memory_flops(cfg, b):
-    """Forward FLOPs per token and head of memory_core's chunked memory with chunk length b: the keys'
-    forward and hand-derived backward at the anchor, the queries' read (weight matmuls plus the b x b
-    in-chunk terms) and the chunk-end weight update; momentum adds its buffers' reads and updates."""
-    d = cfg.head_dim
-    dims = [(d, cfg.expansion * d), (cfg.expansion * d, d)] if cfg.memory == "mlp" else [(d, d)]
-    f = 2 * b * b if cfg.momentum else 0  # Gamma = D @ M: b^3 per chunk
-    for i, (n_in, n_out) in enumerate(dims):
-        w = 2 * n_in * n_out
-        f += w * (2 if i > 0 else 1)         # keys: forward, and the backward signal into earlier layers
-        f += w + 2 * b * (n_in + n_out)      # queries: weights, then (h a^T) and (. dz) over the chunk
-        f += w                               # chunk-end weight update, amortized per token
-        if cfg.momentum:
-            f += 2 * w                       # momentum buffers: read and update
-    return f
+    """Forward FLOPs per token and head of memory_core's chunked memory with chunk length b
+    (memory_core.chunk_flops)."""
+    return memory_core.chunk_flops(cfg.head_dim, cfg.expansion, cfg.memory, cfg.momentum, b)

@@ -217,3 +217,20 @@ def test_traced_operator_gradients_equal_eager(objective, retention):
     for name in g:
         if g[name] is not None:
             assert_close(g_c[name], g[name], rtol=0, atol=0, what=f"traced d/d{name}")
+
+
+def test_flop_counter_counts_the_operator():
+    """torch's FlopCounterMode sees inside the chunk-loop operator through its registered formula: the forward
+    counts memory_core.chunk_flops per token and head, the backward three times that (recompute + backward)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    inp = make_inputs(27, T=11, retention="l2")
+    x, leaves = grad_inputs(inp, "l2", False)
+    B, H, T, d = x["q"].shape
+    E = x["state"][0].shape[-2] // d
+    per_call = B * H * T * memory_core.chunk_flops(d, E, "mlp", False, 4)
+    with FlopCounterMode(display=False) as counter:
+        y, _ = _call(x, miras_memory, x["state"], objective="l2", retention="l2", chunk_size=4)
+    assert counter.get_total_flops() == per_call > 0
+    with FlopCounterMode(display=False) as counter:
+        y.sum().backward()
+    assert counter.get_total_flops() == 3 * per_call
