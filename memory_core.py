@@ -456,7 +456,7 @@ _COMPILED = {}
 
 
 def _compiled(fn, key):
-    """The torch.compile'd copy of a chunk function for one key (rule, batch, dtype, device). Shapes are
+    """The torch.compile'd copy of a chunk function for one key (rule, every shape but T's, dtype, device). Shapes are
     static and short pieces are padded to a whole chunk, so the number of graphs does not grow with T. Each
     key gets its own copy of the function's code object: dynamo counts recompilations per code object, so
     each key has its own budget (dynamo's default of 8) for the variants it guards on: the forward (no grad,
@@ -559,8 +559,8 @@ def _spec(rule, compile_chunks, track):
     return names, ints, floats
 
 
-def _loop_setup(inputs, names, ints, floats, pos):
-    """What the op's arguments stand for: (plan, rule, fns)."""
+def _loop_setup(inputs, state, names, ints, floats, pos):
+    """What the op's arguments stand for: (plan, rule, fns). state: the flattened start state."""
     objective, retention, memory = names.split(",")
     chunk_size, normalize_step, compile_chunks, track = ints
     p, q_norm, sharpness, eps, simplex = floats
@@ -568,7 +568,9 @@ def _loop_setup(inputs, names, ints, floats, pos):
     lag_step = rule["retention"].lag_step
     segment = _segment
     if compile_chunks:
-        key = (names, tuple(ints), tuple(floats), inputs[0].shape[0], inputs[0].dtype, inputs[0].device)
+        # every shape but T's (head size, expansion, which gates and state parts are there), dtype and device
+        shapes = (*[None if t is None else (t.shape[0], *t.shape[2:]) for t in inputs], *[t.shape for t in state])
+        key = (names, tuple(ints), tuple(floats), shapes, inputs[0].dtype, inputs[0].device)
         segment, lag_step = _compiled(_segment, key), lag_step and _compiled(lag_step, key)
     fns = (segment, lag_step, bool(track), rule["chunk_size"] if compile_chunks else None)
     return _plan(inputs[0].shape[1], pos, rule["chunk_size"], lag_step is not None), rule, fns
@@ -638,7 +640,7 @@ def _chunk_loop(xs: list[torch.Tensor], present: list[bool], state: list[torch.T
     # compiled chunks one variant for the forward, whatever requires_grad the caller's tensors have
     xs, state, ln_w, ln_b = [t.detach() for t in xs], [t.detach() for t in state], ln_w.detach(), ln_b.detach()
     inputs = _with_absent(xs, present)
-    plan, rule, fns = _loop_setup(inputs, names, ints, floats, pos)
+    plan, rule, fns = _loop_setup(inputs, state, names, ints, floats, pos)
     st = _unflatten_state(state, _like(layout))
     slots = _saved_slots(plan, layout) if save_starts else []
     stacked = [t.new_empty(shape) for t, shape in zip(state, _stacked_shapes(state, slots))] if save_starts else []
@@ -657,7 +659,7 @@ def _chunk_loop(xs: list[torch.Tensor], present: list[bool], state: list[torch.T
 
 @_chunk_loop.register_fake
 def _(xs, present, state, ln_w, ln_b, names, ints, floats, pos, layout, save_starts):
-    plan, _, _ = _loop_setup(_with_absent(xs, present), names, ints, floats, pos)
+    plan, _, _ = _loop_setup(_with_absent(xs, present), state, names, ints, floats, pos)
     stacked = ([t.new_empty(shape) for t, shape in zip(state, _stacked_shapes(state, _saved_slots(plan, layout)))]
                if save_starts else [])
     return [_empty(t) for t in (xs[0], *state)] + stacked  # distinct tensors: no aliasing
@@ -679,8 +681,8 @@ def _chunk_loop_backward(xs: list[torch.Tensor], present: list[bool], starts: li
     differentiates it with autograd. starts: the start state and the forward's stacked saved starts (one tensor
     per slot); grads_out: the gradients of [y, *state after]. Returns [d ln_w, d ln_b, *d xs, *d state]."""
     inputs = _with_absent(xs, present)
-    plan, rule, fns = _loop_setup(inputs, names, ints, floats, pos)
     like, n_st = _like(layout), sum(max(n, 0) for n in layout)
+    plan, rule, fns = _loop_setup(inputs, starts[:n_st], names, ints, floats, pos)
     if len(starts) != 2 * n_st:
         raise RuntimeError("miras::chunk_loop backward without the saved piece starts: the forward ran with "
                            "grad mode off; run it under torch.enable_grad() to differentiate it")
@@ -825,7 +827,7 @@ def miras_memory(q, k, v, eta, alpha, state, ln_weight, ln_bias, *, objective="l
             y, st = _run_loop(inputs, st, ln_w, ln_b, spec, pos)
         else:  # plain autograd through the same pieces: keeps every chunk's activations (the tests' reference;
             # also under forward-mode AD and torch.func transforms, which the operator does not support)
-            plan, _, fns = _loop_setup(inputs, *spec, pos)
+            plan, _, fns = _loop_setup(inputs, _flatten_state(st), *spec, pos)
             ys = []
             for (kind, _), x in zip(plan, _split(inputs, plan)):
                 y, st = _run_piece(kind, x, st, ln_w, ln_b, rule, fns)

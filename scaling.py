@@ -7,7 +7,7 @@
     python scaling.py --grid=paper                    # prints the torchrun commands of the paper-scale grid
     python scaling.py --grid=paper --launch --nproc=8 # ... or runs them one after the other, then evaluates
     python scaling.py --grid=cpu --models=moneta,transformer --max_runs=3 --plots_only ...
-    python scaling.py --grid=cpu --sizes=l --keep_ckpt --out=out-scaling   # the largest models, checkpoints kept
+    python scaling.py --grid=cpu --sizes=l --keep_ckpt --out=out-scaling   # the largest models (out-scaling/cpu_sizes_l), checkpoints kept
 
 Each run is `train.train(TrainConfig(...))` in-process (under torchrun for the paper grid) in its own out_dir
 under the cache directory (default <out>/cache/<key>/), then an evaluation on the held-out split: val loss
@@ -191,11 +191,14 @@ DEFAULT_MODELS = {"cpu": ALL_MODELS, "ablation": ["moneta"], "seeds": ALL_MODELS
 
 def cache_key(config):
     # the resolved model config is hashed too, so a change of a model's defaults never reuses a stale run
-    resolved = models.function_dict(models.make_config(
+    mcfg = models.make_config(
         config["model"], config["preset"], **config["model_args"],
         **{k: config[k] for k in ("n_layer", "n_embd", "n_head") if config[k] is not None},
-        block_size=config["block_size"]))
+        block_size=config["block_size"])
+    resolved = models.function_dict(mcfg)
     resolved.pop("vocab_size")  # set from the dataset by train.py
+    if hasattr(mcfg, "compile_memory"):  # not a function of the model, but False in every finished run's key
+        resolved["compile_memory"] = False
     # the preset's lr was a model config field when the finished runs were keyed: kept, so their keys still match
     resolved["learning_rate"] = models.preset_learning_rate(config["preset"])
     return hashlib.sha1(json.dumps([config, resolved], sort_keys=True).encode()).hexdigest()[:16]
@@ -603,7 +606,8 @@ def run_grid(grid, models_=None, out="results/scaling", cache=None, max_runs=Non
         if m not in models.MODELS:
             raise SystemExit(f"scaling.py: unknown model {m!r}; valid: {', '.join(models.MODELS)}")
     out = pathlib.Path(out)
-    grid_dir = out / grid
+    # a subset of the sizes gets its own results directory: it must not overwrite the whole grid's
+    grid_dir = out / (grid if not sizes else f"{grid}_sizes_{'_'.join(sizes)}")
     cache_dir = pathlib.Path(cache) if cache else out / "cache"
     cache_dir.mkdir(parents=True, exist_ok=True)
     specs = GRIDS[grid](models_)

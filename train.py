@@ -536,10 +536,13 @@ def model_config(cfg, vocab_size, ckpt=None, ckpt_path=None):
     if ckpt is None:
         return mcfg
     saved = models.config_from_dict(cfg.model, ckpt["model_config"])
-    diff = [f"{k}={getattr(mcfg, k)!r} asked, {getattr(saved, k)!r} saved" for k in mcfg.to_dict()
-            if getattr(mcfg, k) != getattr(saved, k)]
+    asked, had = models.function_dict(mcfg), models.function_dict(saved)
+    diff = [f"{k}={asked.get(k)!r} asked, {had.get(k)!r} saved" for k in dict.fromkeys([*asked, *had])
+            if asked.get(k) != had.get(k)]
     if diff:
         raise ConfigError(f"resume: the model config of {ckpt_path} differs from this run's: {'; '.join(diff)}")
+    if hasattr(saved, "compile_memory"):  # how the chunks run is this run's choice (None: by device)
+        saved = dataclasses.replace(saved, compile_memory=mcfg.compile_memory)
     return saved
 
 

@@ -113,7 +113,7 @@ def test_compiled_chunks_one_graph_for_every_length():
 
 
 def test_compiled_chunks_graph_count_is_bounded_per_rule_without_a_recompile_limit_patch():
-    """Each (rule, batch, dtype) gets its own compiled copy of the chunk function with at most two graphs
+    """Each (rule, shapes but T's, dtype) gets its own compiled copy of the chunk function with at most two graphs
     (forward; the backward's recompute) at a chunk start, so a process that trains and evaluates several
     rules stays within dynamo's default budget of 8 per function (fullgraph makes running past it an error),
     and a new length compiles nothing."""

@@ -70,8 +70,8 @@ def test_sizes_filter_and_kept_checkpoints(tmp_path, dataset):
     out = tmp_path / "out"
     assert scaling.main(["--grid=micro", f"--out={out}", f"--dataset={dataset}", "--sizes=b", "--keep_ckpt",
                          "--no_plots"]) == 0
-    recs = json.loads((out / "micro" / "results.json").read_text())["records"]
-    assert {r["size"] for r in recs} == {"b"} and len(recs) == 4
+    recs = json.loads((out / "micro_sizes_b" / "results.json").read_text())["records"]
+    assert {r["size"] for r in recs} == {"b"} and len(recs) == 4 and not (out / "micro").exists()
     assert len(list((out / "cache").glob("*/ckpt.pt"))) == 4
     with pytest.raises(SystemExit, match="has no size xl; its sizes: a, b"):
         scaling.main(["--grid=micro", f"--out={out}", f"--dataset={dataset}", "--sizes=b,xl"])

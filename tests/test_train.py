@@ -246,6 +246,21 @@ def test_resume_needs_the_same_model(dataset, tmp_path):
         train.train(cfg_of(dataset, tmp_path / "empty", "--init_from=resume"))
 
 
+def test_resume_of_a_checkpoint_saved_with_compile_memory_false(dataset, tmp_path):
+    """Checkpoints written when compile_memory was a plain bool (False) resume under today's default (None:
+    by device): how the chunks run is not part of the model, so it is no mismatch, and the run takes its own."""
+    out = tmp_path / "out"
+    train.train(cfg_of(dataset, out, "--max_iters=1"))
+    ck = torch.load(out / "ckpt.pt", weights_only=False)
+    assert ck["model_config"]["compile_memory"] is None
+    ck["model_config"]["compile_memory"] = False
+    torch.save(ck, out / "ckpt.pt")
+    cfg = cfg_of(dataset, out, "--max_iters=2", "--init_from=resume")
+    mcfg = train.model_config(cfg, ck["model_config"]["vocab_size"], ck, out / "ckpt.pt")
+    assert mcfg.compile_memory is None
+    assert train.train(cfg)["iter"] == 2
+
+
 def test_checkpoint_with_learning_rate_in_its_model_config_loads(dataset, tmp_path):
     """Checkpoints written before learning_rate left the model config (it was the preset's peak lr) still
     resume, sample and load: models.config_from_dict drops that key."""
