@@ -261,22 +261,29 @@ def _masked_decay(log_cum):
 # ----------------------------------------------------------------------------------------------
 # One segment of a chunk: linear recurrence against a fixed anchor, computed with matmuls
 
+def _step_sizes(eta, acts, dz, g, e, inv_norm, grad_sum, rule):
+    """The tokens' inner step sizes (normalize_step: normalized_eta of the gate's eta_hat) and the chunk's
+    running gradient sum after them."""
+    if not rule["normalize_step"]:
+        return eta, grad_sum
+    eta = normalized_eta(eta, g, e if rule["objective"].has_residual else None, acts, dz, inv_norm, grad_sum)
+    if grad_sum is not None:
+        grad_sum = [s + d.transpose(-1, -2) @ a for s, a, d in zip(grad_sum, acts, dz)]
+    return eta, grad_sum
+
+
 def _segment(q, k, v, eta, log_alpha, log_mu, delta, start, anchor, inv_norm, mom, grad_sum, ln_w, ln_b, rule,
-             grads=None, last_row=None):
+             last_row=None):
     """Tokens of one chunk (or of the part of it still to come) against a fixed gradient anchor.
 
     start: weights (accumulator for lq) before the segment; anchor: weights the gradients are taken at;
     inv_norm: per-layer read scale 1/n (lq) or None; mom: momentum buffers or None; grad_sum: the chunk's
     earlier raw gradients (normalize_step with a carried state) or None.
-    grads: inner_grad's result at the anchor when the caller already has it (the decode step).
     last_row: a 1-element index tensor: the segment's real last token when the caller padded it (the rows
     after it must be no-op tokens: k = 0, eta = 0), so that one compiled graph serves every length.
     Returns y [N, n, d], the weights after the segment, the momentum buffers and grad_sum after it."""
-    acts, dz, g, e = grads if grads is not None else inner_grad(k, v, delta, anchor, ln_w, ln_b, rule)
-    if rule["normalize_step"]:
-        eta = normalized_eta(eta, g, e if rule["objective"].has_residual else None, acts, dz, inv_norm, grad_sum)
-        if grad_sum is not None:
-            grad_sum = [s + d.transpose(-1, -2) @ a for s, a, d in zip(grad_sum, acts, dz)]
+    acts, dz, g, e = inner_grad(k, v, delta, anchor, ln_w, ln_b, rule)
+    eta, grad_sum = _step_sizes(eta, acts, dz, g, e, inv_norm, grad_sum, rule)
     cum_alpha = torch.cumsum(log_alpha, -1)
     gamma = _masked_decay(cum_alpha)  # D[t, i] = beta_t / beta_i
     if mom is not None:
@@ -324,10 +331,7 @@ def _token_step(q, eta, log_alpha, log_mu, start, inv_norm, mom, grad_sum, ln_w,
     and W_l' = alpha W_l + m_l' (without momentum W_l' = alpha W_l - eta G_l); the output reads W' (lq: times
     1 / n). Returns y [N, 1, d], the weights, the momentum buffers and grad_sum after the token."""
     acts, dz, g, e = grads
-    if rule["normalize_step"]:
-        eta = normalized_eta(eta, g, e if rule["objective"].has_residual else None, acts, dz, inv_norm, grad_sum)
-        if grad_sum is not None:
-            grad_sum = [s + d.transpose(-1, -2) @ a for s, a, d in zip(grad_sum, acts, dz)]
+    eta, grad_sum = _step_sizes(eta, acts, dz, g, e, inv_norm, grad_sum, rule)
     alpha, eta = log_alpha.exp().unsqueeze(-1), eta.unsqueeze(-1)  # [N, 1, 1]
     mu = log_mu.exp().unsqueeze(-1) if mom is not None else None
     new, new_mom = [], [] if mom is not None else None
@@ -337,13 +341,8 @@ def _token_step(q, eta, log_alpha, log_mu, start, inv_norm, mom, grad_sum, ln_w,
             update = mu * mom[i] + update
             new_mom.append(update)
         new.append(alpha * start[i] + update)
-    h = q
-    for i, w in enumerate(new):
-        z = h @ w.transpose(-1, -2)
-        if inv_norm is not None:
-            z = z * inv_norm[i]
-        h = F.gelu(z) if i < len(new) - 1 else z
-    return q + _layer_norm(h, ln_w, ln_b)[0], new, new_mom, grad_sum
+    read_weights = new if inv_norm is None else [w * n for w, n in zip(new, inv_norm)]  # lq reads A / n
+    return read(q, read_weights, ln_w, ln_b), new, new_mom, grad_sum
 
 
 def chunk_flops(d, expansion, memory, momentum, b):
@@ -515,7 +514,7 @@ def _run_piece(kind, x, st, ln_w, ln_b, rule, fns):
             q_c, k_c, v_c, eta_c, la_c, lm_c, delta_c = _pad(x, pad_to)
         last_row = torch.full((1,), n - 1, device=q_c.device)  # a fill, not a host-to-device copy
     y, weights, mom, grad_sum = segment(q_c, k_c, v_c, eta_c, la_c, lm_c, delta_c, weights, anchor,
-                                        ret.read_scale(norm), mom, grad_sum, ln_w, ln_b, rule, None, last_row)
+                                        ret.read_scale(norm), mom, grad_sum, ln_w, ln_b, rule, last_row)
     return y[:, :n], (list(weights), list(anchor), list(norm), mom, grad_sum)
 
 
