@@ -165,8 +165,8 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def first_call(fn, device):
-    """Seconds of one call (the first one: under --compile it includes compiling)."""
+def seconds(fn, device):
+    """Seconds of one call, device work included (a model's first call: compiling too under --compile)."""
     sync(device)
     t0 = time.perf_counter()
     fn()
@@ -177,14 +177,7 @@ def first_call(fn, device):
 def timed(fn, device, repeats, warmup):
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(seconds(fn, device) for _ in range(repeats))
 
 
 def rss_bytes():
@@ -283,7 +276,7 @@ def bench_model(cfg, name, seq_len, mode):
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        first = first_call(step, device)  # one of the warm-up calls
+        first = seconds(step, device)  # one of the warm-up calls
         sec = timed(step, device, cfg.repeats, max(0, cfg.warmup - 1))
         return dict(batch_size=batch, tokens_per_s=batch * seq_len / sec, ms_per_step=1e3 * sec,
                     first_call_s=first)
@@ -294,7 +287,7 @@ def bench_model(cfg, name, seq_len, mode):
         def prefill():
             with torch.no_grad(), autocast:
                 fwd(idx)
-        first = first_call(prefill, device)
+        first = seconds(prefill, device)
         sec = timed(prefill, device, cfg.repeats, max(0, cfg.warmup - 1))
         return dict(batch_size=batch, tokens_per_s=batch * seq_len / sec, ms_per_step=1e3 * sec,
                     first_call_s=first)
@@ -306,7 +299,7 @@ def bench_model(cfg, name, seq_len, mode):
         with autocast:
             model.prefill(prompt, cache)
         tok = prompt[:, -1:]
-        first = first_call(lambda: step_fn(tok, cache), device)  # compiles the step under --compile
+        first = seconds(lambda: step_fn(tok, cache), device)  # compiles the step under --compile
         for _ in range(max(0, cfg.warmup - 1)):  # untimed steps at position seq_len
             step_fn(tok, cache)
         lat = []
