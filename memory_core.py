@@ -80,6 +80,7 @@ class Retention:
     anchor of a chunk is its starting weights and the weights are read as they are."""
     name = ""
     has_norm = False      # carries a per-layer normalizer [B, H] frozen for each chunk (lq)
+    links = ("printed",)  # the `link` options it accepts (lq: also the p-norm link of section 5.2)
     momentum = True       # works with inner momentum
     lag_step = None       # fn(q, k, v, eta, alpha, delta, weights, ln_w, ln_b, rule, grads=None) -> (y, weights):
                           # an exact nonlinear step on each chunk's first token, which anchors the rest (kl);
@@ -92,6 +93,10 @@ class Retention:
 
     def read_scale(self, norm):
         """Per-layer factors the in-chunk reads are multiplied by (lq: 1 / n), or None."""
+        return None
+
+    def read_offset(self, anchor, norm, rule):
+        """Per-layer matrices added to the in-chunk reads (W_t = A_t / n + O; lq's p-norm link), or None."""
         return None
 
     def check_start(self, weights):
@@ -272,13 +277,14 @@ def _step_sizes(eta, acts, dz, g, e, inv_norm, grad_sum, rule):
     return eta, grad_sum
 
 
-def _segment(q, k, v, eta, log_alpha, log_mu, delta, start, anchor, inv_norm, mom, grad_sum, ln_w, ln_b, rule,
-             last_row=None):
+def _segment(q, k, v, eta, log_alpha, log_mu, delta, start, anchor, inv_norm, offset, mom, grad_sum, ln_w, ln_b,
+             rule, last_row=None):
     """Tokens of one chunk (or of the part of it still to come) against a fixed gradient anchor.
 
     start: weights (accumulator for lq) before the segment; anchor: weights the gradients are taken at;
-    inv_norm: per-layer read scale 1/n (lq) or None; mom: momentum buffers or None; grad_sum: the chunk's
-    earlier raw gradients (normalize_step with a carried state) or None.
+    inv_norm: per-layer read scale 1/n (lq) or None; offset: per-layer matrices added to the reads (lq's p-norm
+    link) or None; mom: momentum buffers or None; grad_sum: the chunk's earlier raw gradients (normalize_step
+    with a carried state) or None.
     last_row: a 1-element index tensor: the segment's real last token when the caller padded it (the rows
     after it must be no-op tokens: k = 0, eta = 0), so that one compiled graph serves every length.
     Returns y [N, n, d], the weights after the segment, the momentum buffers and grad_sum after it."""
@@ -302,6 +308,8 @@ def _segment(q, k, v, eta, log_alpha, log_mu, delta, start, anchor, inv_norm, mo
             z = z + carry * (h @ mom[i].transpose(-1, -2))
         if inv_norm is not None:
             z = z * inv_norm[i]
+        if offset is not None:
+            z = z + h @ offset[i].transpose(-1, -2)
         h = F.gelu(z) if i < n_layers - 1 else z
     y = q + _layer_norm(h, ln_w, ln_b)[0]
 
@@ -325,11 +333,11 @@ def _segment(q, k, v, eta, log_alpha, log_mu, delta, start, anchor, inv_norm, mo
     return y, new, new_mom, grad_sum
 
 
-def _token_step(q, eta, log_alpha, log_mu, start, inv_norm, mom, grad_sum, ln_w, ln_b, rule, grads):
+def _token_step(q, eta, log_alpha, log_mu, start, inv_norm, offset, mom, grad_sum, ln_w, ln_b, rule, grads):
     """One token (the decode step): _segment's recurrence for n = 1 without its chunk matrices. With the
     token's rank-1 gradient G_l = dz_l^T a_l (taken at the anchor, `grads`), momentum m_l' = mu m_l - eta G_l
     and W_l' = alpha W_l + m_l' (without momentum W_l' = alpha W_l - eta G_l); the output reads W' (lq: times
-    1 / n). Returns y [N, 1, d], the weights, the momentum buffers and grad_sum after the token."""
+    1 / n, plus the offset of the p-norm link). Returns y [N, 1, d], the weights, the momentum buffers and grad_sum after the token."""
     acts, dz, g, e = grads
     eta, grad_sum = _step_sizes(eta, acts, dz, g, e, inv_norm, grad_sum, rule)
     alpha, eta = log_alpha.exp().unsqueeze(-1), eta.unsqueeze(-1)  # [N, 1, 1]
@@ -342,6 +350,8 @@ def _token_step(q, eta, log_alpha, log_mu, start, inv_norm, mom, grad_sum, ln_w,
             new_mom.append(update)
         new.append(alpha * start[i] + update)
     read_weights = new if inv_norm is None else [w * n for w, n in zip(new, inv_norm)]  # lq reads A / n
+    if offset is not None:
+        read_weights = [w + o for w, o in zip(read_weights, offset)]
     return read(q, read_weights, ln_w, ln_b), new, new_mom, grad_sum
 
 
@@ -370,6 +380,9 @@ def _check(q, k, v, eta, alpha, state, ln_weight, ln_bias, rule, delta, momentum
     if rule["chunk_size"] < 1:
         raise ValueError(f"chunk_size must be >= 1, got {rule['chunk_size']}")
     objective, retention = rule["objective"], rule["retention"]
+    if rule["link"] not in retention.links:
+        raise ValueError(f"link={rule['link']!r} does not apply to retention {retention.name!r}: use one of "
+                         f"{retention.links}")
     if objective.needs_delta and delta is None:
         raise ValueError(f"objective={objective.name!r} needs delta (a [B, H, T] tensor of positive thresholds)")
     if momentum is not None and not retention.momentum:
@@ -420,10 +433,12 @@ def _check(q, k, v, eta, alpha, state, ln_weight, ln_bias, rule, delta, momentum
             retention.check_start(weights)
 
 
-def _rule(objective, retention, chunk_size, p, q_norm, sharpness, eps, simplex_scale, memory, normalize_step=False):
+def _rule(objective, retention, chunk_size, p, q_norm, sharpness, eps, simplex_scale, memory, normalize_step=False,
+          link="printed"):
     return dict(objective=resolve("objective", objective), retention=resolve("retention", retention),
                 chunk_size=int(chunk_size), p=float(p), q_norm=float(q_norm), sharpness=float(sharpness),
-                eps=float(eps), simplex_scale=simplex_scale, memory=memory, normalize_step=bool(normalize_step))
+                eps=float(eps), simplex_scale=simplex_scale, memory=memory, normalize_step=bool(normalize_step),
+                link=link)
 
 
 def _compute_dtype(x):
@@ -514,7 +529,8 @@ def _run_piece(kind, x, st, ln_w, ln_b, rule, fns):
             q_c, k_c, v_c, eta_c, la_c, lm_c, delta_c = _pad(x, pad_to)
         last_row = torch.full((1,), n - 1, device=q_c.device)  # a fill, not a host-to-device copy
     y, weights, mom, grad_sum = segment(q_c, k_c, v_c, eta_c, la_c, lm_c, delta_c, weights, anchor,
-                                        ret.read_scale(norm), mom, grad_sum, ln_w, ln_b, rule, last_row)
+                                        ret.read_scale(norm), ret.read_offset(anchor, norm, rule), mom, grad_sum,
+                                        ln_w, ln_b, rule, last_row)
     return y[:, :n], (list(weights), list(anchor), list(norm), mom, grad_sum)
 
 
@@ -550,9 +566,9 @@ def _plan(T, pos, b, has_lag):
 
 
 def _spec(rule, compile_chunks, track):
-    """The rule as the operator's typed arguments: (names "objective,retention,memory", ints [chunk_size,
+    """The rule as the operator's typed arguments: (names "objective,retention,memory,link", ints [chunk_size,
     normalize_step, compile_chunks, track], floats [p, q_norm, sharpness, eps, simplex_scale or 0])."""
-    names = ",".join((rule["objective"].name, rule["retention"].name, rule["memory"]))
+    names = ",".join((rule["objective"].name, rule["retention"].name, rule["memory"], rule["link"]))
     ints = [rule["chunk_size"], int(rule["normalize_step"]), int(compile_chunks), int(track)]
     floats = [rule["p"], rule["q_norm"], rule["sharpness"], rule["eps"], float(rule["simplex_scale"] or 0.0)]
     return names, ints, floats
@@ -560,10 +576,11 @@ def _spec(rule, compile_chunks, track):
 
 def _loop_setup(inputs, state, names, ints, floats, pos):
     """What the op's arguments stand for: (plan, rule, fns). state: the flattened start state."""
-    objective, retention, memory = names.split(",")
+    objective, retention, memory, link = names.split(",")
     chunk_size, normalize_step, compile_chunks, track = ints
     p, q_norm, sharpness, eps, simplex = floats
-    rule = _rule(objective, retention, chunk_size, p, q_norm, sharpness, eps, simplex or None, memory, normalize_step)
+    rule = _rule(objective, retention, chunk_size, p, q_norm, sharpness, eps, simplex or None, memory, normalize_step,
+                 link)
     lag_step = rule["retention"].lag_step
     segment = _segment
     if compile_chunks:
@@ -784,7 +801,8 @@ def _run_loop(inputs, st, ln_w, ln_b, spec, pos):
 
 def miras_memory(q, k, v, eta, alpha, state, ln_weight, ln_bias, *, objective="l2", retention="l2",
                  chunk_size=64, delta=None, p=3.0, q_norm=4.0, sharpness=10.0, eps=1e-6, simplex_scale=None,
-                 memory="mlp", momentum=None, normalize_step=False, check_values=True, compile_chunks=False):
+                 memory="mlp", momentum=None, normalize_step=False, link="printed", check_values=True,
+                 compile_chunks=False):
     """Chunked parallel memory over a whole sequence.
 
     q, k, v [B, H, T, d] (q, k l2-normalized); eta, alpha (, delta, momentum) [B, H, T].
@@ -794,13 +812,16 @@ def miras_memory(q, k, v, eta, alpha, state, ln_weight, ln_bias, *, objective="l
 
     normalize_step=True reads eta as the bounded step eta_hat of normalized_eta (the models' default);
     False (the default here) is the plain per-token step eta_t G_t.
+    link (lq only): "printed" reads W = A / ||A||_q^(q-2) (Eq. 24 as printed); "pnorm" the p-norm link of
+    section 5.2 (Variant 4), W = sign(A) |A|^(r-1) / ||A||_r^(r-2), r = q / (q - 1) (model_moneta.py).
 
     The chunk loop runs inside one operator (miras::chunk_loop, a torch.library custom op with a recomputing
     backward), so torch.compile of a whole model traces it as one node: its graph and compile time do not
     grow with T. compile_chunks=True runs each chunk inside it through a torch.compile'd (fullgraph,
     static-shape, padded to a whole chunk) chunk function: one graph for every T, with or without a
     whole-model compile around the call."""
-    rule = _rule(objective, retention, chunk_size, p, q_norm, sharpness, eps, simplex_scale, memory, normalize_step)
+    rule = _rule(objective, retention, chunk_size, p, q_norm, sharpness, eps, simplex_scale, memory, normalize_step,
+                 link)
     _check(q, k, v, eta, alpha, state, ln_weight, ln_bias, rule, delta, momentum, check_values)
     ret = rule["retention"]
     carried = isinstance(state, MemoryState)
@@ -846,7 +867,7 @@ def miras_memory(q, k, v, eta, alpha, state, ln_weight, ln_bias, *, objective="l
 
 def miras_memory_step(q, k, v, eta, alpha, state, ln_weight, ln_bias, *, objective="l2", retention="l2",
                       chunk_size=64, delta=None, p=3.0, q_norm=4.0, sharpness=10.0, eps=1e-6, simplex_scale=None,
-                      memory="mlp", momentum=None, normalize_step=False, check_values=False):
+                      memory="mlp", momentum=None, normalize_step=False, link="printed", check_values=False):
     """One token of decoding with static shapes: q, k, v [B, H, d]; gates [B, H]; state a MemoryState.
 
     Chunk boundaries are selected with torch.where on the position tensor, so one compiled graph serves
@@ -856,7 +877,8 @@ def miras_memory_step(q, k, v, eta, alpha, state, ln_weight, ln_bias, *, objecti
         raise ValueError("miras_memory_step needs a MemoryState; build one with MemoryState.start(weights)")
     add_t = (lambda x: None if x is None else x.unsqueeze(2))
     q, k, v, eta, alpha, delta, momentum = (add_t(x) for x in (q, k, v, eta, alpha, delta, momentum))
-    rule = _rule(objective, retention, chunk_size, p, q_norm, sharpness, eps, simplex_scale, memory, normalize_step)
+    rule = _rule(objective, retention, chunk_size, p, q_norm, sharpness, eps, simplex_scale, memory, normalize_step,
+                 link)
     _check(q, k, v, eta, alpha, state, ln_weight, ln_bias, rule, delta, momentum, check_values)
     if bool(normalize_step) != bool(state.grad_sum):
         raise ValueError("the MemoryState was built for normalize_step="
@@ -890,8 +912,9 @@ def miras_memory_step(q, k, v, eta, alpha, state, ln_weight, ln_bias, *, objecti
         grads = inner_grad(kf, vf, delta_f, anchor, ln_w, ln_b, rule)
         lag_only = ret.lag_step is not None and fresh is True
         if not lag_only:
-            y, new, mom, grad_sum = _token_step(qf, eta_f, log_alpha, log_mu, weights, ret.read_scale(norm), mom,
-                                                grad_sum, ln_w, ln_b, rule, grads)
+            y, new, mom, grad_sum = _token_step(qf, eta_f, log_alpha, log_mu, weights, ret.read_scale(norm),
+                                                ret.read_offset(anchor, norm, rule), mom, grad_sum, ln_w, ln_b,
+                                                rule, grads)
         if ret.lag_step is not None and fresh is not False:  # a chunk's first token takes the exact step instead
             y_lag, lag = ret.lag_step(qf, kf, vf, eta_f[:, 0], log_alpha[:, 0].exp(), delta_f, weights, ln_w, ln_b,
                                       rule, grads)

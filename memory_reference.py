@@ -89,6 +89,22 @@ def _ref_lq_factor(a, q_norm, eps):
     return power_sum.clamp(min=eps ** q_norm).pow((q_norm - 2.0) / q_norm)
 
 
+def _ref_pnorm_link(x, s, eps):
+    """sign(x) |x|^(s-1) / ||x||_s^(s-2) per head, per matrix (the p-norm link; ||x||_s floored at eps)."""
+    norm = x.abs().pow(s).sum(dim=(-2, -1), keepdim=True).clamp(min=eps ** s).pow(1.0 / s)
+    return torch.sign(x) * x.abs().clamp(min=torch.finfo(x.dtype).tiny).pow(s - 1.0) / norm.pow(s - 2.0)
+
+
+def _ref_lq_link(a, q_norm, eps, link):
+    """(W, n): the lq weights read from the accumulator A and the in-chunk slope's inverse n (W_t = W + dA / n).
+    printed: W = A / n with n = ||A||_q^(q-2). pnorm: W = f_r(A), r = q / (q - 1), n = ||A||_F / ||W||_F."""
+    if link == "printed":
+        n = _ref_lq_factor(a, q_norm, eps)
+        return a / n, n
+    w = _ref_pnorm_link(a, q_norm / (q_norm - 1.0), eps)
+    return w, torch.linalg.matrix_norm(a, keepdim=True) / torch.linalg.matrix_norm(w, keepdim=True)
+
+
 def _ref_simplex_scales(weights, simplex_scale):
     """kl scale c per matrix: the row length by default (W_in rows: d, W_out rows: E*d)."""
     if simplex_scale is None:
@@ -139,17 +155,18 @@ def _ref_normalized_eta(eta_hat, g_t, grads_t, chunk_grads, read_scales):
 def miras_memory_reference(q, k, v, eta, alpha, state, ln_weight, ln_bias, *, objective="l2",
                            retention="l2", chunk_size=64, delta=None, p=3.0, q_norm=4.0,
                            sharpness=10.0, eps=1e-6, simplex_scale=None, memory="mlp",
-                           momentum=None, normalize_step=False):
+                           momentum=None, normalize_step=False, link="printed"):
     """Token-by-token oracle of the chunked Miras memory. Returns (y, state).
 
     y: [B, H, T, d]; state: the weights after the last token (the accumulator A for lq), same
     structure as the input state. normalize_step: eta is eta_hat, turned into the token's step by
-    _ref_normalized_eta from the explicit gradients of the chunk's tokens so far.
+    _ref_normalized_eta from the explicit gradients of the chunk's tokens so far. link (lq): tokens inside a
+    chunk read W_c + (A_t - A_c) / n with (W_c, n) = _ref_lq_link(A_c) at the chunk start.
     """
     state = tuple(state)
     _check(q, k, v, eta, alpha, state, ln_weight, ln_bias,
-           _rule(objective, retention, chunk_size, p, q_norm, sharpness, eps, simplex_scale, memory), delta, momentum,
-           True)
+           _rule(objective, retention, chunk_size, p, q_norm, sharpness, eps, simplex_scale, memory, link=link), delta,
+           momentum, True)
     B, H, T, d = q.shape
     grad_kw = dict(objective=objective, memory=memory, p=p, sharpness=sharpness, eps=eps)
     scales = _ref_simplex_scales(state, simplex_scale)
@@ -160,8 +177,8 @@ def miras_memory_reference(q, k, v, eta, alpha, state, ln_weight, ln_bias, *, ob
     for t0 in range(0, T, chunk_size):                # chunk = tokens t0 .. t1-1 (0-based)
         t1 = min(t0 + chunk_size, T)
         if retention == "lq":
-            norms = tuple(_ref_lq_factor(a, q_norm, eps) for a in weights)   # frozen for the chunk
-            anchor = tuple(a / n for a, n in zip(weights, norms))
+            start = weights
+            anchor, norms = zip(*(_ref_lq_link(a, q_norm, eps, link) for a in weights))   # frozen for the chunk
         else:
             anchor = weights                          # l2: W at chunk start (kl: replaced below)
         read_scales = tuple(1.0 / n[..., 0, 0] for n in norms) if retention == "lq" else (1.0,) * len(weights)
@@ -192,7 +209,8 @@ def miras_memory_reference(q, k, v, eta, alpha, state, ln_weight, ln_bias, *, ob
                     e_t = _ref_normalized_eta(e_t, g_t, grads, chunk_grads, read_scales)
                 weights, mom = _ref_linear_step(weights, mom, grads, a_t, e_t, momentum, t)
 
-            read = tuple(a / n for a, n in zip(weights, norms)) if retention == "lq" else weights
+            read = (tuple(w + (a - a0) / n for w, a, a0, n in zip(anchor, weights, start, norms))
+                    if retention == "lq" else weights)
             ys.append(_ref_memory_forward(read, q[:, :, t], ln_weight, ln_bias, memory))
     return torch.stack(ys, dim=2), weights
 
@@ -204,25 +222,26 @@ def miras_memory_reference(q, k, v, eta, alpha, state, ln_weight, ln_bias, *, ob
 def miras_memory_exact(q, k, v, eta, alpha, state, ln_weight, ln_bias, *, objective="l2",
                        retention="l2", delta=None, p=3.0, q_norm=4.0, sharpness=10.0, eps=1e-6,
                        simplex_scale=None, memory="mlp", momentum=None, lq_read="current",
-                       kl_log_floor=None):
+                       kl_log_floor=None, link="printed"):
     """Exact per-token recurrence (every G_t at W_{t-1}; no chunks).
 
         l2: W_t = alpha_t W_{t-1} - eta_t G_t(W_{t-1})
-        lq: A_t = alpha_t A_{t-1} - eta_t G_t(W_{t-1}),  W_t = A_t / n(A_t)
+        lq: A_t = alpha_t A_{t-1} - eta_t G_t(W_{t-1}),  W_t = f(A_t)   (printed: A_t / n(A_t); pnorm: f_r(A_t))
         kl: W_t = c softmax_rows(alpha_t log W_{t-1} - eta_t G_t(W_{t-1}))     (log NOT floored)
         y_t = M_{W_t}(q_t)
 
     Differences from the chunked semantics with chunk_size=1 (``miras_memory_reference``):
       * kl: the chunked path floors the log at 1e-6; identical whenever W > 1e-6 everywhere
         (``kl_log_floor=None``, default: the exact log; ``kl_log_floor=1e-6`` reproduces the floor).
-      * lq: the state trajectory (A_t) is identical, but the chunked path reads token t with
-        A_t / n(A_{t-1}) (the normalization happens at the chunk end, i.e. one token later).
-        ``lq_read="current"`` (default) gives the section-2 read A_t / n(A_t); ``lq_read="previous"``
-        gives the chunk_size=1 read A_t / n(A_{t-1}).
+      * lq: the state trajectory (A_t) is identical, but the chunked path reads token t through the previous
+        token's link, W_{t-1} + (A_t - A_{t-1}) / n(A_{t-1}) (printed: A_t / n(A_{t-1})): the link lands at the
+        chunk end, i.e. one token later. ``lq_read="current"`` (default) gives the section-2 read f(A_t);
+        ``lq_read="previous"`` gives the chunk_size=1 read.
     """
     state = tuple(state)
     _check(q, k, v, eta, alpha, state, ln_weight, ln_bias,
-           _rule(objective, retention, 1, p, q_norm, sharpness, eps, simplex_scale, memory), delta, momentum, True)
+           _rule(objective, retention, 1, p, q_norm, sharpness, eps, simplex_scale, memory, link=link), delta, momentum,
+           True)
     if lq_read not in ("current", "previous"):
         raise ValueError("lq_read must be 'current' or 'previous'")
     B, H, T, d = q.shape
@@ -236,8 +255,8 @@ def miras_memory_exact(q, k, v, eta, alpha, state, ln_weight, ln_bias, *, object
         a_t, e_t = _ref_gate(alpha, t), _ref_gate(eta, t)
         d_t = delta[:, :, t] if delta is not None else None
         if retention == "lq":
-            prev_norms = tuple(_ref_lq_factor(a, q_norm, eps) for a in weights)
-            current = tuple(a / n for a, n in zip(weights, prev_norms))         # W_{t-1}
+            prev = weights
+            current, prev_norms = zip(*(_ref_lq_link(a, q_norm, eps, link) for a in weights))  # W_{t-1}
         else:
             current = weights
         grads = _ref_inner_grad(current, k[:, :, t], v[:, :, t], ln_weight, ln_bias, delta_t=d_t,
@@ -250,10 +269,10 @@ def miras_memory_exact(q, k, v, eta, alpha, state, ln_weight, ln_bias, *, object
         else:
             weights, mom = _ref_linear_step(weights, mom, grads, a_t, e_t, momentum, t)
 
-        if retention == "lq":
-            norms = (prev_norms if lq_read == "previous"
-                     else tuple(_ref_lq_factor(a, q_norm, eps) for a in weights))
-            read = tuple(a / n for a, n in zip(weights, norms))
+        if retention == "lq" and lq_read == "previous":
+            read = tuple(w + (a - a0) / n for w, a, a0, n in zip(current, weights, prev, prev_norms))
+        elif retention == "lq":
+            read = tuple(_ref_lq_link(a, q_norm, eps, link)[0] for a in weights)
         else:
             read = weights
         ys.append(_ref_memory_forward(read, q[:, :, t], ln_weight, ln_bias, memory))

@@ -113,6 +113,8 @@ class MirasConfig(LMConfig):
     momentum: bool = False        # inner momentum (Titans-LMM); not with kl
     p: float = 3.0                # lp objective
     q_norm: float = 4.0           # lq retention
+    lq_link: str = "printed"      # lq retention's link from accumulator to weights: "printed" (Eq. 24 as printed,
+                                  # W = A / ||A||_q^(q-2)) | "pnorm" (section 5.2's p-norm link; model_moneta.py)
     sharpness: float = 10.0       # tau of the smoothed sign tanh(tau x) (lp, huber)
     eps: float = 1e-6
     simplex_scale: float = 0.0    # kl: rows live on c * simplex; 0 means c = the row's length
@@ -142,7 +144,8 @@ class MirasConfig(LMConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        for name, valid in (("memory", memory_core.MEMORIES), ("out_gate", ("silu", "sigmoid"))):
+        for name, valid in (("memory", memory_core.MEMORIES), ("out_gate", ("silu", "sigmoid")),
+                            ("lq_link", ("printed", "pnorm"))):
             if getattr(self, name) not in valid:
                 raise ValueError(f"{name}={getattr(self, name)!r}: use one of {valid}")
         memory_core.resolve("objective", self.objective)
@@ -406,7 +409,8 @@ class MirasLayer(nn.Module):
         self.mem_kwargs = dict(objective=cfg.objective, retention=cfg.retention, chunk_size=cfg.chunk_size,
                                p=cfg.p, q_norm=cfg.q_norm, sharpness=cfg.sharpness, eps=cfg.eps,
                                simplex_scale=cfg.simplex_scale or None, memory=cfg.memory,
-                               normalize_step=cfg.eta_gate == "normalized")
+                               normalize_step=cfg.eta_gate == "normalized",
+                               link=cfg.lq_link if cfg.retention == "lq" else "printed")
         self.reset_special_parameters()
 
     def _gate_specs(self):

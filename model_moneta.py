@@ -52,31 +52,70 @@ def lq_norm(a, q_norm, eps):
     return power_sum.clamp_min(eps**q_norm).pow((q_norm - 2) / q_norm)
 
 
-class LqRetention(memory_core.Retention):
-    """Eq. 24: A_t = alpha_t A_{t-1} - eta_t G_t, read as W_t = A_t / ||A_t||_q^(q-2).
+def pnorm_link(x, s, eps):
+    """f_s(x) = sign(x) |x|^(s-1) / ||x||_s^(s-2) per head and matrix: the gradient of 1/2 ||x||_s^2, the
+    link of the p-norm algorithms (Shalev-Shwartz 2012, 2.6). Homogeneous of degree 1, and f_r, f_q are each
+    other's inverse when 1/r + 1/q = 1. |x| is floored at the dtype's tiny, so an entry at exactly 0 maps to 0
+    with a zero (not NaN) gradient; for s < 2 the derivative (s - 1) |x|^(s-2) is unbounded near 0."""
+    mag = x.abs().clamp_min(torch.finfo(x.dtype).tiny)
+    norm = x.abs().pow(s).sum((-1, -2), keepdim=True).clamp_min(eps**s).pow(1.0 / s)
+    return torch.sign(x) * mag.pow(s - 1) * norm.pow(2 - s)
 
-    Chunked: the normalizer n is frozen at the chunk start (the anchor is A / n, tokens inside the chunk read
-    A_t / n) and taken exactly at the chunk end ("at the end of each chunk"); the state carries n."""
+
+def conjugate(q_norm):
+    return q_norm / (q_norm - 1.0)
+
+
+def _frobenius(x):
+    return x.pow(2).sum((-1, -2), keepdim=True).sqrt().clamp_min(torch.finfo(x.dtype).tiny)
+
+
+class LqRetention(memory_core.Retention):
+    """Eq. 24: A_t = alpha_t A_{t-1} - eta_t G_t, read through a link W_t = f(A_t) ("at the end of each chunk").
+
+    link "printed": W = A / n(A), n = ||A||_q^(q-2), Eq. 24 as printed (homogeneous of degree 3 - q in A).
+    link "pnorm": W = f_r(A), r = q / (q - 1), the p-norm link the paper's derivation gives (section 5.2,
+    Variant 4; homogeneous of degree 1). Its inverse is f_q, so A = f_q(W).
+
+    Chunked: the link is applied at chunk ends; inside a chunk tokens read the linearization along a scalar
+    slope 1 / n frozen at the chunk start, W_t = W_c + (A_t - A_c) / n, where W_c = f(A_c) is the anchor. For
+    the printed link n is its own normalizer (W_t = A_t / n, no offset). For the p-norm link the entry-wise
+    derivative is unbounded near 0 and would break the dual form's b x b matmuls, so the slope is the radial
+    one, 1 / n = ||W_c||_F / ||A_c||_F (exact along A_c: f(c A) = c f(A)), and the offset O = W_c - A_c / n is
+    computed from the anchor through the inverse link (the state carries A_t, W_c and n)."""
     name = "lq"
     has_norm = True
+    links = ("printed", "pnorm")
 
     def refresh(self, weights, rule):
+        if rule["link"] == "pnorm":
+            anchor = [pnorm_link(a, conjugate(rule["q_norm"]), rule["eps"]) for a in weights]
+            return anchor, [_frobenius(a) / _frobenius(w) for a, w in zip(weights, anchor)]
         norm = [lq_norm(a, rule["q_norm"], rule["eps"]) for a in weights]
         return [a / n for a, n in zip(weights, norm)], norm
 
     def read_scale(self, norm):
         return [1.0 / n for n in norm]
 
+    def read_offset(self, anchor, norm, rule):
+        if rule["link"] != "pnorm":
+            return None
+        return [w - pnorm_link(w, rule["q_norm"], rule["eps"]) / n for w, n in zip(anchor, norm)]
+
     def init_fast_weights_(self, w, cfg):
-        """The learned initial accumulator, scaled so that W = A / ||A||_q^(q-2) starts at fan-in scale
-        (W is homogeneous of degree 3 - q in A)."""
+        """The learned initial state. pnorm: the initial weights W_0 at fan-in scale (initial_weights gives the
+        accumulator A_0 = f_q(W_0), whose entries are ~100x smaller than W's: too small to learn with AdamW).
+        printed: the accumulator itself, scaled so that W = A / ||A||_q^(q-2) starts at fan-in scale."""
         std = 1.0 / math.sqrt(w.shape[-1])
-        if cfg.q_norm == 3.0:  # degree 0: the scale of A does not matter
+        if cfg.lq_link == "pnorm" or cfg.q_norm == 3.0:  # printed with q = 3: degree 0, A's scale does not matter
             nn.init.normal_(w, 0.0, std)
             return
         nn.init.normal_(w, 0.0, 1.0)
         qn = w.abs().pow(cfg.q_norm).sum((-1, -2), keepdim=True).pow(1.0 / cfg.q_norm)
         w.mul_((std * qn.pow(cfg.q_norm - 2)).pow(1.0 / (3.0 - cfg.q_norm)))
+
+    def initial_weights(self, w, cfg):
+        return pnorm_link(w, cfg.q_norm, cfg.eps) if cfg.lq_link == "pnorm" else w
 
 
 memory_core.register("objective", LpBias())

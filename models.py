@@ -111,6 +111,8 @@ def function_dict(config):
     function does not invalidate finished runs."""
     out = config.to_dict()
     out.pop("compile_memory", None)  # how the chunks run, not what they compute
+    if out.get("lq_link") == "printed" or out.get("retention", "lq") != "lq":  # the function before the option
+        out.pop("lq_link", None)
     if out.get("eta_gate") == "softplus":
         for key in ("eta_gate", "eta_max", "eta_init"):
             out.pop(key)

@@ -347,13 +347,15 @@ def time_slice(inp, a, b, state):
 
 
 def decode(inp, n, objective, retention, memory, use_momentum, b=B_DEC, step_fn=miras_memory_step,
-           tensor_pos=False):
-    """Prefill the first n tokens with miras_memory(MemoryState), then decode one token at a time."""
+           tensor_pos=False, **extra):
+    """Prefill the first n tokens with miras_memory(MemoryState), then decode one token at a time (extra:
+    further keywords of both calls)."""
     T = inp["q"].shape[2]
-    st = MemoryState.start(inp["state"], momentum=use_momentum, retention=retention)
+    st = MemoryState.start(inp["state"], momentum=use_momentum, retention=retention,
+                           normalize_step=extra.get("normalize_step", False))
     if tensor_pos:  # the position as a 0-dim tensor from the start: one compiled graph for every step
         st = st._replace(pos=torch.tensor(0))
-    kw = dict(objective=objective, retention=retention, chunk_size=b, memory=memory)
+    kw = dict(objective=objective, retention=retention, chunk_size=b, memory=memory, **extra)
     ys = []
     if n > 0:
         y, st = call(miras_memory, time_slice(inp, 0, n, st), use_momentum=use_momentum, **kw)
