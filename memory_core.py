@@ -65,10 +65,14 @@ class Objective:
     """An attentional bias: the engine needs its output-space gradient g = dl/dM(k)."""
     name = ""
     needs_delta = False  # Huber: a per-token threshold, produced by the layer's delta gate
-    has_residual = True  # normalize_step aims the step at the residual e (False: dot, which has no target)
 
     def output_grad(self, e, v, delta, rule):
         raise NotImplementedError
+
+    def curvature(self, e, delta, rule):
+        """L_t [N, n]: the largest slope dg_i / de_i of the output gradient at this token's residual (the bias's
+        local smoothness), which normalize_step divides the step by; None means 1 (l2; dot, which is linear)."""
+        return None
 
     def gates(self, cfg, head_dim):
         """Extra per-token gates the layer must produce for this objective (model_common.Gate list)."""
@@ -119,7 +123,6 @@ class L2Bias(Objective):
 
 class DotBias(Objective):
     name = "dot"  # Hebbian: l = -<M(k), v>
-    has_residual = False
 
     def output_grad(self, e, v, delta, rule):
         return -v
@@ -212,22 +215,25 @@ def inner_grad(k, v, delta, weights, ln_w, ln_b, rule):
     return acts, dz, g, e
 
 
-def normalized_eta(eta_hat, g, e, acts, dz, scale, grad_sum):
+def normalized_eta(eta_hat, g, curvature, acts, dz, scale, grad_sum):
     """The bounded, scale-aware inner step (normalize_step=True): eta_hat in (0, eta_max] becomes
 
-        eta_t = eta_hat_t <g_t, e_t>_+ / (max(<G_t, G_t>, sum_{j<=t} <G_t, G_j>) + STEP_FLOOR ||g_t||^2)
+        eta_t = eta_hat_t ||g_t||^2 / (L_t (max(<G_t, G_t>, sum_{j<=t} <G_t, G_j>) + STEP_FLOOR ||g_t||^2))
 
     where j runs over the chunk's tokens so far (all of them share one anchor) and <G_t, G_j> =
     sum_l s_l (dz_lt . dz_lj)(a_lt . a_lj) is the inner product of the rank-1 per-layer weight gradients,
     each layer weighted by the factor s_l its weights are read with (lq: 1 / n; kl's lag step: c / row length).
-    Linearized, token j's step moves M(k_t) along g_t by eta_j <G_t, G_j> / ||g_t||, so with eta_hat = 1 a
-    token alone in its chunk removes the projection of its residual e_t onto its descent direction g_t
-    (for l2, g = e: the normalized-LMS / Newton step), whatever the scale of the weights, the LayerNorm or
-    the bias; b copies of one pair share that one step instead of taking it b times. The floor term makes
-    the step partial where the output gain <G, G> / ||g||^2 falls below STEP_FLOOR: there a full step would
-    mean a large weight step, which grows the weights' LayerNorm-invariant scale. Without a residual
-    (dot: e is None) the numerator is ||g_t||^2: the output moves by eta_hat v. README, "Stability".
-    grad_sum: per layer, the sum of the raw gradients of this chunk's earlier pieces (carried state), or None."""
+    Linearized, the step moves M(k_t) by eta_t <G_t, G_t> / ||g_t||^2 times -g_t: the output gain along g_t
+    cancels, so eta_hat alone says how far the output moves, whatever the scale of the weights, the LayerNorm
+    or the chunk. L_t is the bias's curvature bound (Objective.curvature; 1 for l2): with it the step is the
+    minimizer along -g_t of the loss's quadratic upper bound (L-smoothness), at eta_hat = 1 -- for l2 the
+    normalized-LMS / Newton step, removing the residual -- and no coordinate of the output overshoots for
+    eta_hat < 2 (lp's g ~ e |e| and Huber's smoothed sign are steepest where the secant <g, e> / ||e||^2 is not).
+    The row sums make b copies of one pair share that one step instead of taking it b times. The floor term
+    makes the step partial where the output gain <G, G> / ||g||^2 falls below STEP_FLOOR: there a full step would
+    mean a large weight step, which grows the weights' LayerNorm-invariant scale. README, "Stability".
+    curvature: L_t [N, n] or None (1); grad_sum: per layer, the sum of the raw gradients of this chunk's earlier
+    pieces (carried state), or None."""
     gram = 0.0
     prev = 0.0
     for i, (a, d) in enumerate(zip(acts, dz)):
@@ -240,9 +246,10 @@ def normalized_eta(eta_hat, g, e, acts, dz, scale, grad_sum):
     causal = torch.ones(n, n, dtype=torch.bool, device=gram.device).tril()
     row = torch.where(causal, gram, torch.zeros_like(gram)).sum(-1) + prev
     g2 = (g * g).sum(-1)
-    target = g2 if e is None else (g * e).sum(-1).clamp_min(0.0)
     denom = torch.maximum(gram.diagonal(dim1=-2, dim2=-1), row) + STEP_FLOOR * g2
-    return eta_hat * target / denom.clamp_min(torch.finfo(denom.dtype).tiny)
+    if curvature is not None:
+        denom = denom * curvature
+    return eta_hat * g2 / denom.clamp_min(torch.finfo(denom.dtype).tiny)
 
 
 def read(x, weights, ln_w, ln_b):
@@ -266,12 +273,13 @@ def _masked_decay(log_cum):
 # ----------------------------------------------------------------------------------------------
 # One segment of a chunk: linear recurrence against a fixed anchor, computed with matmuls
 
-def _step_sizes(eta, acts, dz, g, e, inv_norm, grad_sum, rule):
+def _step_sizes(eta, acts, dz, g, e, delta, inv_norm, grad_sum, rule):
     """The tokens' inner step sizes (normalize_step: normalized_eta of the gate's eta_hat) and the chunk's
     running gradient sum after them."""
     if not rule["normalize_step"]:
         return eta, grad_sum
-    eta = normalized_eta(eta, g, e if rule["objective"].has_residual else None, acts, dz, inv_norm, grad_sum)
+    curvature = rule["objective"].curvature(e, delta, rule)
+    eta = normalized_eta(eta, g, curvature, acts, dz, inv_norm, grad_sum)
     if grad_sum is not None:
         grad_sum = [s + d.transpose(-1, -2) @ a for s, a, d in zip(grad_sum, acts, dz)]
     return eta, grad_sum
@@ -289,7 +297,7 @@ def _segment(q, k, v, eta, log_alpha, log_mu, delta, start, anchor, inv_norm, of
     after it must be no-op tokens: k = 0, eta = 0), so that one compiled graph serves every length.
     Returns y [N, n, d], the weights after the segment, the momentum buffers and grad_sum after it."""
     acts, dz, g, e = inner_grad(k, v, delta, anchor, ln_w, ln_b, rule)
-    eta, grad_sum = _step_sizes(eta, acts, dz, g, e, inv_norm, grad_sum, rule)
+    eta, grad_sum = _step_sizes(eta, acts, dz, g, e, delta, inv_norm, grad_sum, rule)
     cum_alpha = torch.cumsum(log_alpha, -1)
     gamma = _masked_decay(cum_alpha)  # D[t, i] = beta_t / beta_i
     if mom is not None:
@@ -333,13 +341,13 @@ def _segment(q, k, v, eta, log_alpha, log_mu, delta, start, anchor, inv_norm, of
     return y, new, new_mom, grad_sum
 
 
-def _token_step(q, eta, log_alpha, log_mu, start, inv_norm, offset, mom, grad_sum, ln_w, ln_b, rule, grads):
+def _token_step(q, eta, log_alpha, log_mu, delta, start, inv_norm, offset, mom, grad_sum, ln_w, ln_b, rule, grads):
     """One token (the decode step): _segment's recurrence for n = 1 without its chunk matrices. With the
     token's rank-1 gradient G_l = dz_l^T a_l (taken at the anchor, `grads`), momentum m_l' = mu m_l - eta G_l
     and W_l' = alpha W_l + m_l' (without momentum W_l' = alpha W_l - eta G_l); the output reads W' (lq: times
     1 / n, plus the offset of the p-norm link). Returns y [N, 1, d], the weights, the momentum buffers and grad_sum after the token."""
     acts, dz, g, e = grads
-    eta, grad_sum = _step_sizes(eta, acts, dz, g, e, inv_norm, grad_sum, rule)
+    eta, grad_sum = _step_sizes(eta, acts, dz, g, e, delta, inv_norm, grad_sum, rule)
     alpha, eta = log_alpha.exp().unsqueeze(-1), eta.unsqueeze(-1)  # [N, 1, 1]
     mu = log_mu.exp().unsqueeze(-1) if mom is not None else None
     new, new_mom = [], [] if mom is not None else None
@@ -912,7 +920,7 @@ def miras_memory_step(q, k, v, eta, alpha, state, ln_weight, ln_bias, *, objecti
         grads = inner_grad(kf, vf, delta_f, anchor, ln_w, ln_b, rule)
         lag_only = ret.lag_step is not None and fresh is True
         if not lag_only:
-            y, new, mom, grad_sum = _token_step(qf, eta_f, log_alpha, log_mu, weights, ret.read_scale(norm),
+            y, new, mom, grad_sum = _token_step(qf, eta_f, log_alpha, log_mu, delta_f, weights, ret.read_scale(norm),
                                                 ret.read_offset(anchor, norm, rule), mom, grad_sum, ln_w, ln_b,
                                                 rule, grads)
         if ret.lag_step is not None and fresh is not False:  # a chunk's first token takes the exact step instead

@@ -38,7 +38,11 @@ def _ref_memory_forward(weights, x, ln_weight, ln_bias, memory):
 
 def _ref_output_grad(out, v_t, objective, delta_t, p, sharpness, eps):
     """Spec g_t = dl/dM(k_t) for the objectives defined through an injected output gradient."""
-    e = out - v_t
+    return _ref_residual_grad(out - v_t, objective, delta_t, p, sharpness, eps)
+
+
+def _ref_residual_grad(e, objective, delta_t, p, sharpness, eps):
+    """g as a function of the residual e = M(k_t) - v_t (lp, huber)."""
     if objective == "lp":
         return p * torch.tanh(sharpness * e) * (e * e + eps).pow((p - 1.0) / 2.0)
     if objective == "huber":
@@ -127,13 +131,20 @@ def _ref_gate(x, t):
 
 
 def _ref_g(weights, k_t, v_t, ln_weight, ln_bias, delta_t, *, objective, memory, p, sharpness, eps):
-    """(g_t = dl/dM(k_t), the step's target <g_t, e_t>_+ (dot: ||g_t||^2)) at ``weights``."""
+    """(g_t = dl/dM(k_t), the step's target ||g_t||^2 / L_t) at ``weights``; L_t = max_i dg_i / de_i (1 for l2
+    and dot), the derivative of the elementwise output gradient taken by autograd."""
     out = _ref_memory_forward(weights, k_t, ln_weight, ln_bias, memory)
     e = out - v_t
     if objective == "dot":
         return -v_t, v_t.pow(2).sum(-1)
-    g = e if objective == "l2" else _ref_output_grad(out, v_t, objective, delta_t, p, sharpness, eps)
-    return g, (g * e).sum(-1).clamp(min=0.0)
+    if objective == "l2":
+        return e, e.pow(2).sum(-1)
+    g = _ref_residual_grad(e, objective, delta_t, p, sharpness, eps)
+    with torch.enable_grad():  # dg_i / de_i: g is elementwise in e (the Huber switch is piecewise constant)
+        x = e if e.requires_grad else e.detach().requires_grad_(True)
+        (slope,) = torch.autograd.grad(_ref_residual_grad(x, objective, delta_t, p, sharpness, eps).sum(), x,
+                                       create_graph=torch.is_grad_enabled())
+    return g, g.pow(2).sum(-1) / slope.amax(-1)
 
 
 def _ref_normalized_eta(eta_hat, g_t, grads_t, chunk_grads, read_scales):

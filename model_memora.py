@@ -43,8 +43,8 @@ def kl_lag_step(q, k, v, eta, alpha, delta, weights, ln_w, ln_b, rule, grads=Non
     acts, dz, g, e = grads if grads is not None else memory_core.inner_grad(k, v, delta, weights, ln_w, ln_b, rule)
     if rule["normalize_step"]:  # an exponentiated-gradient step moves W by about eta (c / row length) G
         scale = [simplex_scale(rule["simplex_scale"], w) / w.shape[-1] for w in weights]
-        e = e if rule["objective"].has_residual else None
-        eta = memory_core.normalized_eta(eta.unsqueeze(-1), g, e, acts, dz, scale, None).squeeze(-1)
+        curvature = rule["objective"].curvature(e, delta, rule)
+        eta = memory_core.normalized_eta(eta.unsqueeze(-1), g, curvature, acts, dz, scale, None).squeeze(-1)
     new = []
     for w, a, d in zip(weights, acts, dz):
         grad = d.transpose(-1, -2) @ a  # one token: the outer product dz^T a, [N, out, in]

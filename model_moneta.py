@@ -42,6 +42,14 @@ class LpBias(memory_core.Objective):
         p = rule["p"]
         return p * torch.tanh(rule["sharpness"] * e) * (e * e + rule["eps"]).pow((p - 1) / 2)
 
+    def curvature(self, e, delta, rule):
+        """max_i dg_i / de_i = p tau sech^2(tau e) s^((p-1)/2) + p (p-1) tanh(tau e) e s^((p-3)/2), s = e^2 + eps:
+        about p (p - 1) max |e|^(p-2), twice the secant of p = 3, so a step sized by the secant overshoots."""
+        p, t = rule["p"], torch.tanh(rule["sharpness"] * e)
+        s = e * e + rule["eps"]
+        slope = p * rule["sharpness"] * (1 - t * t) * s.pow((p - 1) / 2) + p * (p - 1) * t * e * s.pow((p - 3) / 2)
+        return slope.amax(-1)
+
 
 def lq_norm(a, q_norm, eps):
     """n(A) = max(||A||_q, eps)^(q-2) per head and matrix (entry-wise q-norm), [N, 1, 1] (Eq. 24).

@@ -43,6 +43,13 @@ class HuberBias(memory_core.Objective):
         small = e.norm(dim=-1, keepdim=True) <= delta
         return torch.where(small, e, delta * torch.tanh(rule["sharpness"] * e))
 
+    def curvature(self, e, delta, rule):
+        """1 on the l2 side; on the l1 side max_i delta tau sech^2(tau e_i), the smoothed sign's steepest slope
+        (tau times steeper than the secant delta / |e| at |e| ~ 1)."""
+        small = e.norm(dim=-1) <= delta.squeeze(-1)
+        t = torch.tanh(rule["sharpness"] * e)
+        return torch.where(small, torch.ones_like(small, dtype=e.dtype), (delta * rule["sharpness"] * (1 - t * t)).amax(-1))
+
     def gates(self, cfg, head_dim):
         """delta_t = softplus(.) + 1e-4 > 0, starting at delta_init (default sqrt(head_dim), about the
         norm of a residual between two unit-scale vectors)."""
