@@ -205,6 +205,7 @@ def _worker(job, cfg, conn):
     """Body of the worker process (module level, so that spawn can pickle it): run job(), send the result."""
     cuda = cfg.device.startswith("cuda")
     try:
+        cli.fast_float32(cfg.device)  # as train.py and sample.py run
         if cfg.mem_limit_gb > 0:
             if cuda:
                 total = torch.cuda.get_device_properties(cfg.device).total_memory

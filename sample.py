@@ -352,7 +352,7 @@ def run(cfg, out=None, err=None):
     dtype = cli.resolve_dtype(cfg.dtype, device, SampleError)
     loaded = load_model(cfg.out_dir, cfg.ckpt, device, dtype)
     model, tok = loaded.model, loaded.tokenizer
-    cli.allow_tf32(device)
+    cli.fast_float32(device)
     text = read_start(cfg.start)
     prompt = encode_prompt(tok, text)
     autocast = cli.autocast_for(device, dtype)

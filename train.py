@@ -552,7 +552,7 @@ def setup(cfg, device, ddp, rank, world, batches=None):
 
     n_micro, shares, split_how = batch_split(cfg.batch_size, cfg.gradient_accumulation_steps, world)
     dtype = cli.resolve_dtype(cfg.dtype, device)
-    cli.allow_tf32(device)
+    cli.fast_float32(device)
     if batches is None:
         data_dir = resolve_dataset(cfg.dataset, rank, world)
         meta = read_meta(data_dir)
