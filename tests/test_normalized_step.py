@@ -156,14 +156,27 @@ def memorization_ratio(name, n_pairs=16, seed=0, **over):
     return (after / before).item()
 
 
-@pytest.mark.parametrize("name", ["memora"])
-def test_normalized_gate_memorizes_in_context(name):
+@pytest.mark.parametrize("name,over", [
+    ("memora", {}),
+    # Huber's step is bounded by its smoothed sign's slope: it writes measurably with a smooth sign (tau 1),
+    # and stably at init with its decay from 0.9999 (README, "Stability")
+    ("yaad", dict(sharpness=1.0, alpha_init=0.9999))])
+def test_normalized_gate_memorizes_in_context(name, over):
     """At init, the normalized step writes 16 pairs measurably (read-back error at most 0.85 of before) and
     more than the softplus gate's eta_base scale (which leaves the memory nearly static). README,
-    "Stability", has the measured ratios and why one chunk's anchored step cannot reach 0.5 here."""
-    normalized = memorization_ratio(name, eta_gate="normalized")
-    softplus = memorization_ratio(name, eta_gate="softplus")
+    "Stability", has the measured ratios and why none reaches 0.5 here."""
+    normalized = memorization_ratio(name, eta_gate="normalized", **over)
+    softplus = memorization_ratio(name, eta_gate="softplus", **over)
     assert normalized <= 0.85 and normalized < softplus - 0.05, (name, normalized, softplus)
+
+
+def test_curvature_bound_limits_a_steep_bias():
+    """The curvature bound sizes Huber's step by its steepest slope: with the smoothed sign's sharpness tau = 10
+    each output coordinate moves by at most eta_hat / tau per token, so the same memory writes far less than
+    with tau = 1 (the two differ only in the sign's smoothing)."""
+    steep = memorization_ratio("yaad", eta_gate="normalized", alpha_init=0.9999)
+    smooth = memorization_ratio("yaad", eta_gate="normalized", alpha_init=0.9999, sharpness=1.0)
+    assert smooth < 0.85 < 0.9 < steep, (smooth, steep)
 
 
 def test_function_dict_leaves_out_the_inactive_gate_settings():
