@@ -307,10 +307,9 @@ def bench_model(cfg, name, seq_len, mode):
         for _ in range(cfg.decode_tokens):
             sync(device)
             t0 = time.perf_counter()
-            logits = step_fn(tok, cache)
+            tok, _ = step_fn(tok, cache)  # greedy, drawn inside the step
             sync(device)
             lat.append(time.perf_counter() - t0)
-            tok = logits.argmax(-1, keepdim=True)
     sec = statistics.median(lat)
     return dict(batch_size=1, tokens_per_s=1.0 / sec, ms_per_token=1e3 * sec, first_call_s=first,
                 state_bytes=model_common.state_bytes(cache)["total"])

@@ -702,27 +702,52 @@ def is_greedy(temperature, top_k):
     return temperature == 0 or top_k == 1
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is drawn: greedy (argmax) when temperature == 0 or top_k == 1, else temperature, top-k,
+    top-p, then a Gumbel-max draw from uniform noise; ids >= vocab_limit never come. The noise is drawn outside
+    (with the caller's generator) and `pick` has no generator and no host sync, so a decode step and its draw
+    compile into one graph (sample.make_step)."""
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    vocab_limit: Optional[int] = None
+
+    @property
+    def greedy(self):
+        return is_greedy(self.temperature, self.top_k)
+
+    def noise(self, shape, device, generator=None):
+        """Uniform noise in [0, 1) of the logits' shape [B, V] for pick (None when greedy)."""
+        return None if self.greedy else torch.rand(shape, generator=generator, device=device)
+
+    def pick(self, logits, noise):
+        """Next token ids [B, 1] from last-position logits [B, V]. argmax(log p + G), G = -log(-log u), draws
+        from p exactly (the Gumbel-max trick), p the filtered softmax (u = 0 gives G = -inf: never drawn)."""
+        logits = logits.float()
+        V = logits.shape[-1]
+        if self.vocab_limit is not None and self.vocab_limit < V:
+            logits = logits.masked_fill(torch.arange(V, device=logits.device) >= self.vocab_limit, -float("inf"))
+        if self.greedy:
+            return logits.argmax(-1, keepdim=True)
+        logits = logits / self.temperature
+        if self.top_k and self.top_k < V:
+            kth = torch.topk(logits, self.top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, -float("inf"))
+        if self.top_p < 1.0:
+            sorted_p, order = torch.sort(F.softmax(logits, dim=-1), dim=-1, descending=True)
+            before = sorted_p.cumsum(-1) - sorted_p  # mass of the more likely tokens: keep while it is < top_p
+            drop = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, order, before >= self.top_p)
+            logits = logits.masked_fill(drop, -float("inf"))
+        return (logits - torch.log(-torch.log(noise))).argmax(-1, keepdim=True)
+
+
 def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None, vocab_limit=None):
-    """Next token ids [B, 1] from last-position logits [B, V]: greedy (argmax) when temperature == 0 or
-    top_k == 1, else temperature, top-k, top-p, then a draw with `generator`. Ids >= vocab_limit never come.
-    The one sampler: LM.generate and sample.py both draw with it."""
-    logits = logits.float()
-    if vocab_limit is not None and vocab_limit < logits.shape[-1]:
-        logits = logits.clone()
-        logits[:, vocab_limit:] = -float("inf")
-    if is_greedy(temperature, top_k):
-        return logits.argmax(-1, keepdim=True)
-    logits = logits / temperature
-    if top_k and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, -float("inf"))
-    probs = F.softmax(logits, dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = torch.sort(probs, dim=-1, descending=True)
-        before = sorted_p.cumsum(-1) - sorted_p  # mass of the more likely tokens: keep while it is < top_p
-        sorted_p = sorted_p.masked_fill(before >= top_p, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    return torch.multinomial(probs, 1, generator=generator)
+    """Next token ids [B, 1] from last-position logits [B, V] (Sampling: greedy when temperature == 0 or
+    top_k == 1, else temperature, top-k, top-p, then a draw with `generator`). The one sampler: LM.generate,
+    sample.py and its compiled decode step all draw with Sampling.pick."""
+    how = Sampling(temperature, top_k, top_p, vocab_limit)
+    return how.pick(logits, how.noise(logits.shape, logits.device, generator))
 
 
 def memory_flops(cfg, b):

@@ -42,7 +42,7 @@ import torch
 import cli
 import models
 import train
-from model_common import is_greedy, sample_next, state_bytes
+from model_common import Sampling, is_greedy, state_bytes
 from tokenizer import TokenizerError, get_tokenizer
 
 # ----------------------------------------------------------------------------------------------
@@ -215,23 +215,27 @@ def _static_cache(cache):
     return cache
 
 
-def make_step(model, autocast=None, compile=False, compile_mode="default"):
-    """step(idx [B, 1], cache) -> last logits [B, V] (float32), the cache updated in place; compiled with static
-    shapes on request (one graph for every position; the first call compiles)."""
+def make_step(model, autocast=None, compile=False, compile_mode="default", sampling=Sampling(temperature=0.0)):
+    """step(idx [B, 1], cache, noise=None) -> (next ids [B, 1], last logits [B, V] float32): one decoding step and
+    the draw of the token after it (sampling.pick; noise from sampling.noise, None when greedy), the cache
+    updated in place. Compiled on request as one static-shape graph, the draw included (gpt-fast style): one
+    graph for every position; the first call compiles."""
     autocast = autocast or contextlib.nullcontext()
 
-    def step(idx, cache):
+    def step(idx, cache, noise=None):
         with autocast:
-            return model.forward_step(idx, cache)[0][:, -1].float()
+            logits = model.forward_step(idx, cache)[0][:, -1].float()
+        return sampling.pick(logits, noise), logits
 
     if not compile:
+        step.sampling = sampling
         return step
     compiled = torch.compile(step, dynamic=False, mode=None if compile_mode == "default" else compile_mode)
 
-    def compiled_step(idx, cache):
-        return compiled(idx, _static_cache(cache))
+    def compiled_step(idx, cache, noise=None):
+        return compiled(idx, _static_cache(cache), noise)
 
-    compiled_step.compiled = True
+    compiled_step.compiled, compiled_step.sampling = True, sampling
     return compiled_step
 
 
@@ -263,12 +267,17 @@ def _sync(device):
 def generate_stream(model, prompt_ids, max_new_tokens, temperature=0.8, top_k=200, top_p=1.0, generator=None,
                     step=None, autocast=None, vocab_limit=None, stats=None, cache_len=None):
     """Yield max_new_tokens token ids (ints), one at a time as they are generated, for one sequence: the
-    prompt (a list of ids) is prefilled with model.prefill, then every token is decoded with model.forward_step
-    (or `step`, from make_step). `stats` (a Stats) is filled in as it goes. The cache holds cache_len tokens
-    (default: prompt + max_new_tokens; it sizes full-attention KV caches, so a compiled step sees one shape)."""
+    prompt (a list of ids) is prefilled with model.prefill, then every token is decoded and drawn by `step`
+    (make_step's, made with the same sampling settings; by default an eager one). `stats` (a Stats) is filled in
+    as it goes. The cache holds cache_len tokens (default: prompt + max_new_tokens; it sizes full-attention KV
+    caches, so a compiled step sees one shape)."""
     stats = stats if stats is not None else Stats()
     autocast = autocast or contextlib.nullcontext()
-    step = step or make_step(model, autocast)
+    sampling = Sampling(temperature, top_k, top_p, vocab_limit)
+    step = step or make_step(model, autocast, sampling=sampling)
+    if step.sampling != sampling:
+        raise SampleError(f"the decode step draws with {step.sampling}, not {sampling}: make it with "
+                          "make_step(..., sampling=) of the same settings")
     device = model.lm_head.weight.device
     if not prompt_ids:
         raise SampleError("the prompt has no tokens")
@@ -279,14 +288,14 @@ def generate_stream(model, prompt_ids, max_new_tokens, temperature=0.8, top_k=20
     t0 = time.perf_counter()
     with autocast:
         logits = model.prefill(idx, cache)[0][:, -1].float()
+    nxt = sampling.pick(logits, sampling.noise(logits.shape, device, generator))
     _sync(device)
     stats.prefill_s = time.perf_counter() - t0
     for i in range(max_new_tokens):
         t0 = time.perf_counter()
-        nxt = sample_next(logits, temperature, top_k, top_p, generator, vocab_limit)
         token = int(nxt.item())  # syncs
         if i < max_new_tokens - 1:
-            logits = step(nxt, cache)
+            nxt, _ = step(nxt, cache, sampling.noise(logits.shape, device, generator))
             stats.decode_steps += 1
         _sync(device)
         stats.decode_s += time.perf_counter() - t0
@@ -368,11 +377,13 @@ def run(cfg, out=None, err=None):
         print(note, file=err, flush=True)
 
     compile = cli.resolve_compile(cfg.compile, device)
-    step = make_step(model, autocast, compile, cfg.compile_mode)
+    step = make_step(model, autocast, compile, cfg.compile_mode,
+                     Sampling(cfg.temperature, cfg.top_k, cfg.top_p, tok.vocab_size))
     if compile and cfg.max_new_tokens > 1:  # compile outside the timings: prefill + 3 steps on a scratch run
         t0 = time.perf_counter()
-        for _ in generate_stream(model, prompt, min(cfg.max_new_tokens, 4), 0.0, 0, 1.0, None, step, autocast,
-                                 tok.vocab_size, cache_len=len(prompt) + cfg.max_new_tokens):
+        for _ in generate_stream(model, prompt, min(cfg.max_new_tokens, 4), cfg.temperature, cfg.top_k, cfg.top_p,
+                                 torch.Generator(device=device), step, autocast, tok.vocab_size,
+                                 cache_len=len(prompt) + cfg.max_new_tokens):
             pass
         print(f"compiled the decode step in {time.perf_counter() - t0:.1f}s", file=err, flush=True)
 

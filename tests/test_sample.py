@@ -14,7 +14,7 @@ import torch
 import sample
 import train
 from conftest import write_word_dataset
-from model_common import iter_tensors
+from model_common import Sampling, iter_tensors, sample_next
 from train import TrainConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -167,15 +167,71 @@ def test_sample_next_filters():
     torch.manual_seed(0)
     logits = torch.tensor([[0.0, 3.0, 2.9, -1.0, 5.0]])
     gen = torch.Generator().manual_seed(0)
-    assert sample.sample_next(logits, temperature=0.0).item() == 4
-    assert sample.sample_next(logits, 1.0, top_k=1, generator=gen).item() == 4
-    assert sample.sample_next(logits, 0.0, vocab_limit=4).item() == 1  # padded ids never come out
-    draws = {sample.sample_next(logits, 5.0, top_k=3, generator=gen).item() for _ in range(200)}
+    assert sample_next(logits, temperature=0.0).item() == 4
+    assert sample_next(logits, 1.0, top_k=1, generator=gen).item() == 4
+    assert sample_next(logits, 0.0, vocab_limit=4).item() == 1  # padded ids never come out
+    draws = {sample_next(logits, 5.0, top_k=3, generator=gen).item() for _ in range(200)}
     assert draws == {1, 2, 4}
-    draws = {sample.sample_next(logits, 1.0, top_p=0.5, generator=gen).item() for _ in range(50)}
+    draws = {sample_next(logits, 1.0, top_p=0.5, generator=gen).item() for _ in range(50)}
     assert draws == {4}  # token 4 alone holds more than half the mass
-    draws = {sample.sample_next(logits, 100.0, top_p=0.99, generator=gen, vocab_limit=3).item() for _ in range(200)}
+    draws = {sample_next(logits, 100.0, top_p=0.99, generator=gen, vocab_limit=3).item() for _ in range(200)}
     assert draws <= {0, 1, 2} and len(draws) > 1
+
+
+def test_draws_follow_the_filtered_softmax():
+    """The Gumbel-max draw of Sampling.pick has the filtered softmax's distribution: 40,000 draws per setting,
+    each frequency within 4 binomial standard deviations of its probability, filtered tokens never drawn."""
+    logits = torch.tensor([[0.0, 3.0, 2.9, -1.0, 5.0, 1.0]])
+    gen = torch.Generator().manual_seed(1)
+    n = 40_000
+    for how in (Sampling(1.0), Sampling(2.0, top_k=4), Sampling(1.0, top_p=0.8), Sampling(0.7, vocab_limit=4)):
+        x = logits.clone()
+        if how.vocab_limit:
+            x[:, how.vocab_limit:] = -float("inf")
+        x = x / how.temperature
+        if how.top_k:
+            x[x < x.topk(how.top_k).values[:, -1:]] = -float("inf")
+        p = torch.softmax(x, -1)[0]
+        if how.top_p < 1:  # keep the most likely tokens while the mass before them is < top_p
+            sp, order = p.sort(descending=True)
+            keep = torch.zeros_like(p, dtype=torch.bool)
+            keep[order] = (sp.cumsum(0) - sp) < how.top_p
+            p = torch.where(keep, p, torch.zeros_like(p))
+            p = p / p.sum()
+        draws = how.pick(logits.expand(n, -1), how.noise((n, logits.shape[-1]), "cpu", gen))[:, 0]
+        freq = torch.bincount(draws, minlength=p.numel()).double() / n
+        sd = (p.double() * (1 - p.double()) / n).sqrt()
+        assert ((freq - p.double()).abs() <= 4 * sd + 1e-12).all(), (how, freq, p)
+        assert (freq[p == 0] == 0).all()
+
+
+def test_compiled_step_draws_the_eager_tokens(moneta_dir):
+    """make_step's step compiled as one graph (aot_eager here; inductor in the opt-in test below), the draw
+    included: given the same noise it draws the eager step's tokens along a sampled run."""
+    loaded = sample.load_model(moneta_dir, device="cpu", dtype="float64")  # float64: no near ties to break
+    model, prompt = loaded.model, loaded.tokenizer.encode("the lazy")
+    how = Sampling(0.9, top_k=20, top_p=0.95, vocab_limit=loaded.tokenizer.vocab_size)
+    eager = sample.make_step(model, sampling=how)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda i, c, u: eager(i, c, u), backend="aot_eager", fullgraph=True, dynamic=False)
+    gen = torch.Generator().manual_seed(3)
+    caches = [model.init_cache(1, 64), model.init_cache(1, 64)]
+    with torch.no_grad():
+        logits = [model.prefill(torch.tensor([prompt]), c)[0][:, -1] for c in caches][0]
+        tok = [how.pick(logits, how.noise(logits.shape, "cpu", gen))] * 2
+        for _ in range(12):
+            u = how.noise(logits.shape, "cpu", gen)
+            (t_e, l_e), (t_c, l_c) = eager(tok[0], caches[0], u), compiled(tok[1], sample._static_cache(caches[1]), u)
+            torch.testing.assert_close(l_c, l_e, rtol=1e-12, atol=1e-12)
+            assert torch.equal(t_c, t_e)
+            tok = [t_e, t_c]
+
+
+def test_stream_refuses_a_step_made_for_other_settings(moneta_dir):
+    loaded = sample.load_model(moneta_dir, device="cpu")
+    step = sample.make_step(loaded.model, sampling=Sampling(0.0))
+    with pytest.raises(sample.SampleError, match="make_step"):
+        next(sample.generate_stream(loaded.model, [1, 2], 3, temperature=0.8, top_k=5, step=step))
 
 
 def test_text_stream_gpt2_multibyte():
@@ -263,7 +319,7 @@ def test_compiled_step_matches_eager(moneta_dir, f32_tol):
             if i == len(eager) - 1:
                 break
             x = torch.tensor([[token]])
-            lc, le, l64 = step(x, c_comp), eager_step(x, c_eager), m64.forward_step(x, c64)[0][:, -1]
+            lc, le, l64 = step(x, c_comp)[1], eager_step(x, c_eager)[1], m64.forward_step(x, c64)[0][:, -1]
             torch.testing.assert_close(lc, le, rtol=0, atol=f32_tol(l64, n_ops, observed=[(le, l64)]),
                                        msg=f"compiled step logits after token {i}")
     got = list(sample.generate_stream(loaded.model, prompt, 40, temperature=0.0, step=step))
