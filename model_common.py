@@ -717,6 +717,12 @@ class Sampling:
     def greedy(self):
         return is_greedy(self.temperature, self.top_k)
 
+    def draws_like(self, other):
+        """True when both draw the same way (every greedy setting with one vocab_limit is the same)."""
+        if self.greedy or other.greedy:
+            return self.greedy and other.greedy and self.vocab_limit == other.vocab_limit
+        return self == other
+
     def noise(self, shape, device, generator=None):
         """Uniform noise in [0, 1) of the logits' shape [B, V] for pick (None when greedy)."""
         return None if self.greedy else torch.rand(shape, generator=generator, device=device)

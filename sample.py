@@ -275,7 +275,7 @@ def generate_stream(model, prompt_ids, max_new_tokens, temperature=0.8, top_k=20
     autocast = autocast or contextlib.nullcontext()
     sampling = Sampling(temperature, top_k, top_p, vocab_limit)
     step = step or make_step(model, autocast, sampling=sampling)
-    if step.sampling != sampling:
+    if not step.sampling.draws_like(sampling):
         raise SampleError(f"the decode step draws with {step.sampling}, not {sampling}: make it with "
                           "make_step(..., sampling=) of the same settings")
     device = model.lm_head.weight.device
