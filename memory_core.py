@@ -345,7 +345,8 @@ def _token_step(q, eta, log_alpha, log_mu, delta, start, inv_norm, offset, mom, 
     """One token (the decode step): _segment's recurrence for n = 1 without its chunk matrices. With the
     token's rank-1 gradient G_l = dz_l^T a_l (taken at the anchor, `grads`), momentum m_l' = mu m_l - eta G_l
     and W_l' = alpha W_l + m_l' (without momentum W_l' = alpha W_l - eta G_l); the output reads W' (lq: times
-    1 / n, plus the offset of the p-norm link). Returns y [N, 1, d], the weights, the momentum buffers and grad_sum after the token."""
+    1 / n, plus the p-norm link's offset). Returns y [N, 1, d], the weights, the momentum buffers and grad_sum
+    after the token."""
     acts, dz, g, e = grads
     eta, grad_sum = _step_sizes(eta, acts, dz, g, e, delta, inv_norm, grad_sum, rule)
     alpha, eta = log_alpha.exp().unsqueeze(-1), eta.unsqueeze(-1)  # [N, 1, 1]
@@ -391,6 +392,8 @@ def _check(q, k, v, eta, alpha, state, ln_weight, ln_bias, rule, delta, momentum
     if rule["link"] not in retention.links:
         raise ValueError(f"link={rule['link']!r} does not apply to retention {retention.name!r}: use one of "
                          f"{retention.links}")
+    if rule["link"] == "pnorm" and rule["q_norm"] <= 1:
+        raise ValueError(f"link='pnorm' needs q_norm > 1 (its link uses r = q / (q - 1)), got {rule['q_norm']}")
     if objective.needs_delta and delta is None:
         raise ValueError(f"objective={objective.name!r} needs delta (a [B, H, T] tensor of positive thresholds)")
     if momentum is not None and not retention.momentum:
@@ -818,7 +821,7 @@ def miras_memory(q, k, v, eta, alpha, state, ln_weight, ln_bias, *, objective="l
     a MemoryState (returned as one: exact continuation of a sequence cut anywhere).
     Returns y [B, H, T, d] in q's dtype; the fast-weight arithmetic runs in float32 (float64 for float64).
 
-    normalize_step=True reads eta as the bounded step eta_hat of normalized_eta (the models' default);
+    normalize_step=True reads eta as the bounded step eta_hat of normalized_eta (Memora's default);
     False (the default here) is the plain per-token step eta_t G_t.
     link (lq only): "printed" reads W = A / ||A||_q^(q-2) (Eq. 24 as printed); "pnorm" the p-norm link of
     section 5.2 (Variant 4), W = sign(A) |A|^(r-1) / ||A||_r^(r-2), r = q / (q - 1) (model_moneta.py).

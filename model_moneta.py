@@ -27,6 +27,9 @@ class MonetaConfig(MirasConfig):
     retention: str = "lq"
     p: float = 3.0        # the paper's best (Fig. 4); p = 4 was its worst
     q_norm: float = 4.0
+    # Eq. 24 as printed; "pnorm" (the link of the paper's derivation) wrote more in context but its outer
+    # gradients exploded at long context and it trained worse (README, Deviations 3)
+    lq_link: str = "printed"
     # Eq. 24's link is homogeneous of degree 3 - q in A: decay that shrinks the accumulator inflates W, and
     # the chain of normalizations explodes in the backward pass at long context unless the decay starts
     # near 1 (README, "Stability"); the gate still learns any alpha in [alpha_min, 1].

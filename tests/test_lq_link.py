@@ -117,6 +117,8 @@ def test_bad_link_is_a_one_line_error():
         call(miras_memory, inp, retention="l2", link="pnorm")
     with pytest.raises(ValueError, match=r"use one of \('printed', 'pnorm'\)"):
         call(miras_memory, make_inputs(192, T=3, retention="lq"), retention="lq", link="pnrom")
+    with pytest.raises(ValueError, match="needs q_norm > 1"):
+        call(miras_memory, make_inputs(192, T=3, retention="lq"), retention="lq", link="pnorm", q_norm=1.0)
     with pytest.raises(ValueError, match="lq_link='dual'"):
         make_config("moneta", "tiny", lq_link="dual")
 
