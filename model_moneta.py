@@ -31,9 +31,12 @@ class MonetaConfig(MirasConfig):
     # gradients exploded at long context and it trained worse (README, Deviations 3)
     lq_link: str = "printed"
     # Eq. 24's link is homogeneous of degree 3 - q in A: decay that shrinks the accumulator inflates W, and
-    # the chain of normalizations explodes in the backward pass at long context unless the decay starts
-    # near 1 (README, "Stability"); the gate still learns any alpha in [alpha_min, 1].
+    # the chain of normalizations explodes in the backward pass at long context (at 8,192 tokens with alpha
+    # 0.998 everywhere). So the decay starts near 1 and the gate stays above alpha_min: trained with the
+    # generic alpha_min 0.1, some heads' alpha fell to ~0.97 and training at 2,048 tokens hit a NaN gradient
+    # at step 285 (README, "Stability")
     alpha_init: float = 0.9999
+    alpha_min: float = 0.9995
 
 
 class LpBias(memory_core.Objective):
