@@ -3,7 +3,7 @@
 W = f_r(A) with r = q / (q - 1); inside a chunk tokens read W_c + (A_t - A_c) / n with the radial slope
 1 / n = ||W_c|| / ||A_c|| frozen at the chunk start (model_moneta.LqRetention). Held here to: the link's own
 algebra, the chunked oracle (forward, state, outer gradients), chunk_size = 1 == the per-token recurrence,
-prefill + decode == one pass, and the one-line errors."""
+prefill + decode == one pass, and the one-line errors (compiled chunks: tests/test_memory_core.py)."""
 import pytest
 import torch
 
@@ -11,8 +11,8 @@ from memory_core import OBJECTIVES, miras_memory
 from memory_reference import miras_memory_exact, miras_memory_reference
 from model_moneta import conjugate, pnorm_link
 from models import build_model, make_config
-from test_memory_core import (SPLITS, assert_close, assert_state_close, call, decode, grad_inputs, lengths,
-                              make_inputs, outer_grads)
+from test_memory_core import (SPLITS, assert_close, assert_state_close, call, check_gradients, decode, lengths,
+                              make_inputs)
 
 PNORM = dict(retention="lq", link="pnorm")
 
@@ -67,17 +67,8 @@ def test_forward_matches_reference(objective, memory):
     ("lp", 4, 9, False, False), ("l2", 1, 4, False, False), ("huber", 16, 17, False, False),
     ("lp", 4, 9, True, False), ("lp", 4, 9, False, True), ("dot", 4, 6, False, True)])
 def test_gradients_match_reference(objective, b, T, use_momentum, normalize_step):
-    inp = make_inputs(180 + T, T=T, retention="lq")
-    kw = dict(objective=objective, chunk_size=b, use_momentum=use_momentum, normalize_step=normalize_step, **PNORM)
-    inp_f, leaves_f = grad_inputs(inp, objective, use_momentum)
-    inp_r, leaves_r = grad_inputs(inp, objective, use_momentum)
-    y, s, gf = outer_grads(miras_memory, inp_f, leaves_f, **kw)
-    y_ref, s_ref, gr = outer_grads(miras_memory_reference, inp_r, leaves_r, **kw)
-    assert_close(y, y_ref, what="y")
-    assert_state_close(s, s_ref)
-    for name in gr:
-        assert gf[name] is not None and gr[name] is not None, name
-        assert_close(gf[name], gr[name], rtol=1e-7, atol=1e-8, what=f"d/d{name}")
+    check_gradients(objective, "lq", b, T, use_momentum=use_momentum, seed=180 + T, normalize_step=normalize_step,
+                    link="pnorm")
 
 
 @pytest.mark.parametrize("objective,memory,use_momentum,normalize_step", [
@@ -96,19 +87,6 @@ def test_prefill_then_decode_equals_full_pass(objective, memory, use_momentum, n
         y, st = decode(inp, n, objective, "lq", memory, use_momentum, link="pnorm", normalize_step=normalize_step)
         assert_close(y, y_full, what=f"y, prefill {n}")
         assert_state_close(st.weights, s_full, what=f"weights, prefill {n}")
-
-
-def test_compiled_chunks_match_eager():
-    torch._dynamo.reset()
-    inp = make_inputs(191, T=8, retention="lq")
-    inp, leaves = grad_inputs(inp, "lp", False)
-    kw = dict(objective="lp", chunk_size=4, **PNORM)
-    y, s, g = outer_grads(miras_memory, inp, leaves, **kw)
-    y_c, s_c, g_c = outer_grads(miras_memory, inp, leaves, compile_chunks=True, **kw)
-    assert_close(y_c, y, rtol=1e-9, atol=1e-10, what="compiled-chunks y")
-    assert_state_close(s_c, s, rtol=1e-9, atol=1e-10)
-    for name in g:
-        assert_close(g_c[name], g[name], rtol=1e-9, atol=1e-10, what=f"compiled-chunks grad {name}")
 
 
 def test_bad_link_is_a_one_line_error():

@@ -231,10 +231,11 @@ def test_other_shapes_match_reference(retention):
 # ----------------------------------------------------------------------------------------------------
 # fast path == oracle: outer gradients
 
-def check_gradients(objective, retention, b, T, memory="mlp", use_momentum=False, seed=50):
+def check_gradients(objective, retention, b, T, memory="mlp", use_momentum=False, seed=50, **extra):
+    """Fast path == oracle: outputs, state and every outer gradient (extra: further keywords of both calls)."""
     inp = make_inputs(seed, T=T, retention=retention, memory=memory)
     kw = dict(objective=objective, retention=retention, chunk_size=b, memory=memory,
-              use_momentum=use_momentum)
+              use_momentum=use_momentum, **extra)
     inp_f, leaves_f = grad_inputs(inp, objective, use_momentum)
     inp_r, leaves_r = grad_inputs(inp, objective, use_momentum)
     y, s, gf = outer_grads(miras_memory, inp_f, leaves_f, **kw)
@@ -439,12 +440,13 @@ def test_compile_matches_eager(f32_tol):
 def test_compiled_chunks_match_eager_with_gradients():
     """compile_chunks=True (each chunk through a compiled function, the loop in Python) == eager, outputs,
     state and outer gradients, in float64 (float32 kl is ill-conditioned enough that fused reorderings
-    differ by ~1e-4 from eager, as eager does from float64); kl covers the compiled lag step too."""
+    differ by ~1e-4 from eager, as eager does from float64); kl covers the compiled lag step too, and lq's
+    p-norm link its read offset."""
     torch._dynamo.reset()
-    for retention, objective in (("lq", "lp"), ("kl", "huber")):
+    for retention, objective, extra in (("lq", "lp", {}), ("kl", "huber", {}), ("lq", "lp", dict(link="pnorm"))):
         inp = make_inputs(92, T=8, retention=retention)  # two full chunks: one graph per piece kind
         inp, leaves = grad_inputs(inp, objective, False)
-        kw = dict(objective=objective, retention=retention, chunk_size=4)
+        kw = dict(objective=objective, retention=retention, chunk_size=4, **extra)
         y, s, g = outer_grads(miras_memory, inp, leaves, **kw)
         y_c, s_c, g_c = outer_grads(miras_memory, inp, leaves, compile_chunks=True, **kw)
         assert_close(y_c, y, rtol=1e-9, atol=1e-10, what="compiled-chunks y")
