@@ -148,9 +148,9 @@ def _ref_g(weights, k_t, v_t, ln_weight, ln_bias, delta_t, *, objective, memory,
 
 
 def _ref_normalized_eta(eta_hat, g_t, grads_t, chunk_grads, read_scales):
-    """eta_hat (||g||^2 / L) / (max(<G_t, G_t>, sum_j <G_t, G_j>) + floor ||g||^2), with the target ||g||^2 / L
-    from _ref_g and the inner products taken
-    entry by entry over each layer's explicit gradient matrix, weighted by the layer's read scale. [B, H, 1, 1]"""
+    """eta_hat (||g||^2 / L) / (max(<G_t, G_t>, sum_j <G_t, G_j>) + floor ||g||^2), the target ||g||^2 / L from
+    _ref_g, the inner products taken entry by entry over each layer's explicit gradient matrix, weighted by the
+    layer's read scale. [B, H, 1, 1]"""
     def dot(ga, gb):
         return sum(s * (a * b).sum(dim=(-2, -1)) for a, b, s in zip(ga, gb, read_scales))
     g, target = g_t
