@@ -62,6 +62,7 @@ class LMConfig:
     layer_pattern: str = "A"      # tiled to n_layer: "M" Miras, "A" attention, "S" sliding-window attention
     window: int = 2048            # sliding-window size of "S" layers (Samba uses 2048)
     rope_theta: float = 10000.0
+    attention_rope: bool = True   # False: NoPE attention (no position encoding; the causal mask alone orders tokens)
     norm_eps: float = 1e-6
     dropout: float = 0.0
     init_std: float = 0.02        # nanoGPT init; residual projections get init_std / sqrt(2 n_layer)
@@ -326,11 +327,13 @@ def state_bytes(cache):
 # Mixers
 
 class Attention(nn.Module):
-    """Causal self-attention with RoPE; `window` > 0 makes it sliding-window (token t sees t-window+1..t)."""
+    """Causal self-attention with RoPE (NoPE if cfg.attention_rope is False); `window` > 0 makes it sliding-window
+    (token t sees t-window+1..t)."""
 
     def __init__(self, cfg, window=0):
         super().__init__()
         self.n_head, self.head_dim, self.window = cfg.n_head, cfg.head_dim, window
+        self.use_rope = cfg.attention_rope
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
         self.out_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
         self.dropout = cfg.dropout
@@ -343,7 +346,8 @@ class Attention(nn.Module):
     def forward(self, x, rope, cache=None, pos=None):
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        if self.use_rope:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
         if cache is not None and pos is not None:  # one decoding step: static shapes, position as a tensor
             y = self._step(q, k, v, cache, pos)
         else:
@@ -563,7 +567,8 @@ class LM(nn.Module):
         self.norm_f = RMSNorm(C, config.norm_eps)
         self.lm_head = nn.Linear(C, config.vocab_size, bias=False)
         self.wte.weight = self.lm_head.weight  # tied
-        needs_rope = "A" in config.layers or "S" in config.layers or getattr(config, "use_rope", False)
+        needs_rope = (config.attention_rope and ("A" in config.layers or "S" in config.layers)) or getattr(
+            config, "use_rope", False)
         self.rotary = Rotary(config.head_dim, config.rope_theta) if needs_rope else None
 
     @torch.no_grad()

@@ -75,7 +75,9 @@ from data import recall_tasks
 from train import ConfigError, save_json
 
 REPO = pathlib.Path(__file__).resolve().parent
-ALL_MODELS = ("moneta", "yaad", "memora", "transformer", "moneta_linear")
+ALL_MODELS = ("moneta", "yaad", "memora", "transformer", "transformer_nope", "moneta_linear")
+# config fields that make a study model out of a registry model (beside model_spec's variant preset)
+STUDY_MODEL_ARGS = {"transformer_nope": {"attention_rope": False}}
 ALL_TASKS = ("mqar", "passkey")
 # generator seeds: training batches, the validation set (picks the lr), the evaluation sets, and the batches of
 # the loss train.py logs at each checkpoint
@@ -86,6 +88,8 @@ def model_spec(model):
     """(registry name, variant preset or None) of a study model name."""
     if model == "moneta_linear":
         return "moneta", "linear_ablation"
+    if model == "transformer_nope":
+        return "transformer", None
     if model in models.MODELS:
         return model, None
     raise ConfigError(f"unknown model {model!r}; valid: {', '.join(ALL_MODELS)}")
@@ -119,6 +123,7 @@ class Setting:
     ckpt_interval: int = 100
     seed: int = 0
     lr_grid: tuple = ()          # peak lrs swept per model; the best by validation accuracy is reported
+    models: tuple = ()           # the study models run on this setting by default (empty: ALL_MODELS)
     model_overrides: dict = dataclasses.field(default_factory=dict)  # per study model: config fields to set
     passkey_loss: str = "answer"   # passkey training loss: "answer" (the digits) or "text" (every next char)
 
@@ -127,9 +132,10 @@ class Setting:
             raise ConfigError(f"passkey_loss={self.passkey_loss!r}: use 'answer' or 'text'")
 
     def to_dict(self):
-        """What identifies one run: every field but lr_grid (widening the grid must not redo finished runs)."""
+        """What identifies one run: every field but lr_grid and models (widening either must not redo finished
+        runs)."""
         d = dataclasses.asdict(self)
-        del d["lr_grid"]
+        del d["lr_grid"], d["models"]
         d["eval_lens"], d["depths"] = list(self.eval_lens), list(self.depths)
         return d
 
@@ -163,15 +169,25 @@ def _passkey(name, C, steps, **kw):
 # Miras layer (head_dim 32) has ~15k / 40k / 140k parameters at n_embd 32 / 64 / 128 (the MLP memory's
 # initial weights included), attention 4 n_embd^2, the linear memory 7/8 of the initial weights less; the
 # default SwiGLU (8/3 n_embd rounded up to 256) is widened for the Transformer and the linear ablation.
-MATCH_HIDDEN = {32: dict(transformer=384, moneta_linear=320),
-                64: dict(transformer=384, moneta_linear=320),
-                128: dict(transformer=512, moneta_linear=448)}
+MATCH_HIDDEN = {w: dict(h, transformer_nope=h["transformer"]) for w, h in {
+    32: dict(transformer=384, moneta_linear=320),
+    64: dict(transformer=384, moneta_linear=320),
+    128: dict(transformer=512, moneta_linear=448)}.items()}
+MIRAS_AND_TRANSFORMER = ("moneta", "yaad", "memora", "transformer")
 
 PRESETS = {
     "cpu": [
-        _mqar("mqar_d32", 32, 2000, mlp_hidden=MATCH_HIDDEN[32]),
-        _mqar("mqar_d64", 64, 2000, mlp_hidden=MATCH_HIDDEN[64]),
-        _passkey("passkey", 64, 2000, mlp_hidden=MATCH_HIDDEN[64]),
+        # the anchor: attention solves 4-pair MQAR at width 64 (Zoology) -- 3 of 3 seeds with this recipe
+        _mqar("mqar_d64", 64, 2000, mlp_hidden=MATCH_HIDDEN[64], models=MIRAS_AND_TRANSFORMER),
+        # harder: twice the pairs over twice the length (Zoology sweeps pairs and length)
+        _mqar("mqar_d64_p8", 64, 2000, num_kv_pairs=8, vocab_size=128, train_len=64, eval_lens=(64, 128, 256, 512),
+              mlp_hidden=MATCH_HIDDEN[64], models=MIRAS_AND_TRANSFORMER),
+        # passkey in two haystacks, with a NoPE Transformer beside the RoPE one (is "attention fails beyond its
+        # training length" RoPE's failure or attention's?)
+        _passkey("passkey", 64, 2000, mlp_hidden=MATCH_HIDDEN[64],
+                 models=MIRAS_AND_TRANSFORMER + ("transformer_nope",)),
+        _passkey("passkey_shakespeare", 64, 2000, haystack="shakespeare", mlp_hidden=MATCH_HIDDEN[64],
+                 models=MIRAS_AND_TRANSFORMER + ("transformer_nope",)),
     ],
     "micro": [
         _mqar("mqar_d32", 32, 3, n_layer=1, vocab_size=32, train_len=16, eval_lens=(16, 32),
@@ -245,7 +261,7 @@ class TaskBatches:
 
 def _model_args(model, s):
     """The model config of `model` in setting `s` beyond its size keys: vocabulary, SwiGLU width, overrides."""
-    over = dict(vocab_size=vocab_size(s))
+    over = dict(vocab_size=vocab_size(s), **STUDY_MODEL_ARGS.get(model, {}))
     if s.mlp_hidden.get(model):
         over["mlp_hidden"] = s.mlp_hidden[model]
     over.update(s.model_overrides.get(model, {}))
@@ -406,18 +422,31 @@ def run_one(model, s, out, preset, force=False, keep_ckpt=False, log=print):
 # ----------------------------------------------------------------------------------------------
 # Learning-rate selection, plots and tables
 
-def selected_lrs(records):
-    """{(model, setting): lr} with the best seed-0 validation accuracy (ties: the lower final training loss, then
-    the lower lr)."""
+def _loss_key(loss):
+    return math.inf if loss is None or not math.isfinite(loss) else loss
+
+
+def candidate_lrs(records):
+    """{(model, setting): [lr, ...]}: the lrs tied for the best seed-0 validation accuracy. The extra seeds are
+    trained at each of them, so that a tie is broken by how reliably an lr solves the task, not by one seed."""
     groups = {}
     for r in records:
         if r["seed"] == 0:
-            groups.setdefault((r["model"], r["setting"]), {})[r["learning_rate"]] = r
+            groups.setdefault((r["model"], r["setting"]), {})[r["learning_rate"]] = r["val_accuracy"]
+    return {key: sorted(lr for lr, v in runs.items() if v == max(runs.values())) for key, runs in groups.items()}
 
-    def rank(r):
-        loss = r["final_train_loss"]
-        return (-r["val_accuracy"], math.inf if loss is None or not math.isfinite(loss) else loss, r["learning_rate"])
-    return {key: min(runs.values(), key=rank)["learning_rate"] for key, runs in groups.items()}
+
+def selected_lrs(records):
+    """{(model, setting): lr}: among candidate_lrs, the best mean validation accuracy over the seeds trained at
+    it; ties: the lower mean final training loss, then the lower lr."""
+    runs = {}  # (model, setting, lr) -> {seed: record}; one record per run
+    for r in records:
+        runs.setdefault((r["model"], r["setting"], r["learning_rate"]), {})[r["seed"]] = r
+
+    def rank(key, lr):
+        rs = list(runs[(*key, lr)].values())
+        return (-np.mean([r["val_accuracy"] for r in rs]), np.mean([_loss_key(r["final_train_loss"]) for r in rs]), lr)
+    return {key: min(lrs, key=lambda lr: rank(key, lr)) for key, lrs in candidate_lrs(records).items()}
 
 
 def mark_selected(records):
@@ -576,11 +605,12 @@ def calibrate(model_names, settings, steps=4, log=print):
 def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
-    ap.add_argument("--models", default=",".join(ALL_MODELS), help=f"comma-separated, from {', '.join(ALL_MODELS)}")
+    ap.add_argument("--models", default="", help=f"comma-separated, from {', '.join(ALL_MODELS)} (default: each "
+                    "setting's own list)")
     ap.add_argument("--tasks", default=",".join(ALL_TASKS), help="comma-separated: mqar, passkey")
     ap.add_argument("--out", default=str(REPO / "results" / "recall"))
     ap.add_argument("--extra_seeds", default="", help="more seeds, e.g. 1,2: each model and setting is trained again "
-                    "at the lr that seed 0's sweep selected")
+                    "at every lr tied for seed 0's best validation accuracy")
     ap.add_argument("--force", action="store_true", help="rerun even if cached")
     ap.add_argument("--keep_ckpt", action="store_true", help="keep each run's final checkpoint in OUT/ckpt")
     ap.add_argument("--calibrate", action="store_true", help="measure training tokens/s only (writes nothing)")
@@ -602,7 +632,7 @@ def collect(out):
 def main(argv=None):
     args = parse(argv)
     torch.set_num_threads(args.threads)
-    model_names = [m.strip() for m in args.models.split(",") if m.strip()]
+    model_names = [m.strip() for m in (args.models or "").split(",") if m.strip()]
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     for m in model_names:
         model_spec(m)
@@ -617,7 +647,7 @@ def main(argv=None):
     if 0 in extra_seeds or any(x < 0 for x in extra_seeds):
         raise ConfigError("--extra_seeds: seed 0 is the lr sweep itself; give seeds >= 1")
     if args.calibrate:
-        calibrate(model_names, settings)
+        calibrate(model_names or ALL_MODELS[:5], settings)
         return {"calibrated": True}
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -631,16 +661,20 @@ def main(argv=None):
         counts[cached] += 1
         print(f"  {'cached' if cached else f'done in {time.time() - t0:.0f}s'}", flush=True)
 
+    def models_of(s):  # --models, or the setting's own list
+        return model_names or list(s.models or ALL_MODELS)
+
     for s in settings:
-        for m in model_names:
+        for m in models_of(s):
             for sr in s.runs():
                 run(m, sr)
-    if extra_seeds:  # at the lr that seed 0 selected
-        best = selected_lrs(collect(out))
+    if extra_seeds:  # at every lr tied for seed 0's best validation accuracy
+        candidates = candidate_lrs(collect(out))
         for seed in extra_seeds:
             for s in settings:
-                for m in model_names:
-                    run(m, dataclasses.replace(s, learning_rate=best[(m, s.name)], seed=seed))
+                for m in models_of(s):
+                    for lr in candidates[(m, s.name)]:
+                        run(m, dataclasses.replace(s, learning_rate=lr, seed=seed))
     n_run, n_cached = counts
     records = collect(out)
     mark_selected(records)

@@ -117,6 +117,12 @@ CPU = dict(tokens_per_step=2048, max_iters=256, learning_rate=3e-3, warmup_iters
            dataset="shakespeare_char", preset="tiny")
 ALL_MODELS = ["moneta", "yaad", "memora", "transformer"]
 
+# GPT-2 BPE Shakespeare, vocabulary compacted to the 18.7K ids that occur (data/shakespeare_compact), whole plays
+# as documents: the corpus where the Transformer's per-position loss keeps falling with position (see
+# results/scaling/README.md), unlike character Shakespeare at this size.
+BPE_CONTEXTS = [128, 256, 512, 1024]
+BPE = dict(CPU, dataset="shakespeare_compact")
+
 
 def _sweep_grid(model_list, sizes, size_context, contexts, context_size, common):
     """A size sweep at one context plus a context sweep at one size (shared runs are listed once)."""
@@ -153,6 +159,33 @@ def grid_seeds(model_list):
             for seed in (1337, 1338, 1339) for m in model_list]
 
 
+def grid_bpe(model_list):
+    """The study on the BPE corpus: 4 sizes at context 512 plus 4 contexts at size s. The context sweep's longest
+    point comes first: its Transformer run is the per-position check the rest of the grid depends on."""
+    first = [run_spec(m, "s", CPU_SIZES["s"], 1024, sweeps=["context"], **BPE) for m in model_list]
+    rest = _sweep_grid(model_list, CPU_SIZES, 512, BPE_CONTEXTS[:-1], "s", BPE)
+    return first + rest
+
+
+def grid_bpe_ablation(model_list):
+    """Moneta's p (at q = 4) and q (at p = 3) on the BPE corpus, size s, at contexts 128 and 1024."""
+    runs = []
+    for T in (128, 1024):
+        for p in (1.0, 2.0, 3.0, 4.0):
+            runs.append(run_spec("moneta", "s", CPU_SIZES["s"], T, sweeps=["p"], label=f"p={p:g},q=4,T={T}",
+                                 model_args={"p": p, "q_norm": 4.0}, **BPE))
+        for q in (2.0, 3.0, 5.0):  # q = 4 is the p = 3 run above
+            runs.append(run_spec("moneta", "s", CPU_SIZES["s"], T, sweeps=["q"], label=f"p=3,q={q:g},T={T}",
+                                 model_args={"p": 3.0, "q_norm": q}, **BPE))
+    return runs
+
+
+def grid_bpe_seeds(model_list):
+    """Seed noise of the bpe grid: size s, context 512, seeds 1337 (the grid's run), 1338, 1339."""
+    return [run_spec(m, "s", CPU_SIZES["s"], 512, sweeps=["seed"], label=f"seed={seed}", seed=seed, **BPE)
+            for seed in (1337, 1338, 1339) for m in model_list]
+
+
 def grid_micro(model_list):
     common = dict(tokens_per_step=64, max_iters=3, learning_rate=3e-3, warmup_iters=1, eval_tokens=256,
                   dataset="shakespeare_char", preset="tiny")
@@ -184,8 +217,10 @@ def grid_paper(model_list):
     return runs
 
 
-GRIDS = {"cpu": grid_cpu, "ablation": grid_ablation, "seeds": grid_seeds, "micro": grid_micro, "paper": grid_paper}
-DEFAULT_MODELS = {"cpu": ALL_MODELS, "ablation": ["moneta"], "seeds": ALL_MODELS, "micro": ["moneta", "transformer"],
+GRIDS = {"cpu": grid_cpu, "ablation": grid_ablation, "seeds": grid_seeds, "bpe": grid_bpe,
+         "bpe_ablation": grid_bpe_ablation, "bpe_seeds": grid_bpe_seeds, "micro": grid_micro, "paper": grid_paper}
+DEFAULT_MODELS = {"cpu": ALL_MODELS, "ablation": ["moneta"], "seeds": ALL_MODELS, "bpe": ALL_MODELS,
+                  "bpe_ablation": ["moneta"], "bpe_seeds": ALL_MODELS, "micro": ["moneta", "transformer"],
                   "paper": ALL_MODELS}
 
 

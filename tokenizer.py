@@ -169,6 +169,47 @@ class GPT2Tokenizer(Tokenizer):
         return "GPT2Tokenizer(vocab_size=50257)"
 
 
+class CompactGPT2Tokenizer(Tokenizer):
+    """GPT-2 BPE over a compacted vocabulary: compact id i is GPT-2 id gpt2_ids[i] (data/shakespeare_compact)."""
+    kind = "gpt2_compact"
+
+    def __init__(self, gpt2_ids):
+        self.gpt2 = GPT2Tokenizer()
+        self.gpt2_ids = [int(i) for i in gpt2_ids]
+        if not self.gpt2_ids or sorted(set(self.gpt2_ids)) != self.gpt2_ids or not 0 <= self.gpt2_ids[0] \
+                or self.gpt2_ids[-1] >= GPT2_VOCAB_SIZE:
+            raise TokenizerError("gpt2_ids must be increasing GPT-2 ids in 0..50256 (re-run the dataset's prepare.py)")
+        self.compact = {g: i for i, g in enumerate(self.gpt2_ids)}
+        self.vocab_size = len(self.gpt2_ids)
+        self.eot = self.compact.get(GPT2_EOT)
+
+    def _to_compact(self, ids, text):
+        try:
+            return [self.compact[i] for i in ids]
+        except KeyError:
+            bad = next(i for i in ids if i not in self.compact)
+            raise TokenizerError(
+                f"{self.gpt2.enc.decode([bad])!r} in {text[:40]!r} is a GPT-2 token that does not occur in this "
+                f"dataset's compacted vocabulary ({self.vocab_size} ids); rephrase the text") from None
+
+    def encode(self, text: str, allow_special: bool = True) -> list[int]:
+        return self._to_compact(self.gpt2.encode(text, allow_special), text)
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        return self._to_compact(self.gpt2.encode_ordinary(text), text)
+
+    def decode(self, ids) -> str:
+        try:
+            return self.gpt2.decode(self.gpt2_ids[int(i)] for i in ids)
+        except IndexError:
+            bad = next(int(i) for i in ids if not 0 <= int(i) < self.vocab_size)
+            raise TokenizerError(f"token id {bad} is outside this compacted vocabulary (0..{self.vocab_size - 1})") \
+                from None
+
+    def __repr__(self) -> str:
+        return f"CompactGPT2Tokenizer(vocab_size={self.vocab_size})"
+
+
 class CharTokenizer(Tokenizer):
     kind = "char"
 
@@ -234,6 +275,10 @@ def get_tokenizer(dataset_dir_or_meta="gpt2") -> Tokenizer:
     kind = meta.get("tokenizer")
     if kind == "gpt2":
         return GPT2Tokenizer()
+    if kind == "gpt2_compact":
+        if "gpt2_ids" not in meta:
+            raise TokenizerError("gpt2_compact dataset meta has no 'gpt2_ids' list (re-run its prepare.py)")
+        return CompactGPT2Tokenizer(meta["gpt2_ids"])
     if kind == "char":
         if "itos" not in meta:
             raise TokenizerError("char-level dataset meta has no 'itos' vocabulary list")
@@ -243,4 +288,4 @@ def get_tokenizer(dataset_dir_or_meta="gpt2") -> Tokenizer:
                 f"meta vocab_size {meta['vocab_size']} != len(itos) {tok.vocab_size}"
             )
         return tok
-    raise TokenizerError(f"unknown tokenizer {kind!r} in dataset meta (expected 'gpt2' or 'char')")
+    raise TokenizerError(f"unknown tokenizer {kind!r} in dataset meta (expected 'gpt2', 'gpt2_compact' or 'char')")

@@ -178,7 +178,28 @@ def test_shakespeare_char_prepare_subset(tmp_path):
     assert tok.decode(tr) == corpus.corpus_text(meta["split"]["train"])
 
 
-@pytest.mark.parametrize("name", ["shakespeare", "shakespeare_char"])
+def test_shakespeare_compact_prepare_subset(tmp_path):
+    from data.shakespeare_compact.prepare import prepare
+
+    d = prepare(tmp_path / "compact", max_plays=3, verbose=False)
+    meta, tr, va = _check_dataset(d)
+    gpt2_ids = meta["gpt2_ids"]
+    assert meta["tokenizer"] == "gpt2_compact" and meta["vocab_size"] == len(gpt2_ids) < 50257
+    # every compact id occurs, and the ids are renumbered in increasing GPT-2 order
+    assert sorted(set(np.concatenate([tr, va]).tolist())) == list(range(len(gpt2_ids)))
+    assert gpt2_ids == sorted(gpt2_ids) and gpt2_ids[meta["eot"]] == 50256
+    tok = T.get_tokenizer(d)
+    assert tok.vocab_size == len(gpt2_ids) and tok.eot == meta["eot"]
+    val = meta["split"]["val"][0]
+    assert tok.decode(va[:-1]) == corpus.play_text(val) and va[-1] == meta["eot"]
+    assert tok.encode(corpus.play_text(val)) == va[:-1].tolist()
+    with pytest.raises(T.TokenizerError, match="does not occur"):
+        tok.encode("Quantum chromodynamics of supercomputers")
+    with pytest.raises(T.TokenizerError, match="outside"):
+        tok.decode([len(gpt2_ids)])
+
+
+@pytest.mark.parametrize("name", ["shakespeare", "shakespeare_char", "shakespeare_compact"])
 def test_prepared_default_datasets_if_present(name):
     d = common.DATA_DIR / name
     if not (d / "meta.json").exists():

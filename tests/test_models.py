@@ -111,6 +111,29 @@ def test_decode_equals_forward_float64(name, variant):
         torch.testing.assert_close(torch.cat(out, 1), full, rtol=0, atol=1e-10, msg=f"prompt length {n}")
 
 
+def test_nope_attention_is_blind_to_the_order_of_the_prefix_and_decodes_exactly():
+    """attention_rope=False (NoPE): with no position encoding, one causal attention layer sees its prefix as a
+    set, so the last position's logits do not change when the earlier tokens are permuted; with RoPE they do.
+    Decoding equals the full forward in float64."""
+    torch.manual_seed(0)
+    idx = tokens(B=1, T=9)
+    swapped = torch.cat([idx[:, :7].flip(1), idx[:, 7:]], 1)
+    for rope in (True, False):
+        model = micro("transformer", attention_rope=rope, n_layer=1).double().eval()
+        assert (model.rotary is not None) == rope
+        with torch.no_grad():
+            a, b = model(idx)[0][:, -1], model(swapped)[0][:, -1]
+        if rope:
+            assert (a - b).abs().max() > 1e-6
+        else:
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    with torch.no_grad():
+        full = model(idx)[0]
+        cache = model.init_cache(1, 9)
+        out = [model.prefill(idx[:, :4], cache)[0]] + [model.forward_step(idx[:, t:t + 1], cache)[0] for t in range(4, 9)]
+    torch.testing.assert_close(torch.cat(out, 1), full, rtol=0, atol=1e-10)
+
+
 @pytest.mark.parametrize("name", ["moneta", "memora"])
 def test_training_recomputes_the_memory_inputs(name, monkeypatch):
     """In training the Miras layer's input stage (projections, conv, silu, l2 norm, gates) runs under activation

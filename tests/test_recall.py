@@ -112,19 +112,32 @@ def test_extra_seeds_train_at_the_selected_lr(tmp_path):
         recall.main(args + ["--extra_seeds=one"])
 
 
-def test_selection_ties_break_on_training_loss_then_lr():
+def test_selection_among_seed0_ties_by_mean_over_seeds_then_loss_then_lr():
     def rec(lr, val, loss, seed=0):
         return dict(model="m", setting="s", learning_rate=lr, val_accuracy=val, final_train_loss=loss, seed=seed)
     recs = [rec(1e-3, 0.5, 0.2), rec(3e-3, 0.9, 0.3), rec(1e-2, 0.9, 0.1), rec(3e-2, 1.0, None)]
     recall.mark_selected(recs)
     assert [r["selected"] for r in recs] == [False, False, False, True]
     recs = recs[:3] + [rec(3e-2, 0.9, 0.1)]
-    recall.mark_selected(recs)
+    assert recall.candidate_lrs(recs) == {("m", "s"): [3e-3, 1e-2, 3e-2]}
+    recall.mark_selected(recs)  # seed 0 only: the lowest final loss (0.1, twice), then the lower lr
     assert [r["selected"] for r in recs] == [False, False, True, False]
-    # only seed 0 picks; other seeds' records at the picked lr are selected with it
-    recs += [rec(1e-2, 0.0, 9.0, seed=1), rec(1e-3, 1.0, 0.0, seed=1)]
+    # the extra seeds decide between the tied lrs: 1e-2 fails seed 1; 3e-3 and 3e-2 solve it, 3e-3 at a lower loss
+    recs += [rec(1e-2, 0.0, 9.0, seed=1), rec(3e-3, 1.0, 0.2, seed=1), rec(3e-2, 1.0, 0.5, seed=1)]
     recall.mark_selected(recs)
-    assert [r["selected"] for r in recs] == [False, False, True, False, True, False]
+    assert [r["selected"] for r in recs] == [False, True, False, False, False, True, False]
+    # a seed of an lr that was not tied at seed 0 plays no part
+    recs += [rec(1e-3, 1.0, 0.0, seed=1)]
+    recall.mark_selected(recs)
+    assert recall.selected_lrs(recs) == {("m", "s"): 3e-3}
+
+
+def test_nope_transformer_study_model():
+    s = recall.PRESETS["cpu"][2]
+    assert s.task == "passkey" and "transformer_nope" in s.models
+    nope, rope = recall.model_config("transformer_nope", s), recall.model_config("transformer", s)
+    assert nope.attention_rope is False and rope.attention_rope is True
+    assert recall.dataclasses.replace(nope, attention_rope=True) == rope  # the same model otherwise
 
 
 def test_model_overrides_reach_their_model():
