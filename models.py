@@ -113,6 +113,8 @@ def function_dict(config):
     out.pop("compile_memory", None)  # how the chunks run, not what they compute
     if out.get("lq_link") == "printed" or out.get("retention", "lq") != "lq":  # the function before the option
         out.pop("lq_link", None)
+    if out.get("attention_rope") is True or not set(out.get("layer_pattern", "")) & set("AS"):
+        out.pop("attention_rope", None)  # RoPE attention (or none): the function before the option
     if out.get("eta_gate") == "softplus":
         for key in ("eta_gate", "eta_max", "eta_init"):
             out.pop(key)

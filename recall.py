@@ -608,6 +608,8 @@ def parse(argv=None):
     ap.add_argument("--models", default="", help=f"comma-separated, from {', '.join(ALL_MODELS)} (default: each "
                     "setting's own list)")
     ap.add_argument("--tasks", default=",".join(ALL_TASKS), help="comma-separated: mqar, passkey")
+    ap.add_argument("--settings", default="", help="comma-separated setting names of the preset (default: every "
+                    "setting of --tasks)")
     ap.add_argument("--out", default=str(REPO / "results" / "recall"))
     ap.add_argument("--extra_seeds", default="", help="more seeds, e.g. 1,2: each model and setting is trained again "
                     "at every lr tied for seed 0's best validation accuracy")
@@ -640,6 +642,12 @@ def main(argv=None):
     if bad:
         raise ConfigError(f"unknown task(s) {bad}; valid: {', '.join(ALL_TASKS)}")
     settings = [s for s in PRESETS[args.preset] if s.task in tasks]
+    names = [n.strip() for n in args.settings.split(",") if n.strip()]
+    unknown = sorted(set(names) - {s.name for s in settings})
+    if unknown:
+        raise ConfigError(f"--settings: no setting {', '.join(unknown)} in preset {args.preset} and tasks "
+                          f"{', '.join(tasks)}; valid: {', '.join(s.name for s in settings)}")
+    settings = [s for s in settings if not names or s.name in names]
     try:
         extra_seeds = sorted({int(x) for x in args.extra_seeds.split(",") if x.strip()})
     except ValueError:

@@ -132,6 +132,11 @@ def test_nope_attention_is_blind_to_the_order_of_the_prefix_and_decodes_exactly(
         cache = model.init_cache(1, 9)
         out = [model.prefill(idx[:, :4], cache)[0]] + [model.forward_step(idx[:, t:t + 1], cache)[0] for t in range(4, 9)]
     torch.testing.assert_close(torch.cat(out, 1), full, rtol=0, atol=1e-10)
+    # the studies' caches: RoPE attention (and a model without attention) is the function from before the option
+    from models import function_dict
+    assert "attention_rope" not in function_dict(make_config("transformer", "tiny"))
+    assert "attention_rope" not in function_dict(make_config("moneta", "tiny", attention_rope=False))
+    assert function_dict(make_config("transformer", "tiny", attention_rope=False))["attention_rope"] is False
 
 
 @pytest.mark.parametrize("name", ["moneta", "memora"])

@@ -168,6 +168,8 @@ def test_bad_arguments():
         recall.main(["--preset=micro", "--models=gpt5", "--out=/nonexistent/x"])
     with pytest.raises(recall.ConfigError):
         recall.main(["--preset=micro", "--tasks=sudoku", "--out=/nonexistent/x"])
+    with pytest.raises(recall.ConfigError, match="valid: mqar_d32, mqar_d64"):
+        recall.main(["--preset=micro", "--tasks=mqar", "--settings=passkey", "--out=/nonexistent/x"])
 
 
 def test_passkey_checkpoint_carries_its_tokenizer(tmp_path):
