@@ -159,6 +159,18 @@ def grid_seeds(model_list):
             for seed in (1337, 1338, 1339) for m in model_list]
 
 
+def grid_context_check(model_list):
+    """Does the data carry usable long context? The Transformer at size s, context 1,024, on both corpora, at the
+    grids' budget and at 4x it: the per-position loss must keep falling past a few hundred tokens for a context
+    sweep to test anything (the runs at 1x are the cpu and bpe grids' own)."""
+    runs = []
+    for dataset in ("shakespeare_char", "shakespeare_compact"):
+        for steps in (256, 1024):
+            runs += [run_spec(m, "s", CPU_SIZES["s"], 1024, sweeps=["context"], label=f"{dataset},{steps} steps",
+                              **dict(CPU, dataset=dataset, max_iters=steps)) for m in model_list]
+    return runs
+
+
 def grid_bpe(model_list):
     """The study on the BPE corpus: 4 sizes at context 512 plus 4 contexts at size s. The context sweep's longest
     point comes first: its Transformer run is the per-position check the rest of the grid depends on."""
@@ -217,9 +229,11 @@ def grid_paper(model_list):
     return runs
 
 
-GRIDS = {"cpu": grid_cpu, "ablation": grid_ablation, "seeds": grid_seeds, "bpe": grid_bpe,
+GRIDS = {"cpu": grid_cpu, "ablation": grid_ablation, "seeds": grid_seeds, "context_check": grid_context_check,
+         "bpe": grid_bpe,
          "bpe_ablation": grid_bpe_ablation, "bpe_seeds": grid_bpe_seeds, "micro": grid_micro, "paper": grid_paper}
-DEFAULT_MODELS = {"cpu": ALL_MODELS, "ablation": ["moneta"], "seeds": ALL_MODELS, "bpe": ALL_MODELS,
+DEFAULT_MODELS = {"cpu": ALL_MODELS, "ablation": ["moneta"], "seeds": ALL_MODELS, "context_check": ["transformer"],
+                  "bpe": ALL_MODELS,
                   "bpe_ablation": ["moneta"], "bpe_seeds": ALL_MODELS, "micro": ["moneta", "transformer"],
                   "paper": ALL_MODELS}
 

@@ -128,6 +128,9 @@ def test_power_law_fit_and_grids():
     bpe_keys = {scaling.cache_key(s["config"]) for s in bpe}
     bpe_abl = scaling.grid_bpe_ablation(["moneta"])
     assert len(bpe_abl) == 14 and sum(scaling.cache_key(s["config"]) in bpe_keys for s in bpe_abl) == 2  # p=3, q=4
+    check = scaling.grid_context_check(["transformer"])
+    assert len(check) == 4 and {s["config"]["block_size"] for s in check} == {1024}
+    assert sum(scaling.cache_key(s["config"]) in bpe_keys | keys for s in check) == 2  # the 1x runs are the grids'
     seeds = scaling.grid_bpe_seeds(scaling.ALL_MODELS)
     assert sum(scaling.cache_key(s["config"]) in bpe_keys for s in seeds) == len(scaling.ALL_MODELS)
     paper = scaling.grid_paper(scaling.ALL_MODELS)
