@@ -567,9 +567,10 @@ def summary_tables(records):
             lines.append(f"| {m} | {mr[0]['n_params']:,} | {mr[0]['learning_rate']:g} | {len(seeds)} | "
                          f"{np.mean([r['train_time_s'] for r in first.values()]):.0f} | {loss} | "
                          f"{np.mean([r['val_accuracy'] for r in first.values()]):.3f} | " + " | ".join(cells) + " |")
-        lines += ["", "lr: the peak lr picked by seed 0's validation accuracy (val: exact match at the training length "
-                  "on a held-out set); other seeds are trained at that lr. cells: exact-match accuracy (token "
-                  "accuracy), mean over seeds [min-max over seeds]; train s, final loss, val: means over seeds", ""]
+        lines += ["", "lr: among the lrs tied for seed 0's best validation exact match (val: at the training length "
+                  "on a held-out set), the best mean over the seeds trained at it (see the module doc). cells: "
+                  "exact-match accuracy (token accuracy), mean over seeds [min-max over seeds]; train s, final loss, "
+                  "val: means over seeds", ""]
         sweep = {}
         for r in records:
             if r["setting"] == st and r["seed"] == 0:

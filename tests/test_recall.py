@@ -89,20 +89,23 @@ def test_resume_from_checkpoint_matches_uninterrupted(tmp_path, monkeypatch):
         torch.testing.assert_close(a, b)
 
 
-def test_extra_seeds_train_at_the_selected_lr(tmp_path):
+def test_extra_seeds_train_at_every_lr_tied_at_seed_0(tmp_path):
     out = tmp_path / "recall"
     args = ["--preset=micro", f"--out={out}", "--models=moneta_linear", "--tasks=mqar"]
     recall.main(args)
-    best = recall.selected_lrs(recall.collect(out))
+    tied = recall.candidate_lrs(recall.collect(out))
     res = recall.main(args + ["--extra_seeds=2,1"])
     micro = [s for s in recall.PRESETS["micro"] if s.task == "mqar"]
-    assert res["runs"] == 2 * len(micro) and res["cached"] == sum(len(s.runs()) for s in micro)
+    assert res["runs"] == 2 * sum(len(tied[("moneta_linear", s.name)]) for s in micro)
+    assert res["cached"] == sum(len(s.runs()) for s in micro)
     recs = json.loads((out / "results.json").read_text())["records"]
+    best = recall.selected_lrs(recs)
     for s in micro:
         rs = [r for r in recs if r["setting"] == s.name]
         assert {r["seed"] for r in rs} == {0, 1, 2}
-        assert {r["learning_rate"] for r in rs if r["seed"] > 0} == {best[("moneta_linear", s.name)]}
-        assert all(r["selected"] for r in rs if r["seed"] > 0)
+        assert {r["learning_rate"] for r in rs if r["seed"] > 0} == set(tied[("moneta_linear", s.name)])
+        assert {r["learning_rate"] for r in rs if r["selected"]} == {best[("moneta_linear", s.name)]}
+        assert {r["seed"] for r in rs if r["selected"]} == {0, 1, 2}
         assert {r["eval_seed"] for r in rs if r["seed"] == 1}.isdisjoint({r["eval_seed"] for r in rs if r["seed"] == 0})
     assert "| moneta_linear |" in (out / "summary.md").read_text()
     assert "| 3 |" in (out / "summary.md").read_text()  # the seeds column
