@@ -3,6 +3,8 @@
     python scaling.py --grid=cpu                      # shakespeare_char, 4 models, one CPU core: ~40 minutes
     python scaling.py --grid=ablation                 # Moneta's p and q: ~8 minutes (9 new runs + 2 of the cpu grid)
     python scaling.py --grid=seeds                    # seed noise of one grid point: ~4 minutes
+    python scaling.py --grid=context_check            # does the data carry usable long context? (2 new runs)
+    python scaling.py --grid=bpe                      # the cpu grid on BPE Shakespeare (+ bpe_ablation, bpe_seeds)
     python scaling.py --grid=micro --out=/tmp/s       # 2 sizes x 2 contexts x 2 models, seconds (the CI test)
     python scaling.py --grid=paper                    # prints the torchrun commands of the paper-scale grid
     python scaling.py --grid=paper --launch --nproc=8 # ... or runs them one after the other, then evaluates
@@ -26,6 +28,13 @@ training FLOPs differ only by the models' FLOPs per token):
             p = 3 at contexts 256 and 1024 (the p=3, q=4 runs are the cpu grid's, shared through the cache).
   seeds     the cpu grid's 2x64 / context-256 point of every model with seeds 1337 (cached), 1338, 1339:
             the run-to-run noise that the differences between models must be judged against.
+  context_check  the Transformer at size s, context 1,024, on character and on BPE Shakespeare, at the grids'
+            budget and at 4x it: a context sweep tests nothing unless this per-position loss keeps falling
+            past a few hundred tokens.
+  bpe       the cpu grid on GPT-2 BPE Shakespeare with the vocabulary compacted to the 18.7K ids that occur
+            (data/shakespeare_compact; whole plays as documents): 4 sizes at context 512 plus contexts 128-1,024
+            at size s. bpe_ablation: Moneta's p and q at contexts 128 and 1,024; bpe_seeds: 3 seeds at s / 512.
+            The LM head over 18.7K ids makes these runs ~8x slower than the character ones on a CPU.
   micro     2 sizes x 2 contexts x {moneta, transformer}, a few steps: the CI test.
   paper     FineWeb-Edu (data/prepare_text.py), the paper's 340M and 760M sizes x contexts 2K..32K, 15B
             tokens per run at 0.5M tokens per step, bf16, torch.compile; torchrun on a GPU node.
