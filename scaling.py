@@ -585,6 +585,9 @@ def table(records):
     return "\n".join(lines)
 
 
+POSITION_BIN_EDGES = [0, 1, 8, 32, 128, 256, 512, 1024, 2048, 4096]
+
+
 def markdown(grid, records, summary, failed=()):
     """Markdown tables of a grid's results (written to <out>/<grid>/summary.md)."""
     out = [f"# Scaling grid `{grid}`", ""]
@@ -632,6 +635,19 @@ def markdown(grid, records, summary, failed=()):
         out += [f"| {m} | {', '.join(f'{x:.4f}' for x in s['val_loss'])} | {s['mean']:.4f} | "
                 f"{s['std']:.4f} |" if s["std"] is not None else f"| {m} | {s['val_loss']} | | |"
                 for m, s in summary["seeds"].items()]
+        out.append("")
+    longest = max((r["block_size"] for r in records if r.get("per_position")), default=0)
+    if longest >= 256:  # does a model use its long context? (the per-position loss past a few hundred tokens)
+        edges = [e for e in POSITION_BIN_EDGES if e < longest] + [longest]
+        out += [f"## mean loss by position in the window (runs at context {longest})", "",
+                "| run | " + " | ".join(f"{a + 1}-{b}" if b > a + 1 else str(b) for a, b in zip(edges, edges[1:]))
+                + " |",
+                "|---" * len(edges) + "|"]
+        for r in records:
+            if r["block_size"] == longest and r.get("per_position"):
+                pp = np.asarray(r["per_position"])
+                out.append(f"| {r['model']} {r['size']}" + (f" {r['label']}" if r.get("label") else "") + " | "
+                           + " | ".join(f"{pp[a:b].mean():.3f}" for a, b in zip(edges, edges[1:])) + " |")
         out.append("")
     if failed:
         out += ["## failed runs", ""] + [f"- {f['name']}: {f['error']}" for f in failed] + [""]
