@@ -544,7 +544,8 @@ def plot(records, out_dir, grid, summary):
         cmap = plt.get_cmap("viridis")
         for i, r in enumerate(rs):
             xs, ys = _smooth_positions(r["per_position"])
-            lab = r.get("label") if name.startswith("moneta,") else f"T={r['block_size']} ({r['size']})"
+            lab = r.get("label") if name.startswith("moneta,") else f"T={r['block_size']} ({r['size']})" + (
+                f" {r['label']}" if r.get("label") else "")
             if name == "all runs":
                 lab = f"{r['model']} {r['size']} T={r['block_size']}"
             ax.plot(xs, ys, "-", color=cmap(i / max(1, len(rs) - 1)), label=lab)
