@@ -33,7 +33,8 @@ Learning rates: every (model, setting) is trained once per peak lr of the settin
 extra seeds (--extra_seeds) are trained at every lr tied for seed 0's best validation exact match (a held-out
 set at the training length, never an evaluation set), and the reported lr is the one among those with the best
 mean validation exact match over its seeds (ties: lower mean final training loss, then lower lr). So when
-several lrs solve seed 0, the seeds decide which one solves the task reliably. results.json keeps every run
+several lrs solve seed 0, the seeds decide which one solves the task reliably; when none scores above 0, the
+lowest final training loss picks the one lr. results.json keeps every run
 with `selected` true/false.
 
 The `cpu` preset (2 layers, width 64 = 2 heads of 32, AdamW + warmup/cosine, one thread per process; models
@@ -433,12 +434,20 @@ def _loss_key(loss):
 
 def candidate_lrs(records):
     """{(model, setting): [lr, ...]}: the lrs tied for the best seed-0 validation accuracy. The extra seeds are
-    trained at each of them, so that a tie is broken by how reliably an lr solves the task, not by one seed."""
+    trained at each of them, so that a tie is broken by how reliably an lr solves the task, not by one seed.
+    Where no lr scores above 0 there is nothing to compare: the one with the lowest final training loss."""
     groups = {}
     for r in records:
         if r["seed"] == 0:
-            groups.setdefault((r["model"], r["setting"]), {})[r["learning_rate"]] = r["val_accuracy"]
-    return {key: sorted(lr for lr, v in runs.items() if v == max(runs.values())) for key, runs in groups.items()}
+            groups.setdefault((r["model"], r["setting"]), {})[r["learning_rate"]] = r
+    out = {}
+    for key, runs in groups.items():
+        best = max(r["val_accuracy"] for r in runs.values())
+        if best > 0:
+            out[key] = sorted(lr for lr, r in runs.items() if r["val_accuracy"] == best)
+        else:
+            out[key] = [min(runs, key=lambda lr: (_loss_key(runs[lr]["final_train_loss"]), lr))]
+    return out
 
 
 def selected_lrs(records):

@@ -133,6 +133,9 @@ def test_selection_among_seed0_ties_by_mean_over_seeds_then_loss_then_lr():
     recs += [rec(1e-3, 1.0, 0.0, seed=1)]
     recall.mark_selected(recs)
     assert recall.selected_lrs(recs) == {("m", "s"): 3e-3}
+    # nothing solved at seed 0: no tie to break with seeds, the lowest final loss is the one candidate
+    none = [rec(1e-3, 0.0, 1.4), rec(3e-3, 0.0, 1.2), rec(5e-3, 0.0, 1.3)]
+    assert recall.candidate_lrs(none) == {("m", "s"): [3e-3]} == {k: [v] for k, v in recall.selected_lrs(none).items()}
 
 
 def test_nope_transformer_study_model():
