@@ -34,8 +34,7 @@ extra seeds (--extra_seeds) are trained at every lr tied for seed 0's best valid
 set at the training length, never an evaluation set), and the reported lr is the one among those with the best
 mean validation exact match over its seeds (ties: lower mean final training loss, then lower lr). So when
 several lrs solve seed 0, the seeds decide which one solves the task reliably; when none scores above 0, the
-lowest final training loss picks the one lr. results.json keeps every run
-with `selected` true/false.
+lowest final training loss picks the one lr. results.json keeps every run with `selected` true/false.
 
 The `cpu` preset (2 layers, width 64 = 2 heads of 32, AdamW + warmup/cosine, one thread per process; models
 moneta, yaad, memora, transformer, and transformer_nope on passkey):
@@ -670,7 +669,7 @@ def main(argv=None):
     if 0 in extra_seeds or any(x < 0 for x in extra_seeds):
         raise ConfigError("--extra_seeds: seed 0 is the lr sweep itself; give seeds >= 1")
     if args.calibrate:
-        calibrate(model_names or ALL_MODELS[:5], settings)
+        calibrate(model_names or ALL_MODELS, settings)
         return {"calibrated": True}
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
