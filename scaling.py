@@ -127,8 +127,7 @@ CPU = dict(tokens_per_step=2048, max_iters=256, learning_rate=3e-3, warmup_iters
 ALL_MODELS = ["moneta", "yaad", "memora", "transformer"]
 
 # GPT-2 BPE Shakespeare, vocabulary compacted to the 18.7K ids that occur (data/shakespeare_compact), whole plays
-# as documents: the corpus where the Transformer's per-position loss keeps falling with position (see
-# results/scaling/README.md), unlike character Shakespeare at this size.
+# as documents: the candidate corpus with long-range structure (grid context_check tests whether a model uses it).
 BPE_CONTEXTS = [128, 256, 512, 1024]
 BPE = dict(CPU, dataset="shakespeare_compact")
 
@@ -239,11 +238,11 @@ def grid_paper(model_list):
 
 
 GRIDS = {"cpu": grid_cpu, "ablation": grid_ablation, "seeds": grid_seeds, "context_check": grid_context_check,
-         "bpe": grid_bpe,
-         "bpe_ablation": grid_bpe_ablation, "bpe_seeds": grid_bpe_seeds, "micro": grid_micro, "paper": grid_paper}
+         "bpe": grid_bpe, "bpe_ablation": grid_bpe_ablation, "bpe_seeds": grid_bpe_seeds, "micro": grid_micro,
+         "paper": grid_paper}
 DEFAULT_MODELS = {"cpu": ALL_MODELS, "ablation": ["moneta"], "seeds": ALL_MODELS, "context_check": ["transformer"],
-                  "bpe": ALL_MODELS,
-                  "bpe_ablation": ["moneta"], "bpe_seeds": ALL_MODELS, "micro": ["moneta", "transformer"],
+                  "bpe": ALL_MODELS, "bpe_ablation": ["moneta"], "bpe_seeds": ALL_MODELS,
+                  "micro": ["moneta", "transformer"],
                   "paper": ALL_MODELS}
 
 

@@ -199,12 +199,11 @@ class CompactGPT2Tokenizer(Tokenizer):
         return self._to_compact(self.gpt2.encode_ordinary(text), text)
 
     def decode(self, ids) -> str:
-        try:
-            return self.gpt2.decode(self.gpt2_ids[int(i)] for i in ids)
-        except IndexError:
-            bad = next(int(i) for i in ids if not 0 <= int(i) < self.vocab_size)
-            raise TokenizerError(f"token id {bad} is outside this compacted vocabulary (0..{self.vocab_size - 1})") \
-                from None
+        ids = [int(i) for i in ids]
+        bad = next((i for i in ids if not 0 <= i < self.vocab_size), None)  # a negative id must not wrap around
+        if bad is not None:
+            raise TokenizerError(f"token id {bad} is outside this compacted vocabulary (0..{self.vocab_size - 1})")
+        return self.gpt2.decode(self.gpt2_ids[i] for i in ids)
 
     def __repr__(self) -> str:
         return f"CompactGPT2Tokenizer(vocab_size={self.vocab_size})"
