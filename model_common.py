@@ -15,9 +15,9 @@ The Miras layer (paper section 5.4):
       -> (RoPE on q, k if use_rope) -> per-token, per-head gates from x through a low-rank map:
          eta_hat = eta_max * sigmoid(.)                    a bounded step in (0, eta_max), normalized by
                                                            memory_core.normalized_eta (eta_gate="normalized":
-                                                           Memora)
+                                                           Yaad, Memora)
          eta = eta_base * softplus(.)                      or a plain inner learning rate, > 0
-                                                           (eta_gate="softplus": Moneta, Yaad, the variants)
+                                                           (eta_gate="softplus": Moneta, the generic default)
          alpha = alpha_min + (1 - alpha_min) * sigmoid(.)  retention, in [alpha_min, 1]  (or 1: alpha_gate=False)
          delta = softplus(.) + 1e-4                        huber threshold (objective "huber")
          mu = mu_min + (mu_max - mu_min) * sigmoid(.)      momentum (momentum=True)
@@ -129,9 +129,9 @@ class MirasConfig(LMConfig):
     out_gate: str = "silu"        # output gate activation: "silu" | "sigmoid"
     eta_gate: str = "softplus"    # "softplus": eta = eta_base * softplus(.), softplus starting at 1;
                                   # "normalized": eta_hat = eta_max * sigmoid(.), normalized by the energy of the
-                                  # step (memory_core.normalized_eta; Memora's default). Moneta and Yaad keep
-                                  # softplus: with lp or lq it makes the outer gradients explode across chunks
-                                  # at init, and Yaad's grew in training (README, "Stability")
+                                  # step (memory_core.normalized_eta; Yaad's and Memora's default). Moneta keeps
+                                  # softplus: with lq retention the normalized step makes the outer gradients
+                                  # explode across chunks at init (README, "Stability")
     eta_base: float = 3e-4        # eta_gate="softplus": with all gradients of a chunk at one anchor a chunk
                                   # moves the memory by ~b steps at once; larger values made the outer
                                   # gradients explode across chunks (README, "Stability")
@@ -140,7 +140,7 @@ class MirasConfig(LMConfig):
     alpha_gate: bool = True       # False: alpha = 1 (no retention: TTT, the paper's "- retention" ablation)
     alpha_min: float = 0.1
     alpha_init: float = 0.99
-    delta_init: float = 0.0       # huber threshold at init; 0 means sqrt(head_dim) (~ the residual's norm)
+    delta_init: float = 0.0       # huber threshold at init; 0 means 2 sqrt(head_dim) (model_yaad.HuberBias)
     mu_init: float = 0.9          # momentum at init
 
     def __post_init__(self):

@@ -26,10 +26,12 @@ from model_common import LM, Block, Gate, MirasConfig, inv_softplus, make_mixer
 class YaadConfig(MirasConfig):
     objective: str = "huber"
     retention: str = "l2"
-    # the softplus step (MirasConfig.eta_gate): with the normalized step Yaad's outer gradients grew during
-    # training at 2,048 tokens; plain l2 retention bounds nothing: at eta_base 3e-4 training at 1,024 tokens
-    # went unstable as the learned eta gate grew (README, "Stability")
-    eta_base: float = 1e-4
+    # the bounded, scale-aware step (memory_core.normalized_eta). With it plain l2 retention is stable at
+    # init only with the decay starting near 1 (from 0.99 the outer gradient norm reached 88 at 4,096 tokens);
+    # the softplus step had to be so small (eta_base 1e-4) that the memory wrote almost nothing and Yaad
+    # could not learn MQAR at any lr (README, "Stability")
+    eta_gate: str = "normalized"
+    alpha_init: float = 0.9999
 
 
 class HuberBias(memory_core.Objective):
@@ -51,9 +53,12 @@ class HuberBias(memory_core.Objective):
         return torch.where(small, torch.ones_like(small, dtype=e.dtype), (delta * rule["sharpness"] * (1 - t * t)).amax(-1))
 
     def gates(self, cfg, head_dim):
-        """delta_t = softplus(.) + 1e-4 > 0, starting at delta_init (default sqrt(head_dim), about the
-        norm of a residual between two unit-scale vectors)."""
-        start = cfg.delta_init or math.sqrt(head_dim)
+        """delta_t = softplus(.) + 1e-4 > 0, starting at delta_init (default 2 sqrt(head_dim)). A residual between
+        two independent vectors of unit-scale entries has norm ~sqrt(2 head_dim): at init typical residuals take
+        the l2 side, whose curvature is 1, and only outliers the l1 side, whose step the curvature bound makes
+        tau delta times smaller. Starting at sqrt(head_dim) put most residuals on the l1 side, and the memory wrote
+        almost nothing (README, "Stability"); training moves delta where the data wants it."""
+        start = cfg.delta_init or 2 * math.sqrt(head_dim)
         return [Gate("delta", inv_softplus(start), lambda x: F.softplus(x) + 1e-4)]
 
 

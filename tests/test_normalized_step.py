@@ -5,6 +5,7 @@ The fast path's step sizes come from b x b Gram matrices of the chunk's rank-1 g
 products entry by entry. Float64 throughout: these are exactness checks.
 """
 import itertools
+import math
 
 import pytest
 import torch
@@ -156,11 +157,7 @@ def memorization_ratio(name, n_pairs=16, seed=0, **over):
     return (after / before).item()
 
 
-@pytest.mark.parametrize("name,over", [
-    ("memora", {}),
-    # Huber's step is bounded by its smoothed sign's slope: it writes measurably with a smooth sign (tau 1),
-    # and stably at init with its decay from 0.9999 (README, "Stability")
-    ("yaad", dict(sharpness=1.0, alpha_init=0.9999))])
+@pytest.mark.parametrize("name,over", [("memora", {}), ("yaad", {})])
 def test_normalized_gate_memorizes_in_context(name, over):
     """At init, the normalized step writes 16 pairs measurably (read-back error at most 0.85 of before) and
     more than the softplus gate's eta_base scale (which leaves the memory nearly static). README,
@@ -174,9 +171,17 @@ def test_curvature_bound_limits_a_steep_bias():
     """The curvature bound sizes Huber's step by its steepest slope: with the smoothed sign's sharpness tau = 10
     each output coordinate moves by at most eta_hat / tau per token, so the same memory writes far less than
     with tau = 1 (the two differ only in the sign's smoothing)."""
-    steep = memorization_ratio("yaad", eta_gate="normalized", alpha_init=0.9999)
-    smooth = memorization_ratio("yaad", eta_gate="normalized", alpha_init=0.9999, sharpness=1.0)
+    l1_side = dict(delta_init=math.sqrt(32))  # below the pairs' residual norms (~sqrt(2 * 32)): the l1 side
+    steep = memorization_ratio("yaad", **l1_side)
+    smooth = memorization_ratio("yaad", sharpness=1.0, **l1_side)
     assert smooth < 0.85 < 0.9 < steep, (smooth, steep)
+
+
+def test_huber_threshold_starts_above_the_typical_residual():
+    """Yaad's delta starts at 2 sqrt(head_dim), above the residual of two independent unit-scale vectors
+    (~sqrt(2 head_dim)): at init it writes typical pairs as the l2 bias does, not at the l1 side's small step."""
+    default = memorization_ratio("yaad")
+    assert abs(default - memorization_ratio("yaad", objective="l2")) < 0.02 and default < 0.7, default
 
 
 def test_function_dict_leaves_out_the_inactive_gate_settings():
