@@ -240,13 +240,11 @@ class CharTokenizer(Tokenizer):
 
     def decode(self, ids) -> str:
         itos = self.itos
-        try:
-            return "".join(itos[int(i)] for i in ids)
-        except IndexError:
-            bad = next(int(i) for i in ids if not 0 <= int(i) < len(itos))
-            raise TokenizerError(
-                f"token id {bad} is outside this character-level vocabulary (0..{len(itos) - 1})"
-            ) from None
+        ids = [int(i) for i in ids]
+        bad = next((i for i in ids if not 0 <= i < len(itos)), None)  # a negative id must not wrap around
+        if bad is not None:
+            raise TokenizerError(f"token id {bad} is outside this character-level vocabulary (0..{len(itos) - 1})")
+        return "".join(itos[i] for i in ids)
 
     def __repr__(self) -> str:
         return f"CharTokenizer(vocab_size={self.vocab_size})"

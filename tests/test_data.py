@@ -105,8 +105,9 @@ def test_char_tokenizer_roundtrip_and_unknown_char(tmp_path):
         tok.encode("abz")
     msg = str(e.value)
     assert "'z'" in msg and "character-level" in msg and "\n" not in msg
-    with pytest.raises(T.TokenizerError):
-        tok.decode([7])
+    for bad in ([7], [1, -1]):  # past the end, and a negative id that indexing would wrap around to the end
+        with pytest.raises(T.TokenizerError, match="outside"):
+            tok.decode(bad)
     # from a directory and from a meta.json path
     (tmp_path / "meta.json").write_text(json.dumps(meta))
     assert T.get_tokenizer(tmp_path).itos == meta["itos"]
@@ -195,8 +196,9 @@ def test_shakespeare_compact_prepare_subset(tmp_path):
     assert tok.encode(corpus.play_text(val)) == va[:-1].tolist()
     with pytest.raises(T.TokenizerError, match="does not occur"):
         tok.encode("Quantum chromodynamics of supercomputers")
-    with pytest.raises(T.TokenizerError, match="outside"):
-        tok.decode([len(gpt2_ids)])
+    for bad in ([len(gpt2_ids)], [-1]):
+        with pytest.raises(T.TokenizerError, match="outside"):
+            tok.decode(bad)
 
 
 @pytest.mark.parametrize("name", ["shakespeare", "shakespeare_char", "shakespeare_compact"])
