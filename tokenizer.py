@@ -169,6 +169,15 @@ class GPT2Tokenizer(Tokenizer):
         return "GPT2Tokenizer(vocab_size=50257)"
 
 
+def checked_ids(ids, vocab_size, what):
+    """ids as ints, each in 0..vocab_size-1 (a negative id must not index from the end), else a TokenizerError."""
+    ids = [int(i) for i in ids]
+    bad = next((i for i in ids if not 0 <= i < vocab_size), None)
+    if bad is not None:
+        raise TokenizerError(f"token id {bad} is outside this {what} vocabulary (0..{vocab_size - 1})")
+    return ids
+
+
 class CompactGPT2Tokenizer(Tokenizer):
     """GPT-2 BPE over a compacted vocabulary: compact id i is GPT-2 id gpt2_ids[i] (data/shakespeare_compact)."""
     kind = "gpt2_compact"
@@ -199,11 +208,7 @@ class CompactGPT2Tokenizer(Tokenizer):
         return self._to_compact(self.gpt2.encode_ordinary(text), text)
 
     def decode(self, ids) -> str:
-        ids = [int(i) for i in ids]
-        bad = next((i for i in ids if not 0 <= i < self.vocab_size), None)  # a negative id must not wrap around
-        if bad is not None:
-            raise TokenizerError(f"token id {bad} is outside this compacted vocabulary (0..{self.vocab_size - 1})")
-        return self.gpt2.decode(self.gpt2_ids[i] for i in ids)
+        return self.gpt2.decode(self.gpt2_ids[i] for i in checked_ids(ids, self.vocab_size, "compacted"))
 
     def __repr__(self) -> str:
         return f"CompactGPT2Tokenizer(vocab_size={self.vocab_size})"
@@ -239,12 +244,7 @@ class CharTokenizer(Tokenizer):
         return self.encode(text)
 
     def decode(self, ids) -> str:
-        itos = self.itos
-        ids = [int(i) for i in ids]
-        bad = next((i for i in ids if not 0 <= i < len(itos)), None)  # a negative id must not wrap around
-        if bad is not None:
-            raise TokenizerError(f"token id {bad} is outside this character-level vocabulary (0..{len(itos) - 1})")
-        return "".join(itos[i] for i in ids)
+        return "".join(self.itos[i] for i in checked_ids(ids, len(self.itos), "character-level"))
 
     def __repr__(self) -> str:
         return f"CharTokenizer(vocab_size={self.vocab_size})"
