@@ -211,6 +211,7 @@ def _static_cache(cache):
                     anchor=tuple(w.contiguous() for w in mem.anchor),
                     norm=tuple(n.contiguous() for n in mem.norm),
                     momentum=tuple(m.contiguous() for m in mem.momentum),
+                    grad_sum=tuple(s.contiguous() for s in mem.grad_sum),
                     pos=torch.as_tensor(mem.pos, dtype=torch.long, device=cache.pos.device))
     return cache
 

@@ -324,3 +324,29 @@ def test_compiled_step_matches_eager(moneta_dir, f32_tol):
                                        msg=f"compiled step logits after token {i}")
     got = list(sample.generate_stream(loaded.model, prompt, 40, temperature=0.0, step=step))
     assert got[:tie] == eager[:tie]
+
+
+@pytest.mark.parametrize("name", ["memora", "yaad"])
+def test_compiled_step_keeps_one_graph_after_a_prefill(name):
+    """The normalized step's decode state also carries the chunk's running gradient sum: after a prefill
+    (_static_cache turns its int position into a tensor, its views into contiguous tensors), the compiled
+    step keeps one graph over steps that cross a chunk boundary and computes what the eager step does
+    (float64, aot_eager)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    from models import build_model
+    torch.manual_seed(0)
+    model = build_model(name, "tiny", n_layer=1, n_embd=32, n_head=2, vocab_size=32, block_size=64,
+                        chunk_size=8).double().eval()
+    eager = sample.make_step(model)
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(lambda i, c: eager(i, c), backend=counter, fullgraph=True, dynamic=False)
+    prompt = torch.randint(32, (1, 13))
+    caches = [model.init_cache(1, 64), model.init_cache(1, 64)]
+    with torch.no_grad():
+        tok = [model.prefill(prompt, c)[0][:, -1:].argmax(-1) for c in caches]
+        for _ in range(6):  # positions 13-18 cross the chunk boundary at 16
+            (t_e, l_e), (t_c, l_c) = eager(tok[0], caches[0]), compiled(tok[1], sample._static_cache(caches[1]))
+            torch.testing.assert_close(l_c, l_e, rtol=1e-12, atol=1e-12)
+            tok = [t_e, t_c]
+    assert counter.frame_count == 1, f"{counter.frame_count} graphs for one static-shape step"
