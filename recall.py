@@ -7,7 +7,10 @@ score exact-match accuracy at the training length and beyond it (length generali
     python recall.py --preset=cpu --calibrate                        # tokens/s per model and task, no results
 
 Models: moneta, yaad, memora, transformer (Transformer++, RoPE), transformer_nope (the same Transformer with
-no position encoding: is "attention fails beyond its training length" RoPE's failure or attention's?) and
+no position encoding: is "attention fails beyond its training length" RoPE's failure or attention's?),
+transformer_rope500k (the same with RoPE base 500,000 instead of 10,000, as Llama 3: its four slowest frequency
+pairs per head turn less than 0.3 rad over 4,096 positions, channels nearly free of position, where base 10,000
+has none) and
 moneta_linear, the linear-memory ablation of the Miras layer (Moneta with models.py's "linear_ablation"
 variant). Every model runs at its defaults: no setting overrides a model internal such as the inner learning
 rate. Parameter counts are matched by widening the SwiGLU of the models whose mixer has fewer parameters (the
@@ -37,7 +40,7 @@ several lrs solve seed 0, the seeds decide which one solves the task reliably; w
 lowest final training loss picks the one lr. results.json keeps every run with `selected` true/false.
 
 The `cpu` preset (2 layers, width 64 = 2 heads of 32, AdamW + warmup/cosine, one thread per process; models
-moneta, yaad, memora, transformer, and transformer_nope on passkey):
+moneta, yaad, memora, transformer, and transformer_nope and transformer_rope500k on passkey):
   mqar_d64             4 kv pairs, vocabulary 64, trained at 32 tokens (2000 steps of 32 sequences), scored at
                        32, 64, 128, 256 on 256 held-out samples per length: the anchor (attention solves it)
   mqar_d64_p8          8 kv pairs, vocabulary 128, trained at 64 tokens (4000 steps of 32: at 2000 the Transformer
@@ -80,9 +83,10 @@ from data import recall_tasks
 from train import ConfigError, save_json
 
 REPO = pathlib.Path(__file__).resolve().parent
-ALL_MODELS = ("moneta", "yaad", "memora", "transformer", "transformer_nope", "moneta_linear")
+ALL_MODELS = ("moneta", "yaad", "memora", "transformer", "transformer_nope", "transformer_rope500k",
+              "moneta_linear")
 # config fields that make a study model out of a registry model (beside model_spec's variant preset)
-STUDY_MODEL_ARGS = {"transformer_nope": {"attention_rope": False}}
+STUDY_MODEL_ARGS = {"transformer_nope": {"attention_rope": False}, "transformer_rope500k": {"rope_theta": 5e5}}
 ALL_TASKS = ("mqar", "passkey")
 # generator seeds: training batches, the validation set (picks the lr), the evaluation sets, and the batches of
 # the loss train.py logs at each checkpoint
@@ -93,7 +97,7 @@ def model_spec(model):
     """(registry name, variant preset or None) of a study model name."""
     if model == "moneta_linear":
         return "moneta", "linear_ablation"
-    if model == "transformer_nope":
+    if model in ("transformer_nope", "transformer_rope500k"):
         return "transformer", None
     if model in models.MODELS:
         return model, None
@@ -180,6 +184,8 @@ MATCH_HIDDEN = {w: dict(h, transformer_nope=h["transformer"]) for w, h in {
     64: dict(transformer=384, moneta_linear=320),
     128: dict(transformer=512, moneta_linear=448)}.items()}
 MIRAS_AND_TRANSFORMER = ("moneta", "yaad", "memora", "transformer")
+# beside the RoPE Transformer on passkey: Transformers that may extrapolate past their training length
+EXTRAPOLATING = ("transformer_nope", "transformer_rope500k")
 
 PRESETS = {
     "cpu": [
@@ -191,9 +197,9 @@ PRESETS = {
         # passkey in two haystacks, with a NoPE Transformer beside the RoPE one (is "attention fails beyond its
         # training length" RoPE's failure or attention's?)
         _passkey("passkey", 64, 2000, mlp_hidden=MATCH_HIDDEN[64],
-                 models=MIRAS_AND_TRANSFORMER + ("transformer_nope",)),
+                 models=MIRAS_AND_TRANSFORMER + EXTRAPOLATING),
         _passkey("passkey_shakespeare", 64, 2000, haystack="shakespeare", mlp_hidden=MATCH_HIDDEN[64],
-                 models=MIRAS_AND_TRANSFORMER + ("transformer_nope",)),
+                 models=MIRAS_AND_TRANSFORMER + EXTRAPOLATING),
     ],
     "micro": [
         _mqar("mqar_d32", 32, 3, n_layer=1, vocab_size=32, train_len=16, eval_lens=(16, 32),
@@ -268,8 +274,9 @@ class TaskBatches:
 def _model_args(model, s):
     """The model config of `model` in setting `s` beyond its size keys: vocabulary, SwiGLU width, overrides."""
     over = dict(vocab_size=vocab_size(s), **STUDY_MODEL_ARGS.get(model, {}))
-    if s.mlp_hidden.get(model):
-        over["mlp_hidden"] = s.mlp_hidden[model]
+    hidden = s.mlp_hidden.get(model) or s.mlp_hidden.get(model_spec(model)[0])  # a variant: its model's width
+    if hidden:
+        over["mlp_hidden"] = hidden
     over.update(s.model_overrides.get(model, {}))
     return over
 

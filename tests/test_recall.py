@@ -138,12 +138,17 @@ def test_selection_among_seed0_ties_by_mean_over_seeds_then_loss_then_lr():
     assert recall.candidate_lrs(none) == {("m", "s"): [3e-3]} == {k: [v] for k, v in recall.selected_lrs(none).items()}
 
 
-def test_nope_transformer_study_model():
-    s = recall.PRESETS["cpu"][2]
-    assert s.task == "passkey" and "transformer_nope" in s.models
-    nope, rope = recall.model_config("transformer_nope", s), recall.model_config("transformer", s)
-    assert nope.attention_rope is False and rope.attention_rope is True
-    assert recall.dataclasses.replace(nope, attention_rope=True) == rope  # the same model otherwise
+def test_extrapolating_transformer_study_models():
+    """NoPE and RoPE base 5e5 beside the RoPE Transformer on passkey: the same model but for that one field
+    (the SwiGLU width included: a variant without its own entry takes its model's)."""
+    for s in recall.PRESETS["cpu"][2:]:
+        assert s.task == "passkey" and {"transformer_nope", "transformer_rope500k"} <= set(s.models)
+        rope = recall.model_config("transformer", s)
+        nope, slow = recall.model_config("transformer_nope", s), recall.model_config("transformer_rope500k", s)
+        assert nope.attention_rope is False and rope.attention_rope is True and rope.rope_theta == 1e4
+        assert slow.rope_theta == 5e5 and rope.hidden == slow.hidden == s.mlp_hidden["transformer"]
+        assert recall.dataclasses.replace(nope, attention_rope=True) == rope
+        assert recall.dataclasses.replace(slow, rope_theta=1e4) == rope
 
 
 def test_model_overrides_reach_their_model():
