@@ -179,6 +179,8 @@ def _passkey(name, C, steps, **kw):
 # Miras layer (head_dim 32) has ~15k / 40k / 140k parameters at n_embd 32 / 64 / 128 (the MLP memory's
 # initial weights included), attention 4 n_embd^2, the linear memory 7/8 of the initial weights less; the
 # default SwiGLU (8/3 n_embd rounded up to 256) is widened for the Transformer and the linear ablation.
+# (transformer_nope's explicit entry predates the fallback to the model's width; it stays so that its cached runs
+# keep their identity)
 MATCH_HIDDEN = {w: dict(h, transformer_nope=h["transformer"]) for w, h in {
     32: dict(transformer=384, moneta_linear=320),
     64: dict(transformer=384, moneta_linear=320),
