@@ -83,8 +83,9 @@ from data import recall_tasks
 from train import ConfigError, save_json
 
 REPO = pathlib.Path(__file__).resolve().parent
-ALL_MODELS = ("moneta", "yaad", "memora", "transformer", "transformer_nope", "transformer_rope500k",
-              "moneta_linear")
+# the Transformer++ with other positions, beside the RoPE one on passkey: may they extrapolate past training?
+TRANSFORMER_VARIANTS = ("transformer_nope", "transformer_rope500k")
+ALL_MODELS = ("moneta", "yaad", "memora", "transformer") + TRANSFORMER_VARIANTS + ("moneta_linear",)
 # config fields that make a study model out of a registry model (beside model_spec's variant preset)
 STUDY_MODEL_ARGS = {"transformer_nope": {"attention_rope": False}, "transformer_rope500k": {"rope_theta": 5e5}}
 ALL_TASKS = ("mqar", "passkey")
@@ -97,7 +98,7 @@ def model_spec(model):
     """(registry name, variant preset or None) of a study model name."""
     if model == "moneta_linear":
         return "moneta", "linear_ablation"
-    if model in ("transformer_nope", "transformer_rope500k"):
+    if model in TRANSFORMER_VARIANTS:
         return "transformer", None
     if model in models.MODELS:
         return model, None
@@ -186,8 +187,6 @@ MATCH_HIDDEN = {w: dict(h, transformer_nope=h["transformer"]) for w, h in {
     64: dict(transformer=384, moneta_linear=320),
     128: dict(transformer=512, moneta_linear=448)}.items()}
 MIRAS_AND_TRANSFORMER = ("moneta", "yaad", "memora", "transformer")
-# beside the RoPE Transformer on passkey: Transformers that may extrapolate past their training length
-EXTRAPOLATING = ("transformer_nope", "transformer_rope500k")
 
 PRESETS = {
     "cpu": [
@@ -199,9 +198,9 @@ PRESETS = {
         # passkey in two haystacks, with a NoPE and a RoPE-base-5e5 Transformer beside the RoPE one (is
         # "attention fails beyond its training length" RoPE's failure or attention's?)
         _passkey("passkey", 64, 2000, mlp_hidden=MATCH_HIDDEN[64],
-                 models=MIRAS_AND_TRANSFORMER + EXTRAPOLATING),
+                 models=MIRAS_AND_TRANSFORMER + TRANSFORMER_VARIANTS),
         _passkey("passkey_shakespeare", 64, 2000, haystack="shakespeare", mlp_hidden=MATCH_HIDDEN[64],
-                 models=MIRAS_AND_TRANSFORMER + EXTRAPOLATING),
+                 models=MIRAS_AND_TRANSFORMER + TRANSFORMER_VARIANTS),
     ],
     "micro": [
         _mqar("mqar_d32", 32, 3, n_layer=1, vocab_size=32, train_len=16, eval_lens=(16, 32),
