@@ -49,6 +49,7 @@ from torch.utils.flop_counter import register_flop_formula
 OBJECTIVES = ("l2", "dot", "lp", "huber")
 RETENTIONS = ("l2", "lq", "kl")
 MEMORIES = ("mlp", "linear")
+STEP_NORMS = ("gain", "gauss_newton")  # normalize_step's rules; True means "gain" (see normalized_eta)
 _HOMES = {("objective", "lp"): "model_moneta", ("retention", "lq"): "model_moneta",
           ("objective", "huber"): "model_yaad", ("retention", "kl"): "model_memora"}
 LN_EPS = 1e-5
@@ -215,23 +216,28 @@ def inner_grad(k, v, delta, weights, ln_w, ln_b, rule):
     return acts, dz, g, e
 
 
-def normalized_eta(eta_hat, g, curvature, acts, dz, scale, grad_sum):
-    """The bounded, scale-aware inner step (normalize_step=True): eta_hat in (0, eta_max] becomes
+def normalized_eta(eta_hat, g, curvature, acts, dz, scale, grad_sum, response=None):
+    """The bounded, scale-aware inner step (normalize_step): eta_hat in (0, eta_max] becomes, for the rule "gain",
 
         eta_t = eta_hat_t ||g_t||^2 / (L_t (max(<G_t, G_t>, sum_{j<=t} <G_t, G_j>) + STEP_FLOOR ||g_t||^2))
+
+    and for "gauss_newton" (response = c_t = J_t G_t, step_response)
+
+        eta_t = eta_hat_t <G_t, G_t>^2 / (L_t max(<G_t, G_t>, sum_{j<=t} <G_t, G_j>) (||c_t||^2 + STEP_FLOOR <G_t, G_t>))
 
     where j runs over the chunk's tokens so far (all of them share one anchor) and <G_t, G_j> =
     sum_l s_l (dz_lt . dz_lj)(a_lt . a_lj) is the inner product of the rank-1 per-layer weight gradients,
     each layer weighted by the factor s_l its weights are read with (lq: 1 / n; kl's lag step: c / row length).
-    Linearized, the step moves M(k_t) by eta_t <G_t, G_t> / ||g_t||^2 times -g_t: the output gain along g_t
-    cancels, so eta_hat alone says how far the output moves, whatever the scale of the weights, the LayerNorm
-    or the chunk. L_t is the bias's curvature bound (Objective.curvature; 1 for l2): with it the step is the
-    minimizer along -g_t of the loss's quadratic upper bound (L-smoothness), at eta_hat = 1 -- for l2 the
-    normalized-LMS / Newton step, removing the residual -- and no coordinate of the output overshoots for
-    eta_hat < 2 (lp's g ~ e |e| and Huber's smoothed sign are steepest where the secant <g, e> / ||e||^2 is not).
-    The row sums make b copies of one pair share that one step instead of taking it b times. The floor term
-    makes the step partial where the output gain <G, G> / ||g||^2 falls below STEP_FLOOR: there a full step would
-    mean a large weight step, which grows the weights' LayerNorm-invariant scale. README, "Stability".
+    A step eta along -G_t moves M(k_t) by -eta c_t, c_t = J_t G_t, and <g_t, c_t> = <G_t, G_t>.
+    "gain" sizes the step by the output gain along g, <G, G> / ||g||^2: eta_hat is then the fraction of the
+    residual removed if c_t were parallel to g_t. "gauss_newton" minimizes the loss's quadratic upper bound
+    along -G_t exactly (eta_hat = 1; for l2 the Gauss-Newton step of the linearized memory): the two agree when
+    c_t || g_t and "gain" is larger by ||g||^2 ||c||^2 / <G, G>^2 >= 1 otherwise, overshooting the memory's
+    stiff output directions -- on a long stream of recurring pairs that made the MLP memory chaotic (README,
+    "Stability"). L_t is the bias's curvature bound (Objective.curvature; 1 for l2). The row sums make b copies
+    of one pair share one step instead of taking it b times. The floor terms cap eta at eta_hat / (L STEP_FLOOR):
+    where the output gain falls below STEP_FLOOR a full step would mean a large weight step, which grows the
+    weights' LayerNorm-invariant scale. README, "Stability".
     curvature: L_t [N, n] or None (1); grad_sum: per layer, the sum of the raw gradients of this chunk's earlier
     pieces (carried state), or None."""
     gram = 0.0
@@ -245,11 +251,47 @@ def normalized_eta(eta_hat, g, curvature, acts, dz, scale, grad_sum):
     n = gram.shape[-1]
     causal = torch.ones(n, n, dtype=torch.bool, device=gram.device).tril()
     row = torch.where(causal, gram, torch.zeros_like(gram)).sum(-1) + prev
-    g2 = (g * g).sum(-1)
-    denom = torch.maximum(gram.diagonal(dim1=-2, dim2=-1), row) + STEP_FLOOR * g2
+    own = gram.diagonal(dim1=-2, dim2=-1)
+    if response is None:
+        g2 = (g * g).sum(-1)
+        num, denom = g2, torch.maximum(own, row) + STEP_FLOOR * g2
+    else:
+        c2 = (response * response).sum(-1)
+        num, denom = own * own, torch.maximum(own, row) * (c2 + STEP_FLOOR * own)
     if curvature is not None:
         denom = denom * curvature
-    return eta_hat * g2 / denom.clamp_min(torch.finfo(denom.dtype).tiny)
+    return eta_hat * num / denom.clamp_min(torch.finfo(denom.dtype).tiny)
+
+
+def step_response(acts, dz, weights, ln_w, scale):
+    """c_t = J_t G_t [N, n, d]: how far the memory's output at key t moves per unit step along the token's own
+    weight gradient, linearized at `weights` (the anchor the gradient was taken at), each layer's change
+    scaled by its read factor s_l (lq: 1 / n; kl's lag step: c / row length). Forward mode through the MLP:
+    the update s_l dz_l^T a_l changes layer l's pre-activation at its own input by s_l (a_l . a_l) dz_l, and
+    the change of its input propagates through W_l, gelu and the LayerNorm. Recomputes the anchor's
+    pre-activations (one read of the keys)."""
+    tangent = None
+    for i, (a, d, w) in enumerate(zip(acts, dz, weights)):
+        s_i = 1.0 if scale is None else scale[i]
+        z = a @ w.transpose(-1, -2)
+        own = (s_i * (a * a).sum(-1, keepdim=True)) * d
+        tz = own if tangent is None else tangent @ w.transpose(-1, -2) + own
+        if i < len(weights) - 1:
+            tangent = _gelu_grad(z) * tz
+    zc = z - z.mean(-1, keepdim=True)
+    rstd = torch.rsqrt(zc.pow(2).mean(-1, keepdim=True) + LN_EPS)
+    zhat = zc * rstd
+    return ln_w * rstd * (tz - tz.mean(-1, keepdim=True) - zhat * (tz * zhat).mean(-1, keepdim=True))
+
+
+def step_sizes(eta, acts, dz, g, e, delta, anchor, ln_w, scale, grad_sum, rule):
+    """normalize_step: the tokens' steps from the gate's eta_hat (normalized_eta with the rule's curvature
+    bound and, for "gauss_newton", the step_response at the anchor); otherwise eta itself."""
+    if not rule["normalize_step"]:
+        return eta
+    curvature = rule["objective"].curvature(e, delta, rule)
+    response = step_response(acts, dz, anchor, ln_w, scale) if rule["normalize_step"] == "gauss_newton" else None
+    return normalized_eta(eta, g, curvature, acts, dz, scale, grad_sum, response)
 
 
 def read(x, weights, ln_w, ln_b):
@@ -273,14 +315,10 @@ def _masked_decay(log_cum):
 # ----------------------------------------------------------------------------------------------
 # One segment of a chunk: linear recurrence against a fixed anchor, computed with matmuls
 
-def _step_sizes(eta, acts, dz, g, e, delta, inv_norm, grad_sum, rule):
-    """The tokens' inner step sizes (normalize_step: normalized_eta of the gate's eta_hat) and the chunk's
-    running gradient sum after them."""
-    if not rule["normalize_step"]:
-        return eta, grad_sum
-    curvature = rule["objective"].curvature(e, delta, rule)
-    eta = normalized_eta(eta, g, curvature, acts, dz, inv_norm, grad_sum)
-    if grad_sum is not None:
+def _step_sizes(eta, acts, dz, g, e, delta, anchor, ln_w, inv_norm, grad_sum, rule):
+    """The tokens' inner step sizes (step_sizes) and the chunk's running gradient sum after them."""
+    eta = step_sizes(eta, acts, dz, g, e, delta, anchor, ln_w, inv_norm, grad_sum, rule)
+    if rule["normalize_step"] and grad_sum is not None:
         grad_sum = [s + d.transpose(-1, -2) @ a for s, a, d in zip(grad_sum, acts, dz)]
     return eta, grad_sum
 
@@ -297,7 +335,7 @@ def _segment(q, k, v, eta, log_alpha, log_mu, delta, start, anchor, inv_norm, of
     after it must be no-op tokens: k = 0, eta = 0), so that one compiled graph serves every length.
     Returns y [N, n, d], the weights after the segment, the momentum buffers and grad_sum after it."""
     acts, dz, g, e = inner_grad(k, v, delta, anchor, ln_w, ln_b, rule)
-    eta, grad_sum = _step_sizes(eta, acts, dz, g, e, delta, inv_norm, grad_sum, rule)
+    eta, grad_sum = _step_sizes(eta, acts, dz, g, e, delta, anchor, ln_w, inv_norm, grad_sum, rule)
     cum_alpha = torch.cumsum(log_alpha, -1)
     gamma = _masked_decay(cum_alpha)  # D[t, i] = beta_t / beta_i
     if mom is not None:
@@ -341,14 +379,15 @@ def _segment(q, k, v, eta, log_alpha, log_mu, delta, start, anchor, inv_norm, of
     return y, new, new_mom, grad_sum
 
 
-def _token_step(q, eta, log_alpha, log_mu, delta, start, inv_norm, offset, mom, grad_sum, ln_w, ln_b, rule, grads):
+def _token_step(q, eta, log_alpha, log_mu, delta, start, anchor, inv_norm, offset, mom, grad_sum, ln_w, ln_b, rule,
+                grads):
     """One token (the decode step): _segment's recurrence for n = 1 without its chunk matrices. With the
     token's rank-1 gradient G_l = dz_l^T a_l (taken at the anchor, `grads`), momentum m_l' = mu m_l - eta G_l
     and W_l' = alpha W_l + m_l' (without momentum W_l' = alpha W_l - eta G_l); the output reads W' (lq: times
     1 / n, plus the p-norm link's offset). Returns y [N, 1, d], the weights, the momentum buffers and grad_sum
     after the token."""
     acts, dz, g, e = grads
-    eta, grad_sum = _step_sizes(eta, acts, dz, g, e, delta, inv_norm, grad_sum, rule)
+    eta, grad_sum = _step_sizes(eta, acts, dz, g, e, delta, anchor, ln_w, inv_norm, grad_sum, rule)
     alpha, eta = log_alpha.exp().unsqueeze(-1), eta.unsqueeze(-1)  # [N, 1, 1]
     mu = log_mu.exp().unsqueeze(-1) if mom is not None else None
     new, new_mom = [], [] if mom is not None else None
@@ -448,8 +487,20 @@ def _rule(objective, retention, chunk_size, p, q_norm, sharpness, eps, simplex_s
           link="printed"):
     return dict(objective=resolve("objective", objective), retention=resolve("retention", retention),
                 chunk_size=int(chunk_size), p=float(p), q_norm=float(q_norm), sharpness=float(sharpness),
-                eps=float(eps), simplex_scale=simplex_scale, memory=memory, normalize_step=bool(normalize_step),
+                eps=float(eps), simplex_scale=simplex_scale, memory=memory, normalize_step=_step_norm(normalize_step),
                 link=link)
+
+
+def _step_norm(normalize_step):
+    """normalize_step as the rule holds it: None (off) or a name from STEP_NORMS (True: "gain"). The operator
+    passes it as an int: 0 off, 1 + its index in STEP_NORMS."""
+    if isinstance(normalize_step, str):
+        if normalize_step not in STEP_NORMS:
+            raise ValueError(f"normalize_step={normalize_step!r}: use False, True or one of {', '.join(STEP_NORMS)}")
+        return normalize_step
+    if not isinstance(normalize_step, (bool, int)) or not 0 <= int(normalize_step) <= len(STEP_NORMS):
+        raise ValueError(f"normalize_step={normalize_step!r}: use False, True or one of {', '.join(STEP_NORMS)}")
+    return STEP_NORMS[int(normalize_step) - 1] if normalize_step else None
 
 
 def _compute_dtype(x):
@@ -580,7 +631,8 @@ def _spec(rule, compile_chunks, track):
     """The rule as the operator's typed arguments: (names "objective,retention,memory,link", ints [chunk_size,
     normalize_step, compile_chunks, track], floats [p, q_norm, sharpness, eps, simplex_scale or 0])."""
     names = ",".join((rule["objective"].name, rule["retention"].name, rule["memory"], rule["link"]))
-    ints = [rule["chunk_size"], int(rule["normalize_step"]), int(compile_chunks), int(track)]
+    norm_code = 1 + STEP_NORMS.index(rule["normalize_step"]) if rule["normalize_step"] else 0
+    ints = [rule["chunk_size"], norm_code, int(compile_chunks), int(track)]
     floats = [rule["p"], rule["q_norm"], rule["sharpness"], rule["eps"], float(rule["simplex_scale"] or 0.0)]
     return names, ints, floats
 
@@ -821,8 +873,9 @@ def miras_memory(q, k, v, eta, alpha, state, ln_weight, ln_bias, *, objective="l
     a MemoryState (returned as one: exact continuation of a sequence cut anywhere).
     Returns y [B, H, T, d] in q's dtype; the fast-weight arithmetic runs in float32 (float64 for float64).
 
-    normalize_step=True reads eta as the bounded step eta_hat of normalized_eta (Memora's default);
-    False (the default here) is the plain per-token step eta_t G_t.
+    normalize_step=True (or "gain") reads eta as the bounded step eta_hat of normalized_eta (Memora's default),
+    "gauss_newton" as the same step sized by the output change of the step itself (normalized_eta); False (the
+    default here) is the plain per-token step eta_t G_t.
     link (lq only): "printed" reads W = A / ||A||_q^(q-2) (Eq. 24 as printed); "pnorm" the p-norm link of
     section 5.2 (Variant 4), W = sign(A) |A|^(r-1) / ||A||_r^(r-2), r = q / (q - 1) (model_moneta.py).
 
@@ -847,7 +900,7 @@ def miras_memory(q, k, v, eta, alpha, state, ln_weight, ln_bias, *, objective="l
          mom, grad_sum) = _flat_inputs(q, k, v, eta, alpha, delta, momentum, state, ln_weight, ln_bias)
         pos = int(state.pos)
         # the chunk's running gradient sum is needed only to continue a chunk cut by the caller
-        track = normalize_step and carried
+        track = bool(rule["normalize_step"]) and carried
         grad_sum = grad_sum if track else None
         inputs = (qf, kf, vf, eta_f, log_alpha, log_mu, delta_f)
         st = (weights, anchor, norm, mom, grad_sum)
@@ -923,9 +976,9 @@ def miras_memory_step(q, k, v, eta, alpha, state, ln_weight, ln_bias, *, objecti
         grads = inner_grad(kf, vf, delta_f, anchor, ln_w, ln_b, rule)
         lag_only = ret.lag_step is not None and fresh is True
         if not lag_only:
-            y, new, mom, grad_sum = _token_step(qf, eta_f, log_alpha, log_mu, delta_f, weights, ret.read_scale(norm),
-                                                ret.read_offset(anchor, norm, rule), mom, grad_sum, ln_w, ln_b,
-                                                rule, grads)
+            y, new, mom, grad_sum = _token_step(qf, eta_f, log_alpha, log_mu, delta_f, weights, anchor,
+                                                ret.read_scale(norm), ret.read_offset(anchor, norm, rule), mom,
+                                                grad_sum, ln_w, ln_b, rule, grads)
         if ret.lag_step is not None and fresh is not False:  # a chunk's first token takes the exact step instead
             y_lag, lag = ret.lag_step(qf, kf, vf, eta_f[:, 0], log_alpha[:, 0].exp(), delta_f, weights, ln_w, ln_b,
                                       rule, grads)

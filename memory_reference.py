@@ -7,7 +7,7 @@ float64. miras_memory_reference has the chunked semantics; miras_memory_exact is
 import torch
 import torch.nn.functional as F
 
-from memory_core import LN_EPS, STEP_FLOOR, _check, _rule
+from memory_core import LN_EPS, STEP_FLOOR, _check, _rule, _step_norm
 
 KL_LOG_FLOOR = 1e-6  # the chunked kl step takes log(max(W, floor)) (see model_memora.py)
 
@@ -131,33 +131,47 @@ def _ref_gate(x, t):
 
 
 def _ref_g(weights, k_t, v_t, ln_weight, ln_bias, delta_t, *, objective, memory, p, sharpness, eps):
-    """(g_t = dl/dM(k_t), the step's target ||g_t||^2 / L_t) at ``weights``; L_t = max_i dg_i / de_i (1 for l2
-    and dot), the derivative of the elementwise output gradient taken by autograd."""
+    """(g_t = dl/dM(k_t), L_t) at ``weights``; L_t = max_i dg_i / de_i (1 for l2 and dot), the derivative of the
+    elementwise output gradient taken by autograd."""
     out = _ref_memory_forward(weights, k_t, ln_weight, ln_bias, memory)
     e = out - v_t
     if objective == "dot":
-        return -v_t, v_t.pow(2).sum(-1)
+        return -v_t, 1.0
     if objective == "l2":
-        return e, e.pow(2).sum(-1)
+        return e, 1.0
     g = _ref_residual_grad(e, objective, delta_t, p, sharpness, eps)
     with torch.enable_grad():  # dg_i / de_i: g is elementwise in e (the Huber switch is piecewise constant)
         x = e if e.requires_grad else e.detach().requires_grad_(True)
         (slope,) = torch.autograd.grad(_ref_residual_grad(x, objective, delta_t, p, sharpness, eps).sum(), x,
                                        create_graph=torch.is_grad_enabled())
-    return g, g.pow(2).sum(-1) / slope.amax(-1)
+    return g, slope.amax(-1)
 
 
-def _ref_normalized_eta(eta_hat, g_t, grads_t, chunk_grads, read_scales):
-    """eta_hat (||g||^2 / L) / (max(<G_t, G_t>, sum_j <G_t, G_j>) + floor ||g||^2), the target ||g||^2 / L from
-    _ref_g, the inner products taken entry by entry over each layer's explicit gradient matrix, weighted by the
-    layer's read scale. [B, H, 1, 1]"""
+def _ref_response(anchor, grads_t, read_scales, k_t, ln_weight, ln_bias, memory):
+    """c_t = J_t G_t: the derivative of M(k_t) along the token's own gradient matrices (each scaled by its
+    layer's read scale), at the anchor, by forward-mode autograd."""
+    def forward(*ws):
+        return _ref_memory_forward(ws, k_t, ln_weight, ln_bias, memory)
+    tangent = tuple(s * g if not torch.is_tensor(s) else s[..., None, None] * g for g, s in zip(grads_t, read_scales))
+    return torch.func.jvp(forward, tuple(anchor), tangent)[1]
+
+
+def _ref_normalized_eta(eta_hat, g_t, grads_t, chunk_grads, read_scales, response=None):
+    """The step of memory_core.normalized_eta from explicit gradient matrices: with own = <G_t, G_t> and row =
+    sum_j <G_t, G_j> (entry by entry, each layer weighted by its read scale), "gain" is
+    eta_hat ||g||^2 / (L (max(own, row) + floor ||g||^2)), "gauss_newton" (response c_t given) is
+    eta_hat own^2 / (L max(own, row) (||c||^2 + floor own)). [B, H, 1, 1]"""
     def dot(ga, gb):
         return sum(s * (a * b).sum(dim=(-2, -1)) for a, b, s in zip(ga, gb, read_scales))
-    g, target = g_t
+    g, curvature = g_t
     own = dot(grads_t, grads_t)
     row = sum(dot(grads_t, gj) for gj in chunk_grads)
-    denom = torch.maximum(own, row) + STEP_FLOOR * g.pow(2).sum(-1)
-    return (eta_hat[..., 0, 0] * target / denom)[..., None, None]
+    if response is None:
+        g2 = g.pow(2).sum(-1)
+        step = g2 / (curvature * (torch.maximum(own, row) + STEP_FLOOR * g2))
+    else:
+        step = own * own / (curvature * torch.maximum(own, row) * (response.pow(2).sum(-1) + STEP_FLOOR * own))
+    return (eta_hat[..., 0, 0] * step)[..., None, None]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -171,8 +185,8 @@ def miras_memory_reference(q, k, v, eta, alpha, state, ln_weight, ln_bias, *, ob
     """Token-by-token oracle of the chunked Miras memory. Returns (y, state).
 
     y: [B, H, T, d]; state: the weights after the last token (the accumulator A for lq), same
-    structure as the input state. normalize_step: eta is eta_hat, turned into the token's step by
-    _ref_normalized_eta from the explicit gradients of the chunk's tokens so far. link (lq): tokens inside a
+    structure as the input state. normalize_step (True / "gain" or "gauss_newton"): eta is eta_hat, turned into
+    the token's step by _ref_normalized_eta from the explicit gradients of the chunk's tokens so far. link (lq): tokens inside a
     chunk read W_c + (A_t - A_c) / n with (W_c, n) = _ref_lq_link(A_c) at the chunk start.
     """
     state = tuple(state)
@@ -182,6 +196,12 @@ def miras_memory_reference(q, k, v, eta, alpha, state, ln_weight, ln_bias, *, ob
     B, H, T, d = q.shape
     grad_kw = dict(objective=objective, memory=memory, p=p, sharpness=sharpness, eps=eps)
     scales = _ref_simplex_scales(state, simplex_scale)
+    step_norm = _step_norm(normalize_step)
+
+    def response(anchor, grads, scales_t, t):  # "gauss_newton": c_t at the weights the gradient was taken at
+        if step_norm != "gauss_newton":
+            return None
+        return _ref_response(anchor, grads, scales_t, k[:, :, t], ln_weight, ln_bias, memory)
 
     weights = state                                   # W (l2, kl) or the accumulator A (lq)
     mom = tuple(torch.zeros_like(w) for w in state) if momentum is not None else None
@@ -206,7 +226,8 @@ def miras_memory_reference(q, k, v, eta, alpha, state, ln_weight, ln_bias, *, ob
                 if normalize_step:
                     g_t = _ref_g(weights, k[:, :, t], v[:, :, t], ln_weight, ln_bias, d_t, **grad_kw)
                     lag_scales = tuple(c / w.shape[-1] for w, c in zip(weights, scales))
-                    e_t = _ref_normalized_eta(e_t, g_t, grads, [grads], lag_scales)
+                    e_t = _ref_normalized_eta(e_t, g_t, grads, [grads], lag_scales,
+                                              response(weights, grads, lag_scales, t))
                 weights = tuple(
                     c * torch.softmax(a_t * torch.log(torch.clamp(w, min=KL_LOG_FLOOR)) - e_t * g,
                                       dim=-1)
@@ -218,7 +239,8 @@ def miras_memory_reference(q, k, v, eta, alpha, state, ln_weight, ln_bias, *, ob
                 if normalize_step:
                     chunk_grads.append(grads)
                     g_t = _ref_g(anchor, k[:, :, t], v[:, :, t], ln_weight, ln_bias, d_t, **grad_kw)
-                    e_t = _ref_normalized_eta(e_t, g_t, grads, chunk_grads, read_scales)
+                    e_t = _ref_normalized_eta(e_t, g_t, grads, chunk_grads, read_scales,
+                                              response(anchor, grads, read_scales, t))
                 weights, mom = _ref_linear_step(weights, mom, grads, a_t, e_t, momentum, t)
 
             read = (tuple(w + (a - a0) / n for w, a, a0, n in zip(anchor, weights, start, norms))
@@ -259,6 +281,12 @@ def miras_memory_exact(q, k, v, eta, alpha, state, ln_weight, ln_bias, *, object
     B, H, T, d = q.shape
     grad_kw = dict(objective=objective, memory=memory, p=p, sharpness=sharpness, eps=eps)
     scales = _ref_simplex_scales(state, simplex_scale)
+    step_norm = _step_norm(normalize_step)
+
+    def response(anchor, grads, scales_t, t):  # "gauss_newton": c_t at the weights the gradient was taken at
+        if step_norm != "gauss_newton":
+            return None
+        return _ref_response(anchor, grads, scales_t, k[:, :, t], ln_weight, ln_bias, memory)
 
     weights = state
     mom = tuple(torch.zeros_like(w) for w in state) if momentum is not None else None

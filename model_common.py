@@ -135,6 +135,10 @@ class MirasConfig(LMConfig):
     eta_base: float = 3e-4        # eta_gate="softplus": with all gradients of a chunk at one anchor a chunk
                                   # moves the memory by ~b steps at once; larger values made the outer
                                   # gradients explode across chunks (README, "Stability")
+    step_norm: str = "gain"       # eta_gate="normalized": what the step is sized by (memory_core.normalized_eta):
+                                  # "gain", the output gain along g; "gauss_newton", the output change of the step
+                                  # itself (never larger; stable on long streams of recurring pairs where "gain"
+                                  # is chaotic, writes less in one chunk: README, "Stability")
     eta_max: float = 1.0          # eta_gate="normalized": ceiling of eta_hat (1: a lone pair's full step)
     eta_init: float = 0.5         # eta_gate="normalized": eta_hat at init
     alpha_gate: bool = True       # False: alpha = 1 (no retention: TTT, the paper's "- retention" ablation)
@@ -161,6 +165,8 @@ class MirasConfig(LMConfig):
             raise ValueError(f"mu_init must lie in ({MU_MIN}, {MU_MAX}), got {self.mu_init}")
         if self.eta_gate not in ("normalized", "softplus"):
             raise ValueError(f"eta_gate={self.eta_gate!r}: use 'normalized' or 'softplus'")
+        if self.step_norm not in memory_core.STEP_NORMS:
+            raise ValueError(f"step_norm={self.step_norm!r}: use one of {', '.join(memory_core.STEP_NORMS)}")
         if not 0.0 < self.eta_max <= 2.0:
             raise ValueError(f"eta_max must lie in (0, 2] (the normalized step contracts for eta_hat < 2), "
                              f"got {self.eta_max}")
@@ -413,7 +419,7 @@ class MirasLayer(nn.Module):
         self.mem_kwargs = dict(objective=cfg.objective, retention=cfg.retention, chunk_size=cfg.chunk_size,
                                p=cfg.p, q_norm=cfg.q_norm, sharpness=cfg.sharpness, eps=cfg.eps,
                                simplex_scale=cfg.simplex_scale or None, memory=cfg.memory,
-                               normalize_step=cfg.eta_gate == "normalized",
+                               normalize_step=cfg.step_norm if cfg.eta_gate == "normalized" else False,
                                link=cfg.lq_link if cfg.retention == "lq" else "printed")
         self.reset_special_parameters()
 

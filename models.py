@@ -116,10 +116,12 @@ def function_dict(config):
     if out.get("attention_rope") is True or not set(out.get("layer_pattern", "")) & set("AS"):
         out.pop("attention_rope", None)  # RoPE attention (or none): the function before the option
     if out.get("eta_gate") == "softplus":
-        for key in ("eta_gate", "eta_max", "eta_init"):
-            out.pop(key)
+        for key in ("eta_gate", "eta_max", "eta_init", "step_norm"):
+            out.pop(key, None)
     elif "eta_gate" in out:
         out.pop("eta_base")
+    if out.get("step_norm") == "gain":  # the normalized step before the option
+        out.pop("step_norm")
     return out
 
 

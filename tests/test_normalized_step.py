@@ -19,11 +19,15 @@ from test_memory_core import assert_close, assert_state_close, call, grad_inputs
 GRID = list(itertools.product(OBJECTIVES, RETENTIONS))
 
 
+STEP_NORMS = [True, "gauss_newton"]  # True: "gain"
+
+
 @pytest.mark.parametrize("objective,retention", GRID)
 @pytest.mark.parametrize("b,T", [(4, 9), (16, 5), (1, 3)])
-def test_normalized_step_matches_reference(objective, retention, b, T):
+@pytest.mark.parametrize("step_norm", STEP_NORMS)
+def test_normalized_step_matches_reference(objective, retention, b, T, step_norm):
     inp = make_inputs(7, T=T, retention=retention)
-    kw = dict(objective=objective, retention=retention, chunk_size=b, normalize_step=True)
+    kw = dict(objective=objective, retention=retention, chunk_size=b, normalize_step=step_norm)
     y, s = call(miras_memory, inp, **kw)
     y_ref, s_ref = call(miras_memory_reference, inp, **kw)
     assert_close(y, y_ref, what="y")
@@ -33,9 +37,10 @@ def test_normalized_step_matches_reference(objective, retention, b, T):
 
 
 @pytest.mark.parametrize("objective,retention", [("l2", "l2"), ("lp", "lq"), ("huber", "kl"), ("dot", "l2")])
-def test_normalized_step_gradients_match_reference(objective, retention):
+@pytest.mark.parametrize("step_norm", STEP_NORMS)
+def test_normalized_step_gradients_match_reference(objective, retention, step_norm):
     inp = make_inputs(11, T=9, retention=retention)
-    kw = dict(objective=objective, retention=retention, chunk_size=4, normalize_step=True)
+    kw = dict(objective=objective, retention=retention, chunk_size=4, normalize_step=step_norm)
     inp_f, leaves_f = grad_inputs(inp, objective, False)
     inp_r, leaves_r = grad_inputs(inp, objective, False)
     y, s, gf = outer_grads(miras_memory, inp_f, leaves_f, **kw)
@@ -48,12 +53,13 @@ def test_normalized_step_gradients_match_reference(objective, retention):
 
 @pytest.mark.parametrize("objective,retention", GRID)
 @pytest.mark.parametrize("n_prefill", [0, 3, 6])
-def test_normalized_step_prefill_then_decode_equals_one_pass(objective, retention, n_prefill):
+@pytest.mark.parametrize("step_norm", STEP_NORMS)
+def test_normalized_step_prefill_then_decode_equals_one_pass(objective, retention, n_prefill, step_norm):
     """The chunk's running gradient sum is carried in MemoryState.grad_sum, so a cut anywhere (chunk 4,
     T 11: cuts inside, at and after chunk boundaries) continues exactly."""
     T, b = 11, 4
     inp = make_inputs(3, T=T, retention=retention)
-    kw = dict(objective=objective, retention=retention, chunk_size=b, normalize_step=True)
+    kw = dict(objective=objective, retention=retention, chunk_size=b, normalize_step=step_norm)
     full, _ = call(miras_memory, inp, **kw)
     st = MemoryState.start(inp["state"], retention=retention, normalize_step=True)
     delta = inp["delta"] if objective == "huber" else None
@@ -115,6 +121,52 @@ def test_model_with_normalized_gate_decodes_exactly(name):
 def test_bad_gate_settings_are_one_line_errors(over, match):
     with pytest.raises(ValueError, match=match) as e:
         make_config("moneta", "tiny", **over)
+    assert "\n" not in str(e.value)
+
+
+def test_gauss_newton_step_is_never_longer_and_is_the_line_search():
+    """normalized_eta's "gauss_newton" step is at most the "gain" step (Cauchy-Schwarz: <G, G> = <g, c> <=
+    ||g|| ||c||), strictly shorter when c = J G is not parallel to g; and for a lone token of the l2 bias with
+    eta_hat = 1 and no floor it is the exact minimizer of the linearized loss along -G: the linearized residual
+    e - eta c is orthogonal to c."""
+    torch.manual_seed(0)
+    N, n, d, h = 3, 5, 8, 16
+    k = torch.nn.functional.normalize(torch.randn(N, n, d, dtype=torch.float64), dim=-1)
+    v = torch.randn(N, n, d, dtype=torch.float64)
+    weights = [torch.randn(N, h, d, dtype=torch.float64) / d ** 0.5, torch.randn(N, d, h, dtype=torch.float64) / h ** 0.5]
+    ln_w, ln_b = 1 + 0.1 * torch.randn(N, 1, d, dtype=torch.float64), 0.1 * torch.randn(N, 1, d, dtype=torch.float64)
+    rule = memory_core._rule("l2", "l2", 64, 3.0, 4.0, 10.0, 1e-6, None, "mlp", "gauss_newton")
+    acts, dz, g, e = memory_core.inner_grad(k, v, None, weights, ln_w, ln_b, rule)
+    c = memory_core.step_response(acts, dz, weights, ln_w, None)
+    eta_hat = torch.ones(N, n, dtype=torch.float64)
+    gain = memory_core.normalized_eta(eta_hat, g, None, acts, dz, None, None)
+    gauss_newton = memory_core.normalized_eta(eta_hat, g, None, acts, dz, None, None, response=c)
+    assert (gauss_newton <= gain * (1 + 1e-12)).all() and (gauss_newton < 0.99 * gain).any()
+    # c is the derivative of M(k_t) along G_t: compare with a finite difference of the memory itself
+    t, eps = 2, 1e-6
+    grads = [dl[:, t:t + 1].transpose(-1, -2) @ al[:, t:t + 1] for al, dl in zip(acts, dz)]
+    def read_moved(step):
+        return memory_core.read(k[:, t:t + 1], [w - step * gr for w, gr in zip(weights, grads)], ln_w, ln_b)[:, 0]
+    torch.testing.assert_close((read_moved(eps) - read_moved(-eps)) / (-2 * eps), c[:, t], rtol=1e-6, atol=1e-8)
+    floor = memory_core.STEP_FLOOR
+    try:
+        memory_core.STEP_FLOOR = 0.0
+        one = [x[:, t:t + 1] for x in (g, c)]
+        eta = memory_core.normalized_eta(eta_hat[:, :1], one[0], None, [a[:, t:t + 1] for a in acts],
+                                         [dl[:, t:t + 1] for dl in dz], None, None, response=one[1])
+    finally:
+        memory_core.STEP_FLOOR = floor
+    residual = one[0] - eta.unsqueeze(-1) * one[1]
+    torch.testing.assert_close((residual * one[1]).sum(-1), torch.zeros(N, 1, dtype=torch.float64), atol=1e-10, rtol=0)
+
+
+def test_bad_step_norm_is_a_one_line_error():
+    inp = make_inputs(1, T=3)
+    with pytest.raises(ValueError, match="normalize_step") as e:
+        call(miras_memory, inp, normalize_step="newton")
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="step_norm") as e:
+        make_config("yaad", "tiny", step_norm="newton")
     assert "\n" not in str(e.value)
 
 
@@ -207,3 +259,8 @@ def test_function_dict_leaves_out_the_inactive_gate_settings():
     # how the chunks run (compiled or not) is not what they compute
     assert function_dict(make_config("memora", "tiny", compile_memory=True)) == function_dict(normalized)
     assert function_dict(make_config("memora", "tiny", eta_base=2e-4)) == function_dict(normalized)  # inactive
+    # step_norm: "gain" is the normalized step before the option existed; under softplus it is inactive
+    assert function_dict(make_config("memora", "tiny", step_norm="gain")) == function_dict(normalized)
+    assert function_dict(make_config("memora", "tiny", step_norm="gauss_newton")) != function_dict(normalized)
+    assert function_dict(make_config("memora", "tiny", eta_gate="softplus", step_norm="gauss_newton")) == \
+        function_dict(cfg)
