@@ -130,8 +130,8 @@ class MirasConfig(LMConfig):
     eta_gate: str = "softplus"    # "softplus": eta = eta_base * softplus(.), softplus starting at 1;
                                   # "normalized": eta_hat = eta_max * sigmoid(.), normalized by the energy of the
                                   # step (memory_core.normalized_eta; Yaad's and Memora's default). Moneta keeps
-                                  # softplus: with lq retention the normalized step makes the outer gradients
-                                  # explode across chunks at init (README, "Stability")
+                                  # softplus: with lq retention the "gain" step makes the outer gradients
+                                  # explode across chunks at init ("gauss_newton" does not; README, "Stability")
     eta_base: float = 3e-4        # eta_gate="softplus": with all gradients of a chunk at one anchor a chunk
                                   # moves the memory by ~b steps at once; larger values made the outer
                                   # gradients explode across chunks (README, "Stability")
