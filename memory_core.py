@@ -200,7 +200,8 @@ def inner_grad(k, v, delta, weights, ln_w, ln_b, rule):
     """Forward the keys through the memory at `weights` and back-propagate g by hand.
 
     Returns, per layer l, the layer's input activations a_l [N, n, in] and output signal dz_l [N, n, out],
-    so that G_l = sum over tokens of dz_l^T a_l (times the token's step size), g and e [N, n, d]."""
+    so that G_l = sum over tokens of dz_l^T a_l (times the token's step size), g and e [N, n, d], and the
+    forward's linearization (gelu slopes per hidden layer, the LayerNorm's zhat and rstd) for step_response."""
     acts, pre = [k], []
     for i, w in enumerate(weights):
         z = acts[-1] @ w.transpose(-1, -2)
@@ -210,10 +211,11 @@ def inner_grad(k, v, delta, weights, ln_w, ln_b, rule):
     out, zhat, rstd = _layer_norm(pre[-1], ln_w, ln_b)
     e = k + out - v
     g = rule["objective"].output_grad(e, v, delta, rule)
-    dz = [_layer_norm_backward(g, zhat, rstd, ln_w)]
+    dz, slopes = [_layer_norm_backward(g, zhat, rstd, ln_w)], []
     for i in range(len(weights) - 1, 0, -1):
-        dz.insert(0, (dz[0] @ weights[i]) * _gelu_grad(pre[i - 1]))
-    return acts, dz, g, e
+        slopes.insert(0, _gelu_grad(pre[i - 1]))
+        dz.insert(0, (dz[0] @ weights[i]) * slopes[0])
+    return acts, dz, g, e, (slopes, zhat, rstd)
 
 
 def normalized_eta(eta_hat, g, curvature, acts, dz, scale, grad_sum, response=None):
@@ -263,34 +265,31 @@ def normalized_eta(eta_hat, g, curvature, acts, dz, scale, grad_sum, response=No
     return eta_hat * num / denom.clamp_min(torch.finfo(denom.dtype).tiny)
 
 
-def step_response(acts, dz, weights, ln_w, scale):
+def step_response(grads, weights, ln_w, scale):
     """c_t = J_t G_t [N, n, d]: how far the memory's output at key t moves per unit step along the token's own
-    weight gradient, linearized at `weights` (the anchor the gradient was taken at), each layer's change
-    scaled by its read factor s_l (lq: 1 / n; kl's lag step: c / row length). Forward mode through the MLP:
-    the update s_l dz_l^T a_l changes layer l's pre-activation at its own input by s_l (a_l . a_l) dz_l, and
-    the change of its input propagates through W_l, gelu and the LayerNorm. Recomputes the anchor's
-    pre-activations (one read of the keys)."""
+    weight gradient, linearized at `weights` (the anchor that inner_grad's `grads` were taken at), each layer's
+    change scaled by its read factor s_l (lq: 1 / n; kl's lag step: c / row length). Forward mode through the
+    MLP: the update s_l dz_l^T a_l changes layer l's pre-activation at its own input by s_l (a_l . a_l) dz_l,
+    and the change of its input propagates through W_l, gelu and the LayerNorm."""
+    acts, dz, _, _, (slopes, zhat, rstd) = grads
     tangent = None
     for i, (a, d, w) in enumerate(zip(acts, dz, weights)):
         s_i = 1.0 if scale is None else scale[i]
-        z = a @ w.transpose(-1, -2)
         own = (s_i * (a * a).sum(-1, keepdim=True)) * d
         tz = own if tangent is None else tangent @ w.transpose(-1, -2) + own
         if i < len(weights) - 1:
-            tangent = _gelu_grad(z) * tz
-    zc = z - z.mean(-1, keepdim=True)
-    rstd = torch.rsqrt(zc.pow(2).mean(-1, keepdim=True) + LN_EPS)
-    zhat = zc * rstd
+            tangent = slopes[i] * tz
     return ln_w * rstd * (tz - tz.mean(-1, keepdim=True) - zhat * (tz * zhat).mean(-1, keepdim=True))
 
 
-def step_sizes(eta, acts, dz, g, e, delta, anchor, ln_w, scale, grad_sum, rule):
+def step_sizes(eta, grads, delta, anchor, ln_w, scale, grad_sum, rule):
     """normalize_step: the tokens' steps from the gate's eta_hat (normalized_eta with the rule's curvature
     bound and, for "gauss_newton", the step_response at the anchor); otherwise eta itself."""
     if not rule["normalize_step"]:
         return eta
+    acts, dz, g, e, _ = grads
     curvature = rule["objective"].curvature(e, delta, rule)
-    response = step_response(acts, dz, anchor, ln_w, scale) if rule["normalize_step"] == "gauss_newton" else None
+    response = step_response(grads, anchor, ln_w, scale) if rule["normalize_step"] == "gauss_newton" else None
     return normalized_eta(eta, g, curvature, acts, dz, scale, grad_sum, response)
 
 
@@ -315,10 +314,11 @@ def _masked_decay(log_cum):
 # ----------------------------------------------------------------------------------------------
 # One segment of a chunk: linear recurrence against a fixed anchor, computed with matmuls
 
-def _step_sizes(eta, acts, dz, g, e, delta, anchor, ln_w, inv_norm, grad_sum, rule):
+def _step_sizes(eta, grads, delta, anchor, ln_w, inv_norm, grad_sum, rule):
     """The tokens' inner step sizes (step_sizes) and the chunk's running gradient sum after them."""
-    eta = step_sizes(eta, acts, dz, g, e, delta, anchor, ln_w, inv_norm, grad_sum, rule)
+    eta = step_sizes(eta, grads, delta, anchor, ln_w, inv_norm, grad_sum, rule)
     if rule["normalize_step"] and grad_sum is not None:
+        acts, dz = grads[:2]
         grad_sum = [s + d.transpose(-1, -2) @ a for s, a, d in zip(grad_sum, acts, dz)]
     return eta, grad_sum
 
@@ -334,8 +334,9 @@ def _segment(q, k, v, eta, log_alpha, log_mu, delta, start, anchor, inv_norm, of
     last_row: a 1-element index tensor: the segment's real last token when the caller padded it (the rows
     after it must be no-op tokens: k = 0, eta = 0), so that one compiled graph serves every length.
     Returns y [N, n, d], the weights after the segment, the momentum buffers and grad_sum after it."""
-    acts, dz, g, e = inner_grad(k, v, delta, anchor, ln_w, ln_b, rule)
-    eta, grad_sum = _step_sizes(eta, acts, dz, g, e, delta, anchor, ln_w, inv_norm, grad_sum, rule)
+    grads = inner_grad(k, v, delta, anchor, ln_w, ln_b, rule)
+    acts, dz = grads[:2]
+    eta, grad_sum = _step_sizes(eta, grads, delta, anchor, ln_w, inv_norm, grad_sum, rule)
     cum_alpha = torch.cumsum(log_alpha, -1)
     gamma = _masked_decay(cum_alpha)  # D[t, i] = beta_t / beta_i
     if mom is not None:
@@ -386,8 +387,8 @@ def _token_step(q, eta, log_alpha, log_mu, delta, start, anchor, inv_norm, offse
     and W_l' = alpha W_l + m_l' (without momentum W_l' = alpha W_l - eta G_l); the output reads W' (lq: times
     1 / n, plus the p-norm link's offset). Returns y [N, 1, d], the weights, the momentum buffers and grad_sum
     after the token."""
-    acts, dz, g, e = grads
-    eta, grad_sum = _step_sizes(eta, acts, dz, g, e, delta, anchor, ln_w, inv_norm, grad_sum, rule)
+    acts, dz = grads[:2]
+    eta, grad_sum = _step_sizes(eta, grads, delta, anchor, ln_w, inv_norm, grad_sum, rule)
     alpha, eta = log_alpha.exp().unsqueeze(-1), eta.unsqueeze(-1)  # [N, 1, 1]
     mu = log_mu.exp().unsqueeze(-1) if mom is not None else None
     new, new_mom = [], [] if mom is not None else None

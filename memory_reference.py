@@ -281,12 +281,6 @@ def miras_memory_exact(q, k, v, eta, alpha, state, ln_weight, ln_bias, *, object
     B, H, T, d = q.shape
     grad_kw = dict(objective=objective, memory=memory, p=p, sharpness=sharpness, eps=eps)
     scales = _ref_simplex_scales(state, simplex_scale)
-    step_norm = _step_norm(normalize_step)
-
-    def response(anchor, grads, scales_t, t):  # "gauss_newton": c_t at the weights the gradient was taken at
-        if step_norm != "gauss_newton":
-            return None
-        return _ref_response(anchor, grads, scales_t, k[:, :, t], ln_weight, ln_bias, memory)
 
     weights = state
     mom = tuple(torch.zeros_like(w) for w in state) if momentum is not None else None

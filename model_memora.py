@@ -40,11 +40,11 @@ def kl_lag_step(q, k, v, eta, alpha, delta, weights, ln_w, ln_b, rule, grads=Non
     W = c softmax_rows(alpha log W - eta G); its result anchors the rest of the chunk, whose tokens take
     linear steps (Eq. 30-32). grads: the token's inner_grad at `weights`, if known. Returns (y of that
     token, the new weights)."""
-    acts, dz, g, e = grads if grads is not None else memory_core.inner_grad(k, v, delta, weights, ln_w, ln_b, rule)
+    grads = grads if grads is not None else memory_core.inner_grad(k, v, delta, weights, ln_w, ln_b, rule)
+    acts, dz = grads[:2]
     # an exponentiated-gradient step moves W by about eta (c / row length) G: the normalized step's read scale
     scale = [simplex_scale(rule["simplex_scale"], w) / w.shape[-1] for w in weights]
-    eta = memory_core.step_sizes(eta.unsqueeze(-1), acts, dz, g, e, delta, weights, ln_w, scale, None,
-                                 rule).squeeze(-1)
+    eta = memory_core.step_sizes(eta.unsqueeze(-1), grads, delta, weights, ln_w, scale, None, rule).squeeze(-1)
     new = []
     for w, a, d in zip(weights, acts, dz):
         grad = d.transpose(-1, -2) @ a  # one token: the outer product dz^T a, [N, out, in]

@@ -136,8 +136,9 @@ def test_gauss_newton_step_is_never_longer_and_is_the_line_search():
     weights = [torch.randn(N, h, d, dtype=torch.float64) / d ** 0.5, torch.randn(N, d, h, dtype=torch.float64) / h ** 0.5]
     ln_w, ln_b = 1 + 0.1 * torch.randn(N, 1, d, dtype=torch.float64), 0.1 * torch.randn(N, 1, d, dtype=torch.float64)
     rule = memory_core._rule("l2", "l2", 64, 3.0, 4.0, 10.0, 1e-6, None, "mlp", "gauss_newton")
-    acts, dz, g, e = memory_core.inner_grad(k, v, None, weights, ln_w, ln_b, rule)
-    c = memory_core.step_response(acts, dz, weights, ln_w, None)
+    grads = memory_core.inner_grad(k, v, None, weights, ln_w, ln_b, rule)
+    acts, dz, g, e, _ = grads
+    c = memory_core.step_response(grads, weights, ln_w, None)
     eta_hat = torch.ones(N, n, dtype=torch.float64)
     gain = memory_core.normalized_eta(eta_hat, g, None, acts, dz, None, None)
     gauss_newton = memory_core.normalized_eta(eta_hat, g, None, acts, dz, None, None, response=c)
