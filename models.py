@@ -98,10 +98,13 @@ LEGACY_CONFIG_KEYS = ("learning_rate",)  # the preset's peak lr, now preset_lear
 def config_from_dict(name, saved):
     """The config of model `name` from a saved config.to_dict() (a checkpoint's model_config): the one place
     saved configs turn back into configs, so the keys of older versions (LEGACY_CONFIG_KEYS) are dropped here,
-    and a Miras config saved before eta_gate existed keeps the only step gate it had (softplus)."""
+    a Miras config saved before eta_gate existed keeps the only step gate it had (softplus), and one saved before
+    step_norm existed the only normalized step it had ("gain")."""
     kwargs = {k: v for k, v in saved.items() if k not in LEGACY_CONFIG_KEYS}
     if "eta_base" in kwargs and "eta_gate" not in kwargs:
         kwargs["eta_gate"] = "softplus"
+    if "eta_gate" in kwargs and "step_norm" not in kwargs:
+        kwargs["step_norm"] = "gain"
     return make_config(name, None, **kwargs)
 
 

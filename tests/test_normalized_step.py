@@ -260,7 +260,10 @@ def test_function_dict_leaves_out_the_inactive_gate_settings():
     # how the chunks run (compiled or not) is not what they compute
     assert function_dict(make_config("memora", "tiny", compile_memory=True)) == function_dict(normalized)
     assert function_dict(make_config("memora", "tiny", eta_base=2e-4)) == function_dict(normalized)  # inactive
-    # step_norm: "gain" is the normalized step before the option existed; under softplus it is inactive
+    # step_norm: "gain" is the normalized step before the option existed (a config saved then loads as it);
+    # under softplus it is inactive
+    saved = {k: v for k, v in make_config("yaad", "tiny").to_dict().items() if k != "step_norm"}
+    assert config_from_dict("yaad", saved).step_norm == "gain"
     assert function_dict(make_config("memora", "tiny", step_norm="gain")) == function_dict(normalized)
     assert function_dict(make_config("memora", "tiny", step_norm="gauss_newton")) != function_dict(normalized)
     assert function_dict(make_config("memora", "tiny", eta_gate="softplus", step_norm="gauss_newton")) == \
