@@ -254,15 +254,15 @@ def normalized_eta(eta_hat, g, curvature, acts, dz, scale, grad_sum, response=No
     causal = torch.ones(n, n, dtype=torch.bool, device=gram.device).tril()
     row = torch.where(causal, gram, torch.zeros_like(gram)).sum(-1) + prev
     own = gram.diagonal(dim1=-2, dim2=-1)
+    tiny = torch.finfo(own.dtype).tiny
     if response is None:
         g2 = (g * g).sum(-1)
-        num, denom = g2, torch.maximum(own, row) + STEP_FLOOR * g2
-    else:
+        eta = eta_hat * g2 / (torch.maximum(own, row) + STEP_FLOOR * g2).clamp_min(tiny)
+    else:  # as two bounded ratios: own^2 and the product of the denominators can leave float32's range
         c2 = (response * response).sum(-1)
-        num, denom = own * own, torch.maximum(own, row) * (c2 + STEP_FLOOR * own)
-    if curvature is not None:
-        denom = denom * curvature
-    return eta_hat * num / denom.clamp_min(torch.finfo(denom.dtype).tiny)
+        shared = own / torch.maximum(own, row).clamp_min(tiny)  # in [0, 1]: the chunk's copies share one step
+        eta = eta_hat * shared * own / (c2 + STEP_FLOOR * own).clamp_min(tiny)
+    return eta if curvature is None else eta / curvature.clamp_min(tiny)
 
 
 def step_response(grads, weights, ln_w, scale):
