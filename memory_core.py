@@ -223,9 +223,9 @@ def normalized_eta(eta_hat, g, curvature, acts, dz, scale, grad_sum, response=No
 
         eta_t = eta_hat_t ||g_t||^2 / (L_t (max(<G_t, G_t>, sum_{j<=t} <G_t, G_j>) + STEP_FLOOR ||g_t||^2))
 
-    and for "gauss_newton" (response = c_t = J_t G_t, step_response)
+    and for "gauss_newton" (response = c_t = J_t G_t, step_response), with own_t = <G_t, G_t>,
 
-        eta_t = eta_hat_t <G_t, G_t>^2 / (L_t max(<G_t, G_t>, sum_{j<=t} <G_t, G_j>) (||c_t||^2 + STEP_FLOOR <G_t, G_t>))
+        eta_t = eta_hat_t own_t^2 / (L_t max(own_t, sum_{j<=t} <G_t, G_j>) (||c_t||^2 + STEP_FLOOR own_t))
 
     where j runs over the chunk's tokens so far (all of them share one anchor) and <G_t, G_j> =
     sum_l s_l (dz_lt . dz_lj)(a_lt . a_lj) is the inner product of the rank-1 per-layer weight gradients,
@@ -275,8 +275,8 @@ def step_response(grads, weights, ln_w, scale):
     tangent = None
     for i, (a, d, w) in enumerate(zip(acts, dz, weights)):
         s_i = 1.0 if scale is None else scale[i]
-        own = (s_i * (a * a).sum(-1, keepdim=True)) * d
-        tz = own if tangent is None else tangent @ w.transpose(-1, -2) + own
+        direct = (s_i * (a * a).sum(-1, keepdim=True)) * d  # the layer's own update, at its own input
+        tz = direct if tangent is None else tangent @ w.transpose(-1, -2) + direct
         if i < len(weights) - 1:
             tangent = slopes[i] * tz
     return ln_w * rstd * (tz - tz.mean(-1, keepdim=True) - zhat * (tz * zhat).mean(-1, keepdim=True))
@@ -488,20 +488,18 @@ def _rule(objective, retention, chunk_size, p, q_norm, sharpness, eps, simplex_s
           link="printed"):
     return dict(objective=resolve("objective", objective), retention=resolve("retention", retention),
                 chunk_size=int(chunk_size), p=float(p), q_norm=float(q_norm), sharpness=float(sharpness),
-                eps=float(eps), simplex_scale=simplex_scale, memory=memory, normalize_step=_step_norm(normalize_step),
-                link=link)
+                eps=float(eps), simplex_scale=simplex_scale, memory=memory,
+                normalize_step=_step_norm(normalize_step), link=link)
 
 
 def _step_norm(normalize_step):
     """normalize_step as the rule holds it: None (off) or a name from STEP_NORMS (True: "gain"). The operator
     passes it as an int: 0 off, 1 + its index in STEP_NORMS."""
-    if isinstance(normalize_step, str):
-        if normalize_step not in STEP_NORMS:
-            raise ValueError(f"normalize_step={normalize_step!r}: use False, True or one of {', '.join(STEP_NORMS)}")
+    if isinstance(normalize_step, str) and normalize_step in STEP_NORMS:
         return normalize_step
-    if not isinstance(normalize_step, (bool, int)) or not 0 <= int(normalize_step) <= len(STEP_NORMS):
-        raise ValueError(f"normalize_step={normalize_step!r}: use False, True or one of {', '.join(STEP_NORMS)}")
-    return STEP_NORMS[int(normalize_step) - 1] if normalize_step else None
+    if isinstance(normalize_step, (bool, int)) and 0 <= int(normalize_step) <= len(STEP_NORMS):
+        return STEP_NORMS[int(normalize_step) - 1] if normalize_step else None
+    raise ValueError(f"normalize_step={normalize_step!r}: use False, True or one of {', '.join(STEP_NORMS)}")
 
 
 def _compute_dtype(x):

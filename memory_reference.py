@@ -186,8 +186,9 @@ def miras_memory_reference(q, k, v, eta, alpha, state, ln_weight, ln_bias, *, ob
 
     y: [B, H, T, d]; state: the weights after the last token (the accumulator A for lq), same
     structure as the input state. normalize_step (True / "gain" or "gauss_newton"): eta is eta_hat, turned into
-    the token's step by _ref_normalized_eta from the explicit gradients of the chunk's tokens so far. link (lq): tokens inside a
-    chunk read W_c + (A_t - A_c) / n with (W_c, n) = _ref_lq_link(A_c) at the chunk start.
+    the token's step by _ref_normalized_eta from the explicit gradients of the chunk's tokens so far (and, for
+    "gauss_newton", the response c_t of _ref_response). link (lq): tokens inside a chunk read
+    W_c + (A_t - A_c) / n with (W_c, n) = _ref_lq_link(A_c) at the chunk start.
     """
     state = tuple(state)
     _check(q, k, v, eta, alpha, state, ln_weight, ln_bias,

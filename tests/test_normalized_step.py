@@ -133,7 +133,8 @@ def test_gauss_newton_step_is_never_longer_and_is_the_line_search():
     N, n, d, h = 3, 5, 8, 16
     k = torch.nn.functional.normalize(torch.randn(N, n, d, dtype=torch.float64), dim=-1)
     v = torch.randn(N, n, d, dtype=torch.float64)
-    weights = [torch.randn(N, h, d, dtype=torch.float64) / d ** 0.5, torch.randn(N, d, h, dtype=torch.float64) / h ** 0.5]
+    weights = [torch.randn(N, h, d, dtype=torch.float64) / d ** 0.5,
+               torch.randn(N, d, h, dtype=torch.float64) / h ** 0.5]
     ln_w, ln_b = 1 + 0.1 * torch.randn(N, 1, d, dtype=torch.float64), 0.1 * torch.randn(N, 1, d, dtype=torch.float64)
     rule = memory_core._rule("l2", "l2", 64, 3.0, 4.0, 10.0, 1e-6, None, "mlp", "gauss_newton")
     grads = memory_core.inner_grad(k, v, None, weights, ln_w, ln_b, rule)

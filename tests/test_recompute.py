@@ -112,6 +112,19 @@ def test_compiled_chunks_one_graph_for_every_length():
     assert counters["stats"]["unique_graphs"] == n_graphs, "a new length compiled a new graph"
 
 
+def test_compiled_chunks_with_the_gauss_newton_step():
+    """The Gauss-Newton step inside compiled, padded pieces: the padded no-op tokens (k = 0) have no step and
+    no gradient (its ratios are 0 / floor there, not 0 / 0), and outputs and gradients are eager's (float64)."""
+    kw = dict(objective="lp", retention="lq", chunk_size=4, normalize_step="gauss_newton")
+    x, leaves = grad_inputs(make_inputs(26, T=9, retention="lq"), "lp", False)
+    y, g = grads(x, leaves, True, False, **kw)
+    y_c, g_c = grads(x, leaves, True, False, compile_chunks=True, **kw)
+    assert_close(y_c, y, rtol=1e-10, atol=1e-11, what="compiled y")
+    for name in g:
+        assert torch.isfinite(g_c[name]).all(), name
+        assert_close(g_c[name], g[name], rtol=1e-9, atol=1e-10, what=f"compiled d/d{name}")
+
+
 def test_compiled_chunks_graph_count_is_bounded_per_rule_without_a_recompile_limit_patch():
     """Each (rule, shapes but T's, dtype) gets its own compiled copy of the chunk function with at most two graphs
     (forward; the backward's recompute) at a chunk start, so a process that trains and evaluates several
