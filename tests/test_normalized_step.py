@@ -182,29 +182,36 @@ def test_step_floor_bounds_a_degenerate_gradient():
     assert torch.isfinite(eta).all() and eta.item() <= 1.0 / memory_core.STEP_FLOOR + 1e-9
 
 
+def first_layer_at_init(name, T, seed=0, **over):
+    """The first Miras layer of a fresh `tiny` model (float64, torch seed `seed`) as the memory op sees it: its
+    size (H, d), its gates at their init values for T tokens ([1, H, T] each; alpha 1 without an alpha gate), the
+    op's keyword arguments and its (initial weights, LayerNorm weight, LayerNorm bias)."""
+    torch.manual_seed(seed)
+    layer = build_model(name, "tiny", **over).double().blocks[0].mixer
+    H = layer.H
+    bias = layer.gate_proj.bias.detach().double().view(len(layer.gates), H)
+    gates = {gate.name: gate.activation(b).view(1, H, 1).expand(1, H, T).clone() for gate, b in zip(layer.gates, bias)}
+    gates.setdefault("alpha", torch.ones_like(gates["eta"]))
+    kw = dict(layer.mem_kwargs, delta=gates.get("delta"), check_values=False)
+    args = (tuple(w.detach() for w in layer.initial_weights(1)), layer.mem_ln_weight.detach(),
+            layer.mem_ln_bias.detach())
+    return (H, layer.d), gates, kw, args
+
+
 def memorization_ratio(name, n_pairs=16, seed=0, **over):
     """Write n random pairs (unit keys, values = key + N(0, 1)) into the first Miras layer of a fresh `tiny`
     model with its own init gates, read the keys back in the same chunk (eta = 0, alpha = 1 for the reads):
     mean read-back error after / before."""
-    torch.manual_seed(seed)
-    model = build_model(name, "tiny", **over).double()
-    layer = model.blocks[0].mixer
-    H, d = layer.H, layer.d
+    (H, d), gates, kw, args = first_layer_at_init(name, 2 * n_pairs, seed, **over)
     g = torch.Generator().manual_seed(seed + 1)
     k = torch.nn.functional.normalize(torch.randn(1, H, n_pairs, d, generator=g, dtype=torch.float64), dim=-1)
     v = k + torch.randn(1, H, n_pairs, d, generator=g, dtype=torch.float64)
-    bias = layer.gate_proj.bias.detach().double().view(len(layer.gates), H)
-    gates = {gate.name: gate.activation(b).view(1, H, 1).expand(1, H, 2 * n_pairs).clone()
-             for gate, b in zip(layer.gates, bias)}
     write = torch.arange(2 * n_pairs) < n_pairs
     eta = torch.where(write, gates["eta"], torch.zeros_like(gates["eta"]))
-    alpha = torch.where(write, gates["alpha"], torch.ones_like(gates["eta"])) if "alpha" in gates else None
-    kw = dict(layer.mem_kwargs, delta=gates.get("delta"), check_values=False)
-    args = (tuple(w.detach() for w in layer.initial_weights(1)), layer.mem_ln_weight.detach(),
-            layer.mem_ln_bias.detach())
+    alpha = torch.where(write, gates["alpha"], torch.ones_like(gates["eta"]))
     kk, vv = torch.cat([k, k], 2), torch.cat([v, v], 2)
     with torch.no_grad():
-        y, _ = miras_memory(kk, kk, vv, eta, alpha if alpha is not None else torch.ones_like(eta), *args, **kw)
+        y, _ = miras_memory(kk, kk, vv, eta, alpha, *args, **kw)
         y0, _ = miras_memory(kk, kk, vv, torch.zeros_like(eta), torch.ones_like(eta), *args, **kw)
     before = (y0[..., :n_pairs, :] - v).norm(dim=-1).mean()
     after = (y[..., n_pairs:, :] - v).norm(dim=-1).mean()

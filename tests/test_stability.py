@@ -14,6 +14,7 @@ from torch.func import jvp
 
 from memory_core import miras_memory
 from models import build_model
+from test_normalized_step import first_layer_at_init
 
 
 def outer_grad_norm(name, T, **overrides):
@@ -61,20 +62,13 @@ def stream_sensitivity(name, T, n_pairs=16, seed=0, **overrides):
     the last 64 tokens: how far their outputs move per unit perturbation of the initial fast weights
     (forward mode; a chaotic memory amplifies it exponentially in T), and their error / the error of the
     unwritten memory. README, "Stability"."""
-    torch.manual_seed(seed)
-    layer = build_model(name, "tiny", **overrides).double().blocks[0].mixer
-    H, d = layer.H, layer.d
+    (H, d), gates, kw, (w0, *ln) = first_layer_at_init(name, T, seed, **overrides)
     g = torch.Generator().manual_seed(seed + 1)
     keys = torch.nn.functional.normalize(torch.randn(H, n_pairs, d, generator=g, dtype=torch.float64), dim=-1)
     values = keys + torch.randn(H, n_pairs, d, generator=g, dtype=torch.float64)
     ids = torch.randint(n_pairs, (T,), generator=g)
     k, v = keys[:, ids].unsqueeze(0), values[:, ids].unsqueeze(0)
-    bias = layer.gate_proj.bias.detach().double().view(len(layer.gates), H)
-    gates = {gate.name: gate.activation(b).view(1, H, 1).expand(1, H, T) for gate, b in zip(layer.gates, bias)}
-    alpha = gates.get("alpha", torch.ones_like(gates["eta"]))
-    kw = dict(layer.mem_kwargs, delta=gates.get("delta"), check_values=False)
-    w0 = tuple(w.detach() for w in layer.initial_weights(1))
-    ln = (layer.mem_ln_weight.detach(), layer.mem_ln_bias.detach())
+    alpha = gates["alpha"]
     direction = tuple(torch.randn(w.shape, generator=g, dtype=torch.float64) for w in w0)
     size = math.sqrt(sum(float((x * x).sum()) for x in direction))
     with torch.no_grad():
