@@ -220,37 +220,53 @@ def memorization_ratio(name, n_pairs=16, seed=0, **over):
 
 @pytest.mark.parametrize("name", ["memora", "yaad"])
 def test_normalized_gate_memorizes_in_context(name):
-    """At init, the normalized step writes 16 pairs measurably (read-back error at most 0.85 of before) and
-    more than the softplus gate's eta_base scale (which leaves the memory nearly static). README,
-    "Stability", has the measured ratios and why none reaches 0.5 here."""
-    normalized = memorization_ratio(name, eta_gate="normalized")
+    """At init, one chunk of the normalized step writes 16 pairs measurably, far more than the softplus gate's
+    eta_base scale (which leaves the memory nearly static). Sized by the output gain along g ("gain") it writes
+    the most (read-back error at most 0.85 of before) because it overshoots the memory's stiff output
+    directions; the default Gauss-Newton sizing removes the overshoot and writes less in one chunk. README,
+    "Stability", has the ratios and why none reaches 0.5 in one chunk."""
+    gain = memorization_ratio(name, step_norm="gain")
+    gauss_newton = memorization_ratio(name)
     softplus = memorization_ratio(name, eta_gate="softplus")
-    assert normalized <= 0.85 and normalized < softplus - 0.05, (name, normalized, softplus)
+    assert gain <= 0.85 and gain < gauss_newton < softplus - 0.05, (gain, gauss_newton, softplus)
 
 
 @pytest.mark.parametrize("name", ["moneta", "yaad", "memora"])
-def test_every_default_writes_in_context(name):
-    """Each model at its own defaults (Moneta: the softplus step) lowers the read-back error of 16 written pairs
-    to at most 0.85 of before: its memory learns in context at init (README, "Stability", has the ratios; the
-    issue's 0.5 is not reached by any of them)."""
-    assert memorization_ratio(name) <= 0.85
+def test_every_default_learns_recurring_pairs_in_context(name):
+    """The issue's yardstick (read-back error at most half of the unwritten memory's) on the stream a memory
+    meets at test time: each model at its own defaults (Moneta: the softplus step), 512 tokens drawn from 16
+    recurring pairs (8 chunks), read back over the last 64 tokens. One chunk is one anchored step, which a
+    bounded step cannot make reach 0.5 without the overshoot the long-stream test shows to be chaotic
+    (README, "Stability")."""
+    from test_stability import stream_sensitivity
+    assert stream_sensitivity(name, 512)[1] <= 0.5
+
+
+def test_recurring_pairs_probe_fails_for_a_static_memory():
+    """The probe above can fail: Memora on the softplus gate (eta_base scale) keeps its read-back error."""
+    from test_stability import stream_sensitivity
+    assert stream_sensitivity("memora", 512, eta_gate="softplus")[1] > 0.9
 
 
 def test_curvature_bound_limits_a_steep_bias():
     """The curvature bound sizes Huber's step by its steepest slope: with the smoothed sign's sharpness tau = 10
     each output coordinate moves by at most eta_hat / tau per token, so the same memory writes far less than
-    with tau = 1 (the two differ only in the sign's smoothing)."""
+    with tau = 1 (the two differ only in the sign's smoothing), under either step sizing."""
     l1_side = dict(delta_init=math.sqrt(32))  # below the pairs' residual norms (~sqrt(2 * 32)): the l1 side
-    steep = memorization_ratio("yaad", **l1_side)
-    smooth = memorization_ratio("yaad", sharpness=1.0, **l1_side)
-    assert smooth < 0.85 < 0.9 < steep, (smooth, steep)
+    for step_norm, margin in (("gain", 0.1), ("gauss_newton", 0.05)):
+        steep = memorization_ratio("yaad", step_norm=step_norm, **l1_side)
+        smooth = memorization_ratio("yaad", sharpness=1.0, step_norm=step_norm, **l1_side)
+        assert steep > 0.93 and smooth < steep - margin, (step_norm, smooth, steep)
 
 
 def test_huber_threshold_starts_above_the_typical_residual():
     """Yaad's delta starts at 2 sqrt(head_dim), above the residual of two independent unit-scale vectors
-    (~sqrt(2 head_dim)): at init it writes typical pairs as the l2 bias does, not at the l1 side's small step."""
+    (~sqrt(2 head_dim)): at init it writes typical pairs as the l2 bias does, not at the l1 side's small step
+    (delta from sqrt(head_dim) puts them there)."""
     default = memorization_ratio("yaad")
-    assert abs(default - memorization_ratio("yaad", objective="l2")) < 0.02 and default < 0.7, default
+    l1_side = memorization_ratio("yaad", delta_init=math.sqrt(32))
+    assert abs(default - memorization_ratio("yaad", objective="l2")) < 0.02 and default < l1_side - 0.1, \
+        (default, l1_side)
 
 
 def test_function_dict_leaves_out_the_inactive_gate_settings():
@@ -268,11 +284,13 @@ def test_function_dict_leaves_out_the_inactive_gate_settings():
     # how the chunks run (compiled or not) is not what they compute
     assert function_dict(make_config("memora", "tiny", compile_memory=True)) == function_dict(normalized)
     assert function_dict(make_config("memora", "tiny", eta_base=2e-4)) == function_dict(normalized)  # inactive
-    # step_norm: "gain" is the normalized step before the option existed (a config saved then loads as it);
-    # under softplus it is inactive
+    # step_norm: "gain" is the normalized step before the option existed (a config saved then loads as it, and
+    # its runs keep their cache keys); the default is "gauss_newton"; under softplus it is inactive
     saved = {k: v for k, v in make_config("yaad", "tiny").to_dict().items() if k != "step_norm"}
     assert config_from_dict("yaad", saved).step_norm == "gain"
-    assert function_dict(make_config("memora", "tiny", step_norm="gain")) == function_dict(normalized)
-    assert function_dict(make_config("memora", "tiny", step_norm="gauss_newton")) != function_dict(normalized)
+    assert function_dict(config_from_dict("yaad", saved)) == function_dict(make_config("yaad", "tiny", step_norm="gain"))
+    assert function_dict(make_config("yaad", "tiny", step_norm="gain")) != function_dict(make_config("yaad", "tiny"))
+    assert "step_norm" not in function_dict(make_config("memora", "tiny", step_norm="gain"))
+    assert function_dict(make_config("memora", "tiny", step_norm="gauss_newton")) == function_dict(normalized)
     assert function_dict(make_config("memora", "tiny", eta_gate="softplus", step_norm="gauss_newton")) == \
         function_dict(cfg)
