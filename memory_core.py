@@ -71,8 +71,9 @@ class Objective:
         raise NotImplementedError
 
     def curvature(self, e, delta, rule):
-        """L_t [N, n]: the largest slope dg_i / de_i of the output gradient at this token's residual (the bias's
-        local smoothness), which normalize_step divides the step by; None means 1 (l2; dot, which is linear)."""
+        """L_t [N, n]: the largest slope dg_i / de_i of the output gradient on the way from this token's residual
+        to 0, where the step takes it (a bound on the bias's curvature there), which normalize_step divides the
+        step by; None means 1 (l2; dot, which is linear)."""
         return None
 
     def gates(self, cfg, head_dim):

@@ -41,13 +41,15 @@ def _ref_output_grad(out, v_t, objective, delta_t, p, sharpness, eps):
     return _ref_residual_grad(out - v_t, objective, delta_t, p, sharpness, eps)
 
 
-def _ref_residual_grad(e, objective, delta_t, p, sharpness, eps):
-    """g as a function of the residual e = M(k_t) - v_t (lp, huber)."""
+def _ref_residual_grad(e, objective, delta_t, p, sharpness, eps, branch_of=None):
+    """g as a function of the residual e = M(k_t) - v_t (lp, huber); Huber's branch is that of `branch_of`
+    (default e)."""
     if objective == "lp":
         return p * torch.tanh(sharpness * e) * (e * e + eps).pow((p - 1.0) / 2.0)
     if objective == "huber":
         # one switch per token and head: ||e||_2 <= delta_t -> l2 branch, else smoothed l1 branch
-        small = torch.linalg.vector_norm(e, dim=-1, keepdim=True) <= delta_t[..., None]
+        branch_of = e if branch_of is None else branch_of
+        small = torch.linalg.vector_norm(branch_of, dim=-1, keepdim=True) <= delta_t[..., None]
         return torch.where(small, e, delta_t[..., None] * torch.tanh(sharpness * e))
     raise AssertionError(objective)
 
@@ -132,7 +134,8 @@ def _ref_gate(x, t):
 
 def _ref_g(weights, k_t, v_t, ln_weight, ln_bias, delta_t, *, objective, memory, p, sharpness, eps):
     """(g_t = dl/dM(k_t), L_t) at ``weights``; L_t = max_i dg_i / de_i (1 for l2 and dot), the derivative of the
-    elementwise output gradient taken by autograd."""
+    elementwise output gradient taken by autograd, at the residual and at 0 (where the step takes it; Huber on
+    the residual's branch), whichever is larger."""
     out = _ref_memory_forward(weights, k_t, ln_weight, ln_bias, memory)
     e = out - v_t
     if objective == "dot":
@@ -144,7 +147,11 @@ def _ref_g(weights, k_t, v_t, ln_weight, ln_bias, delta_t, *, objective, memory,
         x = e if e.requires_grad else e.detach().requires_grad_(True)
         (slope,) = torch.autograd.grad(_ref_residual_grad(x, objective, delta_t, p, sharpness, eps).sum(), x,
                                        create_graph=torch.is_grad_enabled())
-    return g, slope.amax(-1)
+        zero = torch.zeros_like(e).requires_grad_(True)
+        (slope_at_0,) = torch.autograd.grad(
+            _ref_residual_grad(zero, objective, delta_t, p, sharpness, eps, branch_of=e.detach()).sum(), zero,
+            create_graph=torch.is_grad_enabled())
+    return g, torch.maximum(slope.amax(-1), slope_at_0.amax(-1))
 
 
 def _ref_response(anchor, grads_t, read_scales, k_t, ln_weight, ln_bias, memory):

@@ -50,11 +50,14 @@ class LpBias(memory_core.Objective):
 
     def curvature(self, e, delta, rule):
         """max_i dg_i / de_i = p tau sech^2(tau e) s^((p-1)/2) + p (p-1) tanh(tau e) e s^((p-3)/2), s = e^2 + eps:
-        about p (p - 1) max |e|^(p-2), twice the secant of p = 3, so a step sized by the secant overshoots."""
+        about p (p - 1) max |e|^(p-2), twice the secant of p = 3, so a step sized by the secant overshoots. The
+        step takes the residual toward 0, so the slope there, p tau eps^((p-1)/2), is a floor: for p = 1 (the
+        smoothed sign) it is tau, where the slope at a saturated residual is ~0 (for 1 < p < 2 the slope peaks
+        between the two; not bounded here)."""
         p, t = rule["p"], torch.tanh(rule["sharpness"] * e)
         s = e * e + rule["eps"]
         slope = p * rule["sharpness"] * (1 - t * t) * s.pow((p - 1) / 2) + p * (p - 1) * t * e * s.pow((p - 3) / 2)
-        return slope.amax(-1)
+        return slope.amax(-1).clamp_min(p * rule["sharpness"] * rule["eps"] ** ((p - 1) / 2))
 
 
 def lq_norm(a, q_norm, eps):

@@ -46,11 +46,12 @@ class HuberBias(memory_core.Objective):
         return torch.where(small, e, delta * torch.tanh(rule["sharpness"] * e))
 
     def curvature(self, e, delta, rule):
-        """1 on the l2 side; on the l1 side max_i delta tau sech^2(tau e_i), the smoothed sign's steepest slope
-        (tau times steeper than the secant delta / |e| at |e| ~ 1)."""
+        """1 on the l2 side; on the l1 side delta tau, the smoothed sign's steepest slope (at 0, where the step
+        takes the residual; tau times steeper than the secant delta / |e| at |e| ~ 1). Its slope at the residual,
+        delta tau sech^2(tau e_i), vanishes once every coordinate saturates: sized by it, a step of the
+        saturated sign grew without bound (float32 overflow in training; README, "Stability")."""
         small = e.norm(dim=-1) <= delta.squeeze(-1)
-        t = torch.tanh(rule["sharpness"] * e)
-        return torch.where(small, torch.ones_like(small, dtype=e.dtype), (delta * rule["sharpness"] * (1 - t * t)).amax(-1))
+        return torch.where(small, torch.ones_like(small, dtype=e.dtype), (delta * rule["sharpness"]).amax(-1))
 
     def gates(self, cfg, head_dim):
         """delta_t = softplus(.) + 1e-4 > 0, starting at delta_init (default 2 sqrt(head_dim)). A residual between

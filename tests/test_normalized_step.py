@@ -259,6 +259,28 @@ def test_curvature_bound_limits_a_steep_bias():
         assert steep > 0.93 and smooth < steep - margin, (step_norm, smooth, steep)
 
 
+def test_curvature_bound_does_not_vanish_on_a_saturated_residual():
+    """Huber's l1 side (and lp with p = 1) is a smoothed sign, whose slope at a residual with every coordinate
+    saturated is ~0: a step sized by that local slope grew without bound (a Yaad MQAR run at lr 1e-2 overflowed
+    float32 and stopped on a NaN loss). The bound is the slope on the way to 0: delta tau, and tau for p = 1."""
+    tau = 10.0
+    rule = dict(sharpness=tau, p=1.0, eps=1e-6)
+    e = 4.0 * torch.tensor([1.0, -1.0], dtype=torch.float64).repeat(3, 5, 4)  # every |tau e_i| = 40
+    delta = torch.full((3, 5, 1), 0.5, dtype=torch.float64)
+    bound = memory_core.resolve("objective", "huber").curvature(e, delta, rule)
+    assert torch.equal(bound, torch.full((3, 5), 0.5 * tau, dtype=torch.float64))
+    assert (memory_core.resolve("objective", "lp").curvature(e, None, rule) >= tau * (1 - 1e-12)).all()
+    # the op, residuals far past a small threshold: finite, and float32 follows float64
+    inp = make_inputs(3, T=32)
+    inp["v"], inp["delta"] = 50 * inp["v"], torch.full_like(inp["delta"], 0.05)
+    kw = dict(objective="huber", retention="l2", chunk_size=16, normalize_step="gauss_newton")
+    y64, _ = call(miras_memory, inp, **kw)
+    inp32 = {n: tuple(t.float() for t in x) if isinstance(x, tuple) else x.float() for n, x in inp.items()}
+    y32, _ = call(miras_memory, inp32, **kw)
+    assert torch.isfinite(y64).all() and torch.isfinite(y32).all()
+    torch.testing.assert_close(y32.double(), y64, rtol=1e-3, atol=1e-3)
+
+
 def test_huber_threshold_starts_above_the_typical_residual():
     """Yaad's delta starts at 2 sqrt(head_dim), above the residual of two independent unit-scale vectors
     (~sqrt(2 head_dim)): at init it writes typical pairs as the l2 bias does, not at the l1 side's small step
