@@ -350,3 +350,28 @@ def test_compiled_step_keeps_one_graph_after_a_prefill(name):
             torch.testing.assert_close(l_c, l_e, rtol=1e-12, atol=1e-12)
             tok = [t_e, t_c]
     assert counter.frame_count == 1, f"{counter.frame_count} graphs for one static-shape step"
+
+
+def test_compiled_step_skips_guards_only_on_the_cache_it_checked():
+    """make_step's compiled step evaluates torch.compile's guards once per cache and call signature and skips
+    them on the next steps; a new cache is checked again, so another batch size compiles its own graph instead
+    of running the first one: every step equals the eager step (float64, aot_eager), across a chunk boundary."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    from models import build_model
+    torch.manual_seed(0)
+    model = build_model("yaad", "tiny", n_layer=1, n_embd=32, n_head=2, vocab_size=32, block_size=64,
+                        chunk_size=8).double().eval()
+    eager = sample.make_step(model)
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    step = sample.make_step(model, compile=True, backend=counter)
+    with torch.no_grad():
+        for batch, n_prompt in ((1, 13), (1, 5), (2, 13)):
+            prompt = torch.randint(32, (batch, n_prompt))
+            caches = [model.init_cache(batch, 64), model.init_cache(batch, 64)]
+            tok = [model.prefill(prompt, c)[0][:, -1:].argmax(-1) for c in caches]
+            for _ in range(6):
+                (t_e, l_e), (t_c, l_c) = eager(tok[0], caches[0]), step(tok[1], caches[1])
+                torch.testing.assert_close(l_c, l_e, rtol=1e-12, atol=1e-12)
+                tok = [t_e, t_c]
+    assert counter.frame_count == 2, f"{counter.frame_count} graphs for batch sizes 1 and 2"
