@@ -130,15 +130,17 @@ class MirasConfig(LMConfig):
     eta_gate: str = "softplus"    # "softplus": eta = eta_base * softplus(.), softplus starting at 1;
                                   # "normalized": eta_hat = eta_max * sigmoid(.), normalized by the energy of the
                                   # step (memory_core.normalized_eta; Yaad's and Memora's default). Moneta keeps
-                                  # softplus: on the normalized step it is stable but did not learn MQAR
-                                  # (README, "Stability")
+                                  # softplus: with lq retention the "gain" step makes the outer gradients
+                                  # explode across chunks at init ("gauss_newton" does not, but Moneta did not
+                                  # learn MQAR on it; README, "Stability")
     eta_base: float = 3e-4        # eta_gate="softplus": with all gradients of a chunk at one anchor a chunk
                                   # moves the memory by ~b steps at once; larger values made the outer
                                   # gradients explode across chunks (README, "Stability")
-    step_norm: str = "gauss_newton"  # eta_gate="normalized": what the step is sized by
-                                  # (memory_core.normalized_eta): "gauss_newton", the output change of the step
-                                  # itself; "gain", the output gain along g (never smaller; chaotic on long
-                                  # streams of recurring pairs, writes more in one chunk: README, "Stability")
+    step_norm: str = "gain"       # eta_gate="normalized": what the step is sized by (memory_core.normalized_eta):
+                                  # "gain", the output gain along g; "gauss_newton", the output change of the step
+                                  # itself (never larger: stable on long streams of recurring pairs where "gain" is
+                                  # chaotic, lower LM loss, but MQAR is learned far less reliably: README,
+                                  # "Stability")
     eta_max: float = 1.0          # eta_gate="normalized": ceiling of eta_hat (1: a lone pair's full step)
     eta_init: float = 0.5         # eta_gate="normalized": eta_hat at init
     alpha_gate: bool = True       # False: alpha = 1 (no retention: TTT, the paper's "- retention" ablation)

@@ -26,9 +26,8 @@ KL_LOG_FLOOR = 1e-6  # the lag step takes log(max(W, floor)): the linear in-chun
 class MemoraConfig(MirasConfig):
     objective: str = "l2"
     retention: str = "kl"
-    eta_gate: str = "normalized"  # the bounded, scale-aware step (memory_core.normalized_eta), sized by its own
-                                  # output change (step_norm="gauss_newton"); the kl lag step scales it for the
-                                  # simplex (c / row length)
+    eta_gate: str = "normalized"  # the bounded, scale-aware step (memory_core.normalized_eta); the kl lag
+                                  # step scales it for the simplex (c / row length)
 
 
 def simplex_scale(rule_or_cfg_scale, w):

@@ -30,7 +30,7 @@ class YaadConfig(MirasConfig):
     # init only with the decay starting near 1 (from 0.99 the outer gradient norm reached 88 at 4,096 tokens);
     # the softplus step had to be so small (eta_base 1e-4) that the memory wrote almost nothing and Yaad
     # could not learn MQAR at any lr (README, "Stability")
-    eta_gate: str = "normalized"  # sized by its own output change (step_norm="gauss_newton")
+    eta_gate: str = "normalized"
     alpha_init: float = 0.9999
 
 
