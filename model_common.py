@@ -478,7 +478,9 @@ class MirasLayer(nn.Module):
             y = (xp * w.squeeze(1)).sum(-1, keepdim=True)
         else:
             y = F.conv1d(xp, w, groups=x.shape[1])
-        return y, xp[..., xp.shape[-1] - (K - 1):]
+        # the tail in its own storage: a view would keep all of xp alive in the cache (a whole prefill's inputs)
+        # and reach a compiled decode step strided, to be copied on every token
+        return y, xp[..., xp.shape[-1] - (K - 1):].contiguous()
 
     def _memory_inputs(self, x, rope, conv_prev):
         """x -> (q, k, v [B, H, T, d], gates, output gate, conv tail): projections, short conv, silu, l2 norm."""
