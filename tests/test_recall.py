@@ -174,6 +174,24 @@ def test_passkey_loss_targets():
         recall.dataclasses.replace(s, passkey_loss="all")
 
 
+def test_mqar_training_mix_of_pair_counts():
+    s = next(x for x in recall.PRESETS["micro"] if x.name == "mqar_d64")
+    mixed = recall.dataclasses.replace(s, num_kv_pairs=4, train_kv_pairs=(2, 4))
+    x, y = recall.train_batch(mixed, 3)
+    half = s.batch_size // 2
+    assert x.shape == (s.batch_size, s.train_len)
+    assert ((y[:half] != -1).sum(1) == 2).all() and ((y[half:] != -1).sum(1) == 4).all()
+    assert torch.equal(x, recall.train_batch(mixed, 3)[0]) and not torch.equal(x, recall.train_batch(mixed, 4)[0])
+    # validation and evaluation keep num_kv_pairs; the field joins a run's identity only when set
+    assert ((recall.task_batch(mixed, 2, seed=0).torch()[1] != -1).sum(1) == 4).all()
+    assert "train_kv_pairs" not in s.to_dict() and mixed.to_dict()["train_kv_pairs"] == [2, 4]
+    with pytest.raises(recall.ConfigError, match="equal parts"):
+        recall.dataclasses.replace(s, batch_size=3, train_kv_pairs=(2, 4))
+    with pytest.raises(recall.ConfigError, match="mqar setting only"):
+        recall.dataclasses.replace(next(x for x in recall.PRESETS["micro"] if x.task == "passkey"),
+                                   train_kv_pairs=(2, 4))
+
+
 def test_bad_arguments():
     with pytest.raises(recall.ConfigError):
         recall.main(["--preset=micro", "--models=gpt5", "--out=/nonexistent/x"])
