@@ -257,6 +257,14 @@ def in_worker(job, cfg, method=None):
 # ----------------------------------------------------------------------------------------------
 # Model-level benchmark
 
+def achieved_flops(model, seq_len, tokens_per_s, training):
+    """The model's FLOPs per token (model.flops_per_token: the PaLM convention, which counts neither the Miras
+    backward's recompute nor the input stage's checkpointing) and the rate they were done at: a model that does
+    little work per token slowly is told apart from one that does much work."""
+    per_token = model.flops_per_token(seq_len, training=training)
+    return dict(model_flops_per_token=per_token, model_gflops_per_s=per_token * tokens_per_s / 1e9)
+
+
 def bench_model(cfg, name, seq_len, mode):
     from models import build_model  # the registry: every model at the same preset size
     device = cfg.device
@@ -280,7 +288,7 @@ def bench_model(cfg, name, seq_len, mode):
         first = seconds(step, device)  # one of the warm-up calls
         sec = timed(step, device, cfg.repeats, max(0, cfg.warmup - 1))
         return dict(batch_size=batch, tokens_per_s=batch * seq_len / sec, ms_per_step=1e3 * sec,
-                    first_call_s=first)
+                    first_call_s=first, **achieved_flops(model, seq_len, batch * seq_len / sec, training=True))
     model.eval()
     if mode == "prefill":
         fwd = torch.compile(model) if cfg.compile else model
@@ -291,7 +299,7 @@ def bench_model(cfg, name, seq_len, mode):
         first = seconds(prefill, device)
         sec = timed(prefill, device, cfg.repeats, max(0, cfg.warmup - 1))
         return dict(batch_size=batch, tokens_per_s=batch * seq_len / sec, ms_per_step=1e3 * sec,
-                    first_call_s=first)
+                    first_call_s=first, **achieved_flops(model, seq_len, batch * seq_len / sec, training=False))
     # decode: one sequence, prefilled to seq_len, then decode_tokens single-token steps of sample.py's step
     prompt = idx[:1]
     step_fn = sample.make_step(model, autocast, cfg.compile)

@@ -31,6 +31,12 @@ def test_two_models_two_lengths_write_every_field(tmp_path):
         assert "oom" not in r and "error" not in r, r
         assert r["tokens_per_s"] > 0 and r["peak_mem_bytes"] >= 0
         assert r["device"] == "cpu" and r["compile"] is False and r["dtype"] == "float32"
+        if r["mode"] != "decode":  # the model's FLOPs per token, and the rate: tokens/s x FLOPs per token
+            assert r["model_flops_per_token"] > 0
+            assert r["model_gflops_per_s"] == pytest.approx(r["tokens_per_s"] * r["model_flops_per_token"] / 1e9)
+    train = {(r["model"], r["seq_len"]): r for r in records if r["mode"] == "train"}
+    # attention's FLOPs grow with the context, the chunked memory's do not (chunk_size 64 > both lengths: equal)
+    assert train["transformer", 32]["model_flops_per_token"] > train["transformer", 16]["model_flops_per_token"]
     decode = {(r["model"], r["seq_len"]): r for r in records if r["mode"] == "decode"}
     # Miras decode state is O(1) in the position; the Transformer's KV cache grows with it.
     assert decode["moneta", 16]["state_bytes"] == decode["moneta", 32]["state_bytes"]
