@@ -191,10 +191,10 @@ def _layer_norm_backward(g, zhat, rstd, w):
     return rstd * (gx - gx.mean(-1, keepdim=True) - zhat * (gx * zhat).mean(-1, keepdim=True))
 
 
-def _gelu_grad(z):
-    cdf = 0.5 * (1.0 + torch.erf(z * (1.0 / math.sqrt(2.0))))
-    pdf = torch.exp(-0.5 * z * z) * (1.0 / math.sqrt(2.0 * math.pi))
-    return cdf + z * pdf
+def _gelu_vjp(x, z):
+    """gelu'(z) * x in one kernel (aten's gelu backward, itself differentiable: the outer backward goes through
+    it), where the slope spelled out in elementwise ops would make ~10 passes over the [N, n, hidden] tensor."""
+    return torch.ops.aten.gelu_backward(x, z)
 
 
 def inner_grad(k, v, delta, weights, ln_w, ln_b, rule):
@@ -202,7 +202,8 @@ def inner_grad(k, v, delta, weights, ln_w, ln_b, rule):
 
     Returns, per layer l, the layer's input activations a_l [N, n, in] and output signal dz_l [N, n, out],
     so that G_l = sum over tokens of dz_l^T a_l (times the token's step size), g and e [N, n, d], and the
-    forward's linearization (gelu slopes per hidden layer, the LayerNorm's zhat and rstd) for step_response."""
+    forward's linearization (pre-activations of the hidden layers, the LayerNorm's zhat and rstd) for
+    step_response."""
     acts, pre = [k], []
     for i, w in enumerate(weights):
         z = acts[-1] @ w.transpose(-1, -2)
@@ -212,11 +213,10 @@ def inner_grad(k, v, delta, weights, ln_w, ln_b, rule):
     out, zhat, rstd = _layer_norm(pre[-1], ln_w, ln_b)
     e = k + out - v
     g = rule["objective"].output_grad(e, v, delta, rule)
-    dz, slopes = [_layer_norm_backward(g, zhat, rstd, ln_w)], []
+    dz = [_layer_norm_backward(g, zhat, rstd, ln_w)]
     for i in range(len(weights) - 1, 0, -1):
-        slopes.insert(0, _gelu_grad(pre[i - 1]))
-        dz.insert(0, (dz[0] @ weights[i]) * slopes[0])
-    return acts, dz, g, e, (slopes, zhat, rstd)
+        dz.insert(0, _gelu_vjp(dz[0] @ weights[i], pre[i - 1]))
+    return acts, dz, g, e, (pre[:-1], zhat, rstd)
 
 
 def normalized_eta(eta_hat, g, curvature, acts, dz, scale, grad_sum, response=None):
@@ -272,14 +272,14 @@ def step_response(grads, weights, ln_w, scale):
     change scaled by its read factor s_l (lq: 1 / n; kl's lag step: c / row length). Forward mode through the
     MLP: the update s_l dz_l^T a_l changes layer l's pre-activation at its own input by s_l (a_l . a_l) dz_l,
     and the change of its input propagates through W_l, gelu and the LayerNorm."""
-    acts, dz, _, _, (slopes, zhat, rstd) = grads
+    acts, dz, _, _, (hidden_pre, zhat, rstd) = grads
     tangent = None
     for i, (a, d, w) in enumerate(zip(acts, dz, weights)):
         s_i = 1.0 if scale is None else scale[i]
         direct = (s_i * (a * a).sum(-1, keepdim=True)) * d  # the layer's own update, at its own input
         tz = direct if tangent is None else tangent @ w.transpose(-1, -2) + direct
         if i < len(weights) - 1:
-            tangent = slopes[i] * tz
+            tangent = _gelu_vjp(tz, hidden_pre[i])
     return ln_w * rstd * (tz - tz.mean(-1, keepdim=True) - zhat * (tz * zhat).mean(-1, keepdim=True))
 
 
