@@ -3,6 +3,7 @@ score exact-match accuracy at the training length and beyond it (length generali
 
     python recall.py --preset=cpu --settings=mqar_d64 --extra_seeds=1,2   # one setting: lr sweep, then seeds
     python recall.py --preset=cpu --models=moneta,transformer --tasks=mqar
+    python recall.py --preset=cpu --settings=mqar_d64_p8 --models=memora --lrs=5e-3   # part of a sweep
     python recall.py --preset=micro --out=/tmp/recall                # seconds (the CI test)
     python recall.py --preset=cpu --calibrate                        # tokens/s per model and task, no results
 
@@ -656,6 +657,8 @@ def parse(argv=None):
     ap.add_argument("--out", default=str(REPO / "results" / "recall"))
     ap.add_argument("--extra_seeds", default="", help="more seeds, e.g. 1,2: each model and setting is trained again "
                     "at every lr tied for seed 0's best validation accuracy")
+    ap.add_argument("--lrs", default="", help="only these peak lrs of the seed-0 sweep, e.g. 5e-3,1e-2 (to split a "
+                    "sweep over processes; tables and selection use every cached run)")
     ap.add_argument("--force", action="store_true", help="rerun even if cached")
     ap.add_argument("--keep_ckpt", action="store_true", help="keep each run's final checkpoint in OUT/ckpt")
     ap.add_argument("--calibrate", action="store_true", help="measure training tokens/s only (writes nothing)")
@@ -697,6 +700,16 @@ def main(argv=None):
         raise ConfigError(f"--extra_seeds={args.extra_seeds!r}: give comma-separated integers, e.g. 1,2") from None
     if 0 in extra_seeds or any(x < 0 for x in extra_seeds):
         raise ConfigError("--extra_seeds: seed 0 is the lr sweep itself; give seeds >= 1")
+    try:
+        only_lrs = {float(x) for x in args.lrs.split(",") if x.strip()}
+    except ValueError:
+        raise ConfigError(f"--lrs={args.lrs!r}: give comma-separated learning rates, e.g. 5e-3,1e-2") from None
+    for s in settings:
+        if only_lrs - set(s.lr_grid):
+            raise ConfigError(f"--lrs: {', '.join(f'{x:g}' for x in sorted(only_lrs - set(s.lr_grid)))} not in the "
+                              f"lr grid of {s.name} ({', '.join(f'{x:g}' for x in s.lr_grid)})")
+    if only_lrs and extra_seeds:
+        raise ConfigError("--lrs splits the seed-0 sweep; run --extra_seeds once the sweep is complete, without --lrs")
     if args.calibrate:
         calibrate(model_names or ALL_MODELS, settings)
         return {"calibrated": True}
@@ -718,7 +731,8 @@ def main(argv=None):
     for s in settings:
         for m in models_of(s):
             for sr in s.runs():
-                run(m, sr)
+                if not only_lrs or sr.learning_rate in only_lrs:
+                    run(m, sr)
     if extra_seeds:  # at every lr tied for seed 0's best validation accuracy
         candidates = candidate_lrs(collect(out))
         for seed in extra_seeds:

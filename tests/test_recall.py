@@ -192,6 +192,18 @@ def test_mqar_training_mix_of_pair_counts():
                                    train_kv_pairs=(2, 4))
 
 
+def test_lrs_run_part_of_the_sweep(tmp_path):
+    s = next(x for x in recall.PRESETS["micro"] if x.name == "mqar_d32")
+    out = recall.main(["--preset=micro", "--settings=mqar_d32", "--models=transformer", f"--lrs={s.lr_grid[1]:g}",
+                       f"--out={tmp_path}"])
+    assert out["runs"] == 1 and {r["learning_rate"] for r in out["records"]} == {s.lr_grid[1]}
+    with pytest.raises(recall.ConfigError, match="not in the lr grid"):
+        recall.main(["--preset=micro", "--settings=mqar_d32", "--lrs=0.123", f"--out={tmp_path}"])
+    with pytest.raises(recall.ConfigError, match="--lrs"):
+        recall.main(["--preset=micro", "--settings=mqar_d32", f"--lrs={s.lr_grid[0]:g}", "--extra_seeds=1",
+                     f"--out={tmp_path}"])
+
+
 def test_bad_arguments():
     with pytest.raises(recall.ConfigError):
         recall.main(["--preset=micro", "--models=gpt5", "--out=/nonexistent/x"])
