@@ -199,20 +199,29 @@ def encode_prompt(tok, text):
 # Sampling and the decoding loop
 
 
+def _dense(t):
+    """t with the row-major strides of its shape, size-1 dims included: torch.compile guards on every stride,
+    and .contiguous() keeps a view such as prompt[:, -1:] as it is (stride T on its size-1 dim), while the
+    step's own outputs have stride 1 there."""
+    stride, acc = [], 1
+    for n in reversed(t.shape):
+        stride.insert(0, acc)
+        acc *= n
+    return t if t.stride() == tuple(stride) else t.clone(memory_format=torch.contiguous_format)
+
+
 def _static_cache(cache):
-    """Make a cache's tensors look alike at every step (contiguous, the chunk position as a tensor) so a
+    """Make a cache's tensors look alike at every step (row-major, the chunk position as a tensor) so a
     compiled step keeps one graph: prefill leaves strided views and a Python int position."""
     for layer in cache.layers:
         if hasattr(layer, "conv") and layer.conv is not None:
-            layer.conv = layer.conv.contiguous()
+            layer.conv = _dense(layer.conv)
             mem = layer.mem
             if mem is not None:
                 layer.mem = mem._replace(
-                    weights=tuple(w.contiguous() for w in mem.weights),
-                    anchor=tuple(w.contiguous() for w in mem.anchor),
-                    norm=tuple(n.contiguous() for n in mem.norm),
-                    momentum=tuple(m.contiguous() for m in mem.momentum),
-                    grad_sum=tuple(s.contiguous() for s in mem.grad_sum),
+                    weights=tuple(map(_dense, mem.weights)), anchor=tuple(map(_dense, mem.anchor)),
+                    norm=tuple(map(_dense, mem.norm)), momentum=tuple(map(_dense, mem.momentum)),
+                    grad_sum=tuple(map(_dense, mem.grad_sum)),
                     pos=torch.as_tensor(mem.pos, dtype=torch.long, device=cache.pos.device))
     return cache
 
@@ -239,7 +248,8 @@ def make_step(model, autocast=None, compile=False, compile_mode="default", sampl
     checked = {}  # the cache (a weak reference) and the call signature whose guards were last evaluated
 
     def compiled_step(idx, cache, noise=None):
-        cache = _static_cache(cache)
+        cache, idx = _static_cache(cache), _dense(idx)
+        noise = None if noise is None else _dense(noise)
         # guards are most of a small model's compiled decode overhead (a Miras cache is ~80 tensors and ~500
         # guards: ~0.6 ms per token on a CPU). After one guarded call, the same cache with the same shapes
         # selects the same graph (static shapes, the position a tensor), so the next calls skip them

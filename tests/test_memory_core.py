@@ -354,14 +354,14 @@ def decode(inp, n, objective, retention, memory, use_momentum, b=B_DEC, step_fn=
     T = inp["q"].shape[2]
     st = MemoryState.start(inp["state"], momentum=use_momentum, retention=retention,
                            normalize_step=extra.get("normalize_step", False))
-    if tensor_pos:  # the position as a 0-dim tensor from the start: one compiled graph for every step
-        st = st._replace(pos=torch.tensor(0))
     kw = dict(objective=objective, retention=retention, chunk_size=b, memory=memory, **extra)
     ys = []
     if n > 0:
         y, st = call(miras_memory, time_slice(inp, 0, n, st), use_momentum=use_momentum, **kw)
         assert isinstance(st, MemoryState)
         ys.append(y)
+    if tensor_pos:  # the position as a 0-dim tensor: one compiled graph for every step
+        st = st._replace(pos=torch.tensor(st.pos))
     for t in range(n, T):
         tok = lambda x: x[:, :, t]  # noqa: E731
         y, st = step_fn(tok(inp["q"]), tok(inp["k"]), tok(inp["v"]), tok(inp["eta"]), tok(inp["alpha"]),
@@ -416,6 +416,24 @@ def test_decode_reaches_reference_long():
                             chunk_size=3)
         assert_close(y, y_ref, what=f"y {retention}")
         assert_state_close(st.weights, s_ref)
+
+
+@pytest.mark.parametrize("normalize_step", [False, "gain"])
+@pytest.mark.parametrize("objective,retention,memory,use_momentum", DECODE_CONFIGS)
+def test_decode_with_a_tensor_position_equals_full_pass(objective, retention, memory, use_momentum, normalize_step):
+    """The static-shape step (the position a tensor, as in a compiled step: torch.where picks the chunk-start
+    refresh and kl's lag step) run eagerly in float64 reproduces the one-pass output and state, across chunk
+    boundaries, after a prefill that ends mid-chunk."""
+    T = 3 * B_DEC + 2
+    inp = make_inputs(83, T=T, retention=retention, memory=memory)
+    kw = dict(objective=objective, retention=retention, memory=memory, use_momentum=use_momentum,
+              chunk_size=B_DEC, normalize_step=normalize_step)
+    y_full, s_full = call(miras_memory, inp, **kw)
+    y, st = decode(inp, B_DEC + 2, objective, retention, memory, use_momentum, tensor_pos=True,
+                   normalize_step=normalize_step)
+    assert torch.is_tensor(st.pos) and int(st.pos) == T % B_DEC
+    assert_close(y, y_full, what="y, tensor position")
+    assert_state_close(st.weights, s_full, what="weights, tensor position")
 
 
 # ----------------------------------------------------------------------------------------------------

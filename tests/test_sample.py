@@ -331,11 +331,12 @@ def test_compiled_step_keeps_one_graph_after_a_prefill(name):
     """The normalized step's decode state also carries the chunk's running gradient sum: after a prefill
     (_static_cache turns its int position into a tensor, its views into contiguous tensors), the compiled
     step keeps one graph over steps that cross a chunk boundary and computes what the eager step does
-    (float64, aot_eager)."""
+    (float64, aot_eager), and leaves the same cache: position, short-conv tails and every memory state tensor
+    of both layers (the cache is written in place, a side effect the compiled graph must replay)."""
     from torch._dynamo.testing import CompileCounterWithBackend
     from models import build_model
     torch.manual_seed(0)
-    model = build_model(name, "tiny", n_layer=1, n_embd=32, n_head=2, vocab_size=32, block_size=64,
+    model = build_model(name, "tiny", n_layer=2, n_embd=32, n_head=2, vocab_size=32, block_size=64,
                         chunk_size=8).double().eval()
     eager = sample.make_step(model)
     torch._dynamo.reset()
@@ -349,13 +350,22 @@ def test_compiled_step_keeps_one_graph_after_a_prefill(name):
             (t_e, l_e), (t_c, l_c) = eager(tok[0], caches[0]), compiled(tok[1], sample._static_cache(caches[1]))
             torch.testing.assert_close(l_c, l_e, rtol=1e-12, atol=1e-12)
             tok = [t_e, t_c]
+            assert int(caches[1].pos) == int(caches[0].pos)
+            for le, lc in zip(caches[0].layers, caches[1].layers):
+                assert int(lc.mem.pos) == le.mem.pos % 8
+                torch.testing.assert_close(lc.conv, le.conv, rtol=0, atol=0)
+                for field in ("weights", "anchor", "norm", "grad_sum"):
+                    for a, b in zip(getattr(lc.mem, field), getattr(le.mem, field), strict=True):
+                        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     assert counter.frame_count == 1, f"{counter.frame_count} graphs for one static-shape step"
 
 
 def test_compiled_step_skips_guards_only_on_the_cache_it_checked():
     """make_step's compiled step evaluates torch.compile's guards once per cache and call signature and skips
     them on the next steps; a new cache is checked again, so another batch size compiles its own graph instead
-    of running the first one: every step equals the eager step (float64, aot_eager), across a chunk boundary."""
+    of running the first one: every step equals the eager step (float64, aot_eager), across a chunk boundary.
+    A first token that is a strided view (the prompt's last column, as bench.py passes it) is copied to the
+    step outputs' strides, so the guarded call's graph serves the next calls (a stride guard would fail)."""
     from torch._dynamo.testing import CompileCounterWithBackend
     from models import build_model
     torch.manual_seed(0)
@@ -366,10 +376,13 @@ def test_compiled_step_skips_guards_only_on_the_cache_it_checked():
     counter = CompileCounterWithBackend("aot_eager")
     step = sample.make_step(model, compile=True, backend=counter)
     with torch.no_grad():
-        for batch, n_prompt in ((1, 13), (1, 5), (2, 13)):
+        for batch, n_prompt, first in ((1, 13, "argmax"), (1, 5, "argmax"), (2, 13, "argmax"), (2, 9, "view")):
             prompt = torch.randint(32, (batch, n_prompt))
             caches = [model.init_cache(batch, 64), model.init_cache(batch, 64)]
             tok = [model.prefill(prompt, c)[0][:, -1:].argmax(-1) for c in caches]
+            if first == "view":  # the prompt's last token again: a view with stride n_prompt on its size-1 dim
+                tok = [prompt[:, -1:], prompt[:, -1:]]
+                assert tok[1].stride() != (1, 1)
             for _ in range(6):
                 (t_e, l_e), (t_c, l_c) = eager(tok[0], caches[0]), step(tok[1], caches[1])
                 torch.testing.assert_close(l_c, l_e, rtol=1e-12, atol=1e-12)
