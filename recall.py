@@ -4,6 +4,7 @@ score exact-match accuracy at the training length and beyond it (length generali
     python recall.py --preset=cpu --settings=mqar_d64 --extra_seeds=1,2   # one setting: lr sweep, then seeds
     python recall.py --preset=cpu --models=moneta,transformer --tasks=mqar
     python recall.py --preset=cpu --settings=mqar_d64_p8 --models=memora --lrs=5e-3   # part of a sweep
+    python recall.py --preset=cpu --settings=mqar_d64_p8 --models=yaad --lrs=1e-2 --extra_seeds=1,2  # part of seeds
     python recall.py --preset=micro --out=/tmp/recall                # seconds (the CI test)
     python recall.py --preset=cpu --calibrate                        # tokens/s per model and task, no results
 
@@ -657,8 +658,9 @@ def parse(argv=None):
     ap.add_argument("--out", default=str(REPO / "results" / "recall"))
     ap.add_argument("--extra_seeds", default="", help="more seeds, e.g. 1,2: each model and setting is trained again "
                     "at every lr tied for seed 0's best validation accuracy")
-    ap.add_argument("--lrs", default="", help="only these peak lrs of the seed-0 sweep, e.g. 5e-3,1e-2 (to split a "
-                    "sweep over processes; tables and selection use every cached run)")
+    ap.add_argument("--lrs", default="", help="only these peak lrs, e.g. 5e-3,1e-2, to split work over processes: "
+                    "of the seed-0 sweep, and with --extra_seeds (once the sweep is complete) of the tied lrs; tables "
+                    "and selection use every cached run")
     ap.add_argument("--force", action="store_true", help="rerun even if cached")
     ap.add_argument("--keep_ckpt", action="store_true", help="keep each run's final checkpoint in OUT/ckpt")
     ap.add_argument("--calibrate", action="store_true", help="measure training tokens/s only (writes nothing)")
@@ -708,8 +710,6 @@ def main(argv=None):
         if only_lrs - set(s.lr_grid):
             raise ConfigError(f"--lrs: {', '.join(f'{x:g}' for x in sorted(only_lrs - set(s.lr_grid)))} not in the "
                               f"lr grid of {s.name} ({', '.join(f'{x:g}' for x in s.lr_grid)})")
-    if only_lrs and extra_seeds:
-        raise ConfigError("--lrs splits the seed-0 sweep; run --extra_seeds once the sweep is complete, without --lrs")
     if args.calibrate:
         calibrate(model_names or ALL_MODELS, settings)
         return {"calibrated": True}
@@ -728,6 +728,16 @@ def main(argv=None):
     def models_of(s):  # --models, or the setting's own list
         return model_names or list(s.models or ALL_MODELS)
 
+    if only_lrs and extra_seeds:  # the tie at seed 0 must be known before the extra seeds are split by lr
+        done = {(r["model"], r["setting"], r["learning_rate"]) for r in collect(out) if r["seed"] == 0}
+        for s in settings:
+            for m in models_of(s):
+                missing = [lr for lr in s.lr_grid if (m, s.name, lr) not in done]
+                if missing:
+                    raise ConfigError(f"--lrs with --extra_seeds: {m}'s seed-0 sweep on {s.name} lacks lr "
+                                      f"{', '.join(f'{x:g}' for x in missing)}; finish it first (--lrs without "
+                                      f"--extra_seeds)")
+
     for s in settings:
         for m in models_of(s):
             for sr in s.runs():
@@ -739,7 +749,8 @@ def main(argv=None):
             for s in settings:
                 for m in models_of(s):
                     for lr in candidates[(m, s.name)]:
-                        run(m, dataclasses.replace(s, learning_rate=lr, seed=seed))
+                        if not only_lrs or lr in only_lrs:
+                            run(m, dataclasses.replace(s, learning_rate=lr, seed=seed))
     n_run, n_cached = counts
     records = collect(out)
     mark_selected(records)

@@ -199,9 +199,20 @@ def test_lrs_run_part_of_the_sweep(tmp_path):
     assert out["runs"] == 1 and {r["learning_rate"] for r in out["records"]} == {s.lr_grid[1]}
     with pytest.raises(recall.ConfigError, match="not in the lr grid"):
         recall.main(["--preset=micro", "--settings=mqar_d32", "--lrs=0.123", f"--out={tmp_path}"])
-    with pytest.raises(recall.ConfigError, match="--lrs"):
-        recall.main(["--preset=micro", "--settings=mqar_d32", f"--lrs={s.lr_grid[0]:g}", "--extra_seeds=1",
-                     f"--out={tmp_path}"])
+    # the extra seeds split by lr need the whole seed-0 sweep: which lrs tie is unknown until then
+    with pytest.raises(recall.ConfigError, match="seed-0 sweep on mqar_d32 lacks lr"):
+        recall.main(["--preset=micro", "--settings=mqar_d32", "--models=transformer", f"--lrs={s.lr_grid[1]:g}",
+                     "--extra_seeds=1", f"--out={tmp_path}"])
+    recall.main(["--preset=micro", "--settings=mqar_d32", "--models=transformer", f"--out={tmp_path}"])
+    tied = recall.candidate_lrs(recall.collect(tmp_path))[("transformer", "mqar_d32")]
+    others = [lr for lr in s.lr_grid if lr != tied[0]]
+    out = recall.main(["--preset=micro", "--settings=mqar_d32", "--models=transformer", f"--lrs={others[0]:g}",
+                       "--extra_seeds=1", f"--out={tmp_path}"])
+    assert out["runs"] == int(others[0] in tied)  # only the tied lrs among --lrs get the extra seed
+    out = recall.main(["--preset=micro", "--settings=mqar_d32", "--models=transformer", f"--lrs={tied[0]:g}",
+                       "--extra_seeds=1", f"--out={tmp_path}"])
+    assert out["runs"] == 1
+    assert {(r["learning_rate"], r["seed"]) for r in out["records"] if r["seed"] == 1} >= {(tied[0], 1)}
 
 
 def test_bad_arguments():
