@@ -637,8 +637,10 @@ def _spec(rule, compile_chunks, track):
     return names, ints, floats
 
 
-def _loop_setup(inputs, state, names, ints, floats, pos):
-    """What the op's arguments stand for: (plan, rule, fns). state: the flattened start state."""
+def _loop_setup(inputs, state, names, ints, floats, pos, kernels=False):
+    """What the op's arguments stand for: (plan, rule, fns). state: the flattened start state. kernels=False
+    (the fake implementation, whose shapes may be symbolic under a whole-model compile): the plan and rule only,
+    no compiled chunk functions (their cache key needs concrete shapes)."""
     objective, retention, memory, link = names.split(",")
     chunk_size, normalize_step, compile_chunks, track = ints
     p, q_norm, sharpness, eps, simplex = floats
@@ -646,7 +648,7 @@ def _loop_setup(inputs, state, names, ints, floats, pos):
                  link)
     lag_step = rule["retention"].lag_step
     segment = _segment
-    if compile_chunks:
+    if compile_chunks and kernels:
         # every shape but T's (head size, expansion, which gates and state parts are there), dtype and device
         shapes = (*[None if t is None else (t.shape[0], *t.shape[2:]) for t in inputs], *[t.shape for t in state])
         key = (names, tuple(ints), tuple(floats), shapes, inputs[0].dtype, inputs[0].device)
@@ -738,7 +740,7 @@ def _chunk_loop(xs: list[torch.Tensor], present: list[bool], state: list[torch.T
 
 @_chunk_loop.register_fake
 def _(xs, present, state, ln_w, ln_b, names, ints, floats, pos, layout, save_starts):
-    plan, _, _ = _loop_setup(_with_absent(xs, present), state, names, ints, floats, pos)
+    plan, _, _ = _loop_setup(_with_absent(xs, present), state, names, ints, floats, pos, kernels=False)
     stacked = ([t.new_empty(shape) for t, shape in zip(state, _stacked_shapes(state, _saved_slots(plan, layout)))]
                if save_starts else [])
     return [_empty(t) for t in (xs[0], *state)] + stacked  # distinct tensors: no aliasing

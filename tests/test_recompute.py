@@ -247,3 +247,21 @@ def test_flop_counter_counts_the_operator():
     with FlopCounterMode(display=False) as counter:
         y.sum().backward()
     assert counter.get_total_flops() == 3 * per_call
+
+
+@pytest.mark.parametrize("compile_chunks", [False, True])
+def test_traced_operator_with_a_new_batch_size_or_length(compile_chunks):
+    """A whole-model compile that meets a second batch size or length (training on B / world rows per rank,
+    evaluating on B: dynamo then marks those sizes dynamic) traces the operator with symbolic shapes: its fake
+    implementation must plan without building the compiled chunk functions, whose cache key needs concrete
+    shapes (it raised "unhashable type: SymInt"). Outputs and gradients stay eager's (float64)."""
+    kw = dict(objective="l2", retention="l2", chunk_size=4, compile_chunks=compile_chunks)
+    torch._dynamo.reset()
+    traced = torch.compile(miras_memory, backend="aot_eager", fullgraph=True)
+    for seed, (B, T) in enumerate([(2, 6), (3, 6), (3, 9)]):
+        x, leaves = grad_inputs(make_inputs(40 + seed, B=B, T=T), "l2", False)
+        y, g = grads(x, leaves, True, False, **kw)
+        y_c, g_c = grads(x, leaves, True, False, fn=traced, **kw)
+        assert_close(y_c, y, rtol=1e-10, atol=1e-11, what=f"traced y at B={B}, T={T}")
+        for name in g:
+            assert_close(g_c[name], g[name], rtol=1e-9, atol=1e-10, what=f"traced d/d{name} at B={B}, T={T}")
