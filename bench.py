@@ -162,7 +162,7 @@ def validate(cfg):
 
 def sync(device):
     if device.startswith("cuda"):
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
 
 
 def seconds(fn, device):
@@ -205,6 +205,9 @@ def _worker(job, cfg, conn):
     """Body of the worker process (module level, so that spawn can pickle it): run job(), send the result."""
     cuda = cfg.device.startswith("cuda")
     try:
+        if cuda:  # a fresh (spawned) process: make cfg.device current and initialize CUDA before any cuda call
+            torch.cuda.set_device(torch.device(cfg.device))
+            torch.cuda.init()
         cli.fast_float32(cfg.device)  # as train.py and sample.py run
         if cfg.mem_limit_gb > 0:
             if cuda:
@@ -304,7 +307,7 @@ def bench_model(cfg, name, seq_len, mode):
     prompt = idx[:1]
     step_fn = sample.make_step(model, autocast, cfg.compile)
     with torch.no_grad():
-        cache = model.init_cache(1, max_len, device, torch.float32)
+        cache = model.init_cache(1, max_len, device, getattr(autocast, "fast_dtype", torch.float32))  # as sample.py
         with autocast:
             model.prefill(prompt, cache)
         tok = prompt[:, -1:]
@@ -337,7 +340,7 @@ def op_flops_per_token(d, E, b):
                                                               momentum=False), b)
 
 
-def op_inputs(T, retention, requires_grad):
+def op_inputs(T, retention, requires_grad, device="cpu"):
     B, H, d, E = OP_SHAPE["B"], OP_SHAPE["H"], OP_SHAPE["d"], OP_SHAPE["E"]
     g = torch.Generator().manual_seed(0)
     nrm = torch.nn.functional.normalize
@@ -350,9 +353,9 @@ def op_inputs(T, retention, requires_grad):
     w = [0.05 * torch.randn(B, H, E * d, d, generator=g), 0.05 * torch.randn(B, H, d, E * d, generator=g)]
     if retention == "kl":
         w = [x.shape[-1] * torch.softmax(x, -1) for x in w]
-    tensors = [q, k, v, eta, alpha, w[0], w[1], torch.ones(H, d), torch.zeros(H, d), delta]
-    for t in tensors:
-        t.requires_grad_(requires_grad)
+    # leaves on the device: a leaf moved there after requires_grad_ would send every gradient back to the host
+    tensors = [t.to(device).requires_grad_(requires_grad)
+               for t in (q, k, v, eta, alpha, w[0], w[1], torch.ones(H, d), torch.zeros(H, d), delta)]
     q, k, v, eta, alpha, w0, w1, lnw, lnb, delta = tensors
     return (q, k, v, eta, alpha, (w0, w1), lnw, lnb), dict(delta=delta)
 
@@ -366,16 +369,19 @@ def gemm_gflops(device, n=2048, repeats=5):
 def run_op(cfg):
     device, records = cfg.device, []
     seq_lens = [int(s) for s in cfg.seq_lens.split(",")]
+    if device.startswith("cuda"):  # as the model workers run: the op and the GEMM peak both in TF32
+        cli.fast_float32(device)
     peak = gemm_gflops(device)
-    print(f"fp32 GEMM (2048^3) on {device}: {peak:.1f} GFLOP/s")
+    print(f"float32 GEMM (2048^3; TF32 on CUDA) on {device}: {peak:.1f} GFLOP/s")
     b = OP_SHAPE["chunk"]
     flops_tok = OP_SHAPE["H"] * op_flops_per_token(OP_SHAPE["d"], OP_SHAPE["E"], b)
+    op = functools.partial(memory_core.miras_memory, check_values=False)  # as the models call it: no host syncs
     available = {
-        "eager": memory_core.miras_memory,
-        "compiled_chunks": functools.partial(memory_core.miras_memory, compile_chunks=True),
+        "eager": op,
+        "compiled_chunks": functools.partial(op, compile_chunks=True),
         # the whole call traced: the chunk loop is one operator (miras::chunk_loop), so only what surrounds it
         # compiles and compile time does not grow with T (first_call_s)
-        "compiled": torch.compile(memory_core.miras_memory, fullgraph=True),
+        "compiled": torch.compile(op, fullgraph=True),
         "reference": memory_reference.miras_memory_reference,
     }
     assert set(available) == set(OP_IMPLS)
@@ -389,10 +395,8 @@ def run_op(cfg):
                 if impl == "reference" and T > min(seq_lens):
                     continue  # the token-by-token oracle: one length is enough to show the gap
                 for mode in ("fwd", "fwd+bwd"):
-                    args, kw = op_inputs(T, retention, mode == "fwd+bwd")
-                    args = tuple(a.to(device) if isinstance(a, torch.Tensor) else tuple(x.to(device) for x in a)
-                                 for a in args)
-                    kw = {k_: v_.to(device) for k_, v_ in kw.items()} if objective == "huber" else {}
+                    args, kw = op_inputs(T, retention, mode == "fwd+bwd", device)
+                    kw = kw if objective == "huber" else {}
                     call = dict(objective=objective, retention=retention, chunk_size=b, **kw)
 
                     def run():

@@ -68,7 +68,7 @@ class SampleConfig:
     dtype: str = "auto"            # auto (bfloat16 on CUDA if supported, else float32) | float32 | bfloat16 | float16 | float64
     compile: Optional[bool] = None  # torch.compile the decode step (static shapes: one graph for every position);
                                    # None: on CUDA only (cli.resolve_compile)
-    compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead | max-autotune
+    compile_mode: str = "default"  # torch.compile mode: default | max-autotune-no-cudagraphs (COMPILE_MODES)
 
 
 class SampleError(cli.ConfigError):
@@ -77,7 +77,9 @@ class SampleError(cli.ConfigError):
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+# not the CUDA-graph modes (reduce-overhead, max-autotune): the step returns the new decode state as fresh tensors
+# that the next step reads, while a CUDA graph's replay reuses its output memory
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 
 
 def parse_args(argv=None):
@@ -97,7 +99,9 @@ def validate(cfg):
         (cfg.top_k >= 0, "top_k must be >= 0 (0: off)"),
         (0 < cfg.top_p <= 1, "top_p must lie in (0, 1] (1: off)"),
         (cfg.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}"),
-        (cfg.compile_mode in COMPILE_MODES, f"compile_mode must be one of {', '.join(COMPILE_MODES)}"),
+        (cfg.compile_mode in COMPILE_MODES, f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got "
+                                            f"{cfg.compile_mode!r} (the CUDA-graph modes would replay over the "
+                                            f"decode state the step returns)"),
     ]
     for ok, msg in checks:
         if not ok:
@@ -309,7 +313,10 @@ def generate_stream(model, prompt_ids, max_new_tokens, temperature=0.8, top_k=20
     if not prompt_ids:
         raise SampleError("the prompt has no tokens")
     idx = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
-    cache = model.init_cache(1, cache_len or idx.shape[1] + max(max_new_tokens, 1), device)
+    # KV caches in autocast's dtype (None: the weights'): attention then reads them without casting the whole
+    # cache on every token; a Miras state stays float32 whatever this is
+    cache = model.init_cache(1, cache_len or idx.shape[1] + max(max_new_tokens, 1), device,
+                             getattr(autocast, "fast_dtype", None))
     stats.cache, stats.prompt_tokens = cache, idx.shape[1]
     _sync(device)
     t0 = time.perf_counter()

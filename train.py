@@ -462,7 +462,10 @@ def train(cfg: TrainConfig, batches=None) -> dict:
         device = torch.device("cuda", local_rank if ddp else (device.index or 0))
         torch.cuda.set_device(device)
     if ddp and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":  # bound to this rank's GPU: NCCL then knows the device of every collective
+            torch.distributed.init_process_group(backend="nccl", device_id=device)
+        else:
+            torch.distributed.init_process_group(backend="gloo")
     try:
         result = _train(cfg, device, ddp, rank, world, t_start, batches)
         if ddp:  # a rank that tears gloo down while a peer still runs can abort it (seen once in CI: SIGABRT)

@@ -275,6 +275,8 @@ def test_errors(moneta_dir, tmp_path, capsys):
     assert "unknown key 'no_such_key'" in msg and "max_new_tokens:int" in msg
     assert "must be int" in _error(capsys, "--max_new_tokens=many")
     assert "top_p" in _error(capsys, "--top_p=0")
+    msg = _error(capsys, "--compile_mode=reduce-overhead")
+    assert "compile_mode must be one of default, max-autotune-no-cudagraphs" in msg and "CUDA-graph" in msg
     assert "prompt file" in _error(capsys, f"--out_dir={moneta_dir}", f"--start=FILE:{tmp_path / 'missing.txt'}")
 
 
@@ -388,3 +390,21 @@ def test_compiled_step_skips_guards_only_on_the_cache_it_checked():
                 torch.testing.assert_close(l_c, l_e, rtol=1e-12, atol=1e-12)
                 tok = [t_e, t_c]
     assert counter.frame_count == 2, f"{counter.frame_count} graphs for batch sizes 1 and 2"
+
+
+def test_kv_cache_in_the_autocast_dtype(transformer_dir, moneta_dir):
+    """Under bf16 autocast the KV cache is bf16 (attention reads it without a cast of the whole cache per token)
+    and a Miras memory state stays float32; without autocast the cache has the weights' dtype."""
+    for path, kind in ((transformer_dir, "kv"), (moneta_dir, "memory")):
+        model = sample.load_model(path, device="cpu").model
+        for autocast, want in ((sample.cli.autocast_for("cpu", "bfloat16"), torch.bfloat16), (None, torch.float32)):
+            stats = sample.Stats()
+            tokens = list(sample.generate_stream(model, [1, 2, 3], 4, temperature=0.0, autocast=autocast,
+                                                 stats=stats))
+            assert len(tokens) == 4
+            layer = stats.cache.layers[0]
+            if kind == "kv":
+                assert layer.k.dtype == layer.v.dtype == want
+            else:
+                tensors = list(iter_tensors(layer.mem))
+                assert tensors and all(t.dtype == torch.float32 for t in tensors if t.is_floating_point())
