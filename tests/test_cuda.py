@@ -1,0 +1,138 @@
+"""The CUDA paths, on an NVIDIA GPU (skipped without one; `.ci/gpu` runs them with the GPU benchmarks): the
+memory op in float32 on the GPU against float64 on the CPU, eager and with compiled chunks; a compiled bf16
+training step of every model that then evaluates at another batch size (as DDP ranks do); compiled decoding
+against eager; a short train.py run (bf16, compile, fused AdamW) and its resume; bench.py's spawned CUDA workers;
+torchrun with NCCL where there are two GPUs."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import bench
+import memory_core
+import sample
+import train
+from conftest import f32_tol, write_word_dataset
+from models import build_model
+from test_memory_core import call, make_inputs
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (.ci/gpu runs these)")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CUDA = torch.device("cuda")
+MODELS = ("moneta", "yaad", "memora", "transformer")
+# each model's rule at its defaults (model_*.py): retention, objective, step normalization
+RULES = [("lq", "lp", False), ("l2", "huber", "gain"), ("kl", "l2", "gain")]
+
+
+def _to(inp, device, dtype):
+    return {n: (tuple(s.to(device, dtype).requires_grad_() for s in x) if isinstance(x, tuple)
+                else x.to(device, dtype).requires_grad_()) for n, x in inp.items()}
+
+
+def _grads(inp, kw):
+    y, _ = call(memory_core.miras_memory, inp, **kw)
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(y.shape, generator=g, dtype=torch.float64).to(y.device, y.dtype)
+    loss = (y * weight).sum()
+    names = [n for n in ("q", "k", "v", "eta", "alpha", "ln_weight", "ln_bias") if inp[n].requires_grad]
+    return y, dict(zip(names, torch.autograd.grad(loss, [inp[n] for n in names])))
+
+
+@pytest.mark.parametrize("retention,objective,norm", RULES)
+@pytest.mark.parametrize("compile_chunks", [False, True])
+def test_op_on_cuda_equals_cpu_float64(retention, objective, norm, compile_chunks):
+    """float32 on the GPU (IEEE matmuls: fast_float32's TF32 is not set here) against float64 on the CPU, within
+    the float32 bound of conftest.f32_tol (n_ops: 21 tokens in sequence through the memory, 9d + 2Ed + b)."""
+    inp = make_inputs(3, B=2, H=2, T=21, d=16, E=4, retention=retention)
+    kw = dict(objective=objective, retention=retention, chunk_size=8, normalize_step=norm, check_values=False)
+    y64, g64 = _grads(_to(inp, "cpu", torch.float64), kw)
+    y32, g32 = _grads(_to(inp, "cpu", torch.float32), kw)
+    y, g = _grads(_to(inp, CUDA, torch.float32), dict(kw, compile_chunks=compile_chunks))
+    n_ops = 21 * (9 * 16 + 2 * 64 + 8)
+    torch.testing.assert_close(y.cpu().double(), y64, rtol=0, atol=f32_tol(y64, n_ops, observed=[(y32, y64)]))
+    for n in g64:
+        torch.testing.assert_close(g[n].cpu().double(), g64[n], rtol=0,
+                                   atol=f32_tol(g64[n], n_ops, observed=[(g32[n], g64[n])]), msg=f"d/d{n}")
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_compiled_bf16_train_step_then_eval_at_another_batch(name):
+    """torch.compile of a whole model under bf16 autocast: a training step at batch 2 gives eager's loss (bf16
+    rounding apart) and finite gradients, and an evaluation at batch 4 (a DDP rank trains on batch / world rows
+    and evaluates on batch rows: dynamo marks the size dynamic) runs too."""
+    torch.manual_seed(0)
+    model = build_model(name, "tiny", vocab_size=64, block_size=128).to(CUDA)
+    compiled = torch.compile(model)
+    idx = torch.randint(64, (4, 129), device=CUDA)
+    x, y = idx[:2, :-1], idx[:2, 1:]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        _, loss_e = model(x, y)
+        _, loss_c = compiled(x, y)
+    loss_c.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert abs(loss_c.item() - loss_e.item()) < 2e-2 * abs(loss_e.item())
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        _, loss4 = compiled(idx[:, :-1], idx[:, 1:])
+    assert torch.isfinite(loss4)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_compiled_decode_on_cuda_matches_eager(name):
+    """sample.make_step compiled on the GPU (float32) against the eager step over 40 tokens that cross chunk
+    boundaries after a 30-token prefill: the same logits up to float32 rounding."""
+    torch.manual_seed(0)
+    model = build_model(name, "tiny", vocab_size=64, block_size=128).to(CUDA).eval()
+    prompt = torch.randint(64, (1, 30), device=CUDA)
+    caches = [model.init_cache(1, 80), model.init_cache(1, 80)]
+    steps = [sample.make_step(model), sample.make_step(model, compile=True)]
+    with torch.no_grad():
+        toks = []
+        for cache in caches:
+            toks.append(model.prefill(prompt, cache)[0][:, -1:].argmax(-1))
+        for i in range(40):
+            (t_e, l_e), (t_c, l_c) = (step(tok, cache) for step, tok, cache in zip(steps, toks, caches))
+            torch.testing.assert_close(l_c, l_e, rtol=1e-4, atol=1e-4 * float(l_e.abs().max()), msg=f"step {i}")
+            toks = [t_e, t_e]  # both follow the eager tokens
+
+
+def test_train_py_bf16_compiled_and_resumed(tmp_path, capsys):
+    data = write_word_dataset(tmp_path / "data", 1500)
+    out = tmp_path / "out"
+    common = [f"--dataset={data}", f"--out_dir={out}", "--n_layer=2", "--n_embd=64", "--n_head=2", "--block_size=64",
+              "--batch_size=8", "--eval_interval=10", "--eval_iters=2", "--learning_rate=3e-3", "--lr_decay_iters=30"]
+    assert train.main([*common, "--max_iters=20"]) == 0
+    assert "device cuda:0, dtype bfloat16, compile True (auto)" in capsys.readouterr().out
+    log = [json.loads(line) for line in open(out / "log.jsonl")]
+    losses = [r["loss"] for r in log if "loss" in r]
+    assert losses[-1] < losses[0]
+    assert train.main([*common, "--max_iters=30", "--init_from=resume"]) == 0
+    assert train.load_checkpoint(out / "ckpt.pt")["iter_num"] == 30
+
+
+def test_bench_spawned_cuda_workers(tmp_path):
+    out = tmp_path / "bench.json"
+    assert bench.main(["--models=moneta,transformer", "--seq_lens=128", "--model_preset=tiny", "--vocab_size=256",
+                       "--tokens_per_step=512", "--decode_tokens=4", "--repeats=1", "--warmup=1",
+                       f"--json={out}"]) == 0
+    records = json.loads(out.read_text())["records"]
+    assert {(r["model"], r["mode"]) for r in records} == {(m, x) for m in ("moneta", "transformer")
+                                                          for x in ("train", "prefill", "decode")}
+    for r in records:
+        assert "error" not in r and "oom" not in r, r
+        assert r["tokens_per_s"] > 0 and r["peak_mem_bytes"] > 0, r
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_torchrun_nccl_two_gpus(tmp_path):
+    data = write_word_dataset(tmp_path / "data", 1500)
+    args = [f"--dataset={data}", "--n_layer=1", "--n_embd=32", "--n_head=2", "--block_size=32", "--batch_size=4",
+            "--max_iters=6", "--eval_interval=3", "--eval_iters=2", f"--out_dir={tmp_path / 'two'}"]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "train.py", *args], cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, timeout=600,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(train.load_checkpoint(tmp_path / "two" / "ckpt.pt")["rng_states"]) == 2
