@@ -637,7 +637,7 @@ def _spec(rule, compile_chunks, track):
     return names, ints, floats
 
 
-def _loop_setup(inputs, state, names, ints, floats, pos, kernels=False):
+def _loop_setup(inputs, state, names, ints, floats, pos, kernels=True):
     """What the op's arguments stand for: (plan, rule, fns). state: the flattened start state. kernels=False
     (the fake implementation, whose shapes may be symbolic under a whole-model compile): the plan and rule only,
     no compiled chunk functions (their cache key needs concrete shapes)."""
