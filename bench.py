@@ -307,7 +307,7 @@ def bench_model(cfg, name, seq_len, mode):
     prompt = idx[:1]
     step_fn = sample.make_step(model, autocast, cfg.compile)
     with torch.no_grad():
-        cache = model.init_cache(1, max_len, device, getattr(autocast, "fast_dtype", torch.float32))  # as sample.py
+        cache = model.init_cache(1, max_len, device, cli.kv_cache_dtype(autocast))  # as sample.py
         with autocast:
             model.prefill(prompt, cache)
         tok = prompt[:, -1:]

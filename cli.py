@@ -206,6 +206,13 @@ def autocast_for(device, dtype):
     return contextlib.nullcontext()
 
 
+def kv_cache_dtype(autocast):
+    """The dtype of a decode KV cache read under `autocast` (autocast_for's context): autocast's own, so that
+    attention reads the cache without casting all of it on every token; None (the weights' dtype) without
+    autocast. A Miras state stays float32 whatever this is."""
+    return getattr(autocast, "fast_dtype", None)
+
+
 def resolve_compile(value, device):
     """--compile: None (the default) compiles on CUDA, where it pays, and not elsewhere (on a CPU the compiled
     train step measured no faster than eager, after minutes of compiling: README, "What was verified where")."""

@@ -313,10 +313,8 @@ def generate_stream(model, prompt_ids, max_new_tokens, temperature=0.8, top_k=20
     if not prompt_ids:
         raise SampleError("the prompt has no tokens")
     idx = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
-    # KV caches in autocast's dtype (None: the weights'): attention then reads them without casting the whole
-    # cache on every token; a Miras state stays float32 whatever this is
     cache = model.init_cache(1, cache_len or idx.shape[1] + max(max_new_tokens, 1), device,
-                             getattr(autocast, "fast_dtype", None))
+                             cli.kv_cache_dtype(autocast))
     stats.cache, stats.prompt_tokens = cache, idx.shape[1]
     _sync(device)
     t0 = time.perf_counter()
