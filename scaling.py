@@ -5,6 +5,7 @@
     python scaling.py --grid=seeds                    # seed noise of one grid point: ~4 minutes
     python scaling.py --grid=context_check            # does the data carry usable long context? (2 new runs)
     python scaling.py --grid=bpe                      # the cpu grid on BPE Shakespeare (+ bpe_ablation, bpe_seeds)
+    python scaling.py --grid=code                     # ... on source code, characters (+ code_ablation, code_seeds)
     python scaling.py --grid=micro --out=/tmp/s       # 2 sizes x 2 contexts x 2 models, seconds (the CI test)
     python scaling.py --grid=paper                    # prints the torchrun commands of the paper-scale grid
     python scaling.py --grid=paper --launch --nproc=8 # ... or runs them one after the other, then evaluates
@@ -28,13 +29,15 @@ training FLOPs differ only by the models' FLOPs per token):
             p = 3 at contexts 256 and 1024 (the p=3, q=4 runs are the cpu grid's, shared through the cache).
   seeds     the cpu grid's 2x64 / context-256 point of every model with seeds 1337 (cached), 1338, 1339:
             the run-to-run noise that the differences between models must be judged against.
-  context_check  the Transformer at size s, context 1,024, on character and on BPE Shakespeare, at the grids'
-            budget and at 4x it: a context sweep tests nothing unless this per-position loss keeps falling
-            past a few hundred tokens.
-  bpe       the cpu grid on GPT-2 BPE Shakespeare with the vocabulary compacted to the 18.7K ids that occur
-            (data/shakespeare_compact; whole plays as documents): 4 sizes at context 512 plus contexts 128-1,024
-            at size s. bpe_ablation: Moneta's p and q at contexts 128 and 1,024; bpe_seeds: 3 seeds at s / 512.
+  context_check  the Transformer at size s, context 1,024, on character and on BPE Shakespeare and on source
+            code, at the grids' budget and at 4x it: a context sweep tests nothing unless this per-position loss
+            keeps falling past a few hundred tokens.
+  bpe       GPT-2 BPE Shakespeare with the vocabulary compacted to the 18.7K ids that occur
+            (data/shakespeare_compact; whole plays as documents): contexts 128-1,024 at size s, then 4 sizes at
+            context 512. bpe_ablation: Moneta's p and q at contexts 128 and 1,024; bpe_seeds: 3 seeds at s / 512.
             The LM head over 18.7K ids makes these runs ~8x slower than the character ones on a CPU.
+  code      the same three grids (code, code_ablation, code_seeds) on torch 2.13.0's Python source at character
+            level (data/torch_code; one document per file), at 4x the budget (1,024 steps = 2.1M tokens).
   micro     2 sizes x 2 contexts x {moneta, transformer}, a few steps: the CI test.
   paper     FineWeb-Edu (data/prepare_text.py), the paper's 340M and 760M sizes x contexts 2K..32K, 15B
             tokens per run at 0.5M tokens per step, bf16, torch.compile; torchrun on a GPU node.
@@ -55,6 +58,7 @@ the evaluation unless --keep_ckpt (the paper grid always keeps them).
 """
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -128,8 +132,13 @@ ALL_MODELS = ["moneta", "yaad", "memora", "transformer"]
 
 # GPT-2 BPE Shakespeare, vocabulary compacted to the 18.7K ids that occur (data/shakespeare_compact), whole plays
 # as documents: the candidate corpus with long-range structure (grid context_check tests whether a model uses it).
-BPE_CONTEXTS = [128, 256, 512, 1024]
+LONG_CONTEXTS = [128, 256, 512, 1024]
 BPE = dict(CPU, dataset="shakespeare_compact")
+
+# The Python source of torch 2.13.0 at character level (data/torch_code): code repeats its identifiers across
+# a whole file. 4x the character grids' budget (1,024 steps = 2.1M tokens), and 4x their evaluation windows: the
+# loss of code varies more from file to file than Shakespeare's from play to play.
+CODE = dict(CPU, dataset="torch_code", max_iters=1024, eval_tokens=262144)
 
 
 def _sweep_grid(model_list, sizes, size_context, contexts, context_size, common):
@@ -176,33 +185,38 @@ def grid_context_check(model_list):
         for steps in (256, 1024):
             runs += [run_spec(m, "s", CPU_SIZES["s"], 1024, sweeps=["context"], label=f"{dataset},{steps} steps",
                               **dict(CPU, dataset=dataset, max_iters=steps)) for m in model_list]
+    for steps in (1024, 4096):  # source code, at the code grids' budget and at 4x it
+        runs += [run_spec(m, "s", CPU_SIZES["s"], 1024, sweeps=["context"], label=f"torch_code,{steps} steps",
+                          **dict(CODE, max_iters=steps)) for m in model_list]
     return runs
 
 
-def grid_bpe(model_list):
-    """The study on the BPE corpus: 4 sizes at context 512 plus 4 contexts at size s. The context sweep's longest
-    point comes first: its Transformer run is the per-position check the rest of the grid depends on."""
-    first = [run_spec(m, "s", CPU_SIZES["s"], 1024, sweeps=["context"], **BPE) for m in model_list]
-    rest = _sweep_grid(model_list, CPU_SIZES, 512, BPE_CONTEXTS[:-1], "s", BPE)
-    return first + rest
+# The grids of a corpus with long-range structure (BPE Shakespeare: bpe*; source code: code*).
+
+def long_context_grid(common, model_list):
+    """4 contexts at size s, then 4 sizes at context 512. The context sweep's longest point comes first: its
+    Transformer run is the per-position check the rest depends on; then the context sweep, then the sizes."""
+    first = [run_spec(m, "s", CPU_SIZES["s"], 1024, sweeps=["context"], **common) for m in model_list]
+    rest = _sweep_grid(model_list, CPU_SIZES, 512, LONG_CONTEXTS[:-1], "s", common)
+    return first + sorted(rest, key=lambda spec: spec["size"] != "s")  # stable: the context sweep first
 
 
-def grid_bpe_ablation(model_list):
-    """Moneta's p (at q = 4) and q (at p = 3) on the BPE corpus, size s, at contexts 128 and 1024."""
+def long_context_ablation(common, model_list):
+    """Moneta's p (at q = 4) and q (at p = 3), size s, at contexts 128 and 1024."""
     runs = []
     for T in (128, 1024):
         for p in (1.0, 2.0, 3.0, 4.0):
             runs.append(run_spec("moneta", "s", CPU_SIZES["s"], T, sweeps=["p"], label=f"p={p:g},q=4,T={T}",
-                                 model_args={"p": p, "q_norm": 4.0}, **BPE))
+                                 model_args={"p": p, "q_norm": 4.0}, **common))
         for q in (2.0, 3.0, 5.0):  # q = 4 is the p = 3 run above
             runs.append(run_spec("moneta", "s", CPU_SIZES["s"], T, sweeps=["q"], label=f"p=3,q={q:g},T={T}",
-                                 model_args={"p": 3.0, "q_norm": q}, **BPE))
+                                 model_args={"p": 3.0, "q_norm": q}, **common))
     return runs
 
 
-def grid_bpe_seeds(model_list):
-    """Seed noise of the bpe grid: size s, context 512, seeds 1337 (the grid's run), 1338, 1339."""
-    return [run_spec(m, "s", CPU_SIZES["s"], 512, sweeps=["seed"], label=f"seed={seed}", seed=seed, **BPE)
+def long_context_seeds(common, model_list):
+    """Seed noise of a long-context grid: size s, context 512, seeds 1337 (the grid's run), 1338, 1339."""
+    return [run_spec(m, "s", CPU_SIZES["s"], 512, sweeps=["seed"], label=f"seed={seed}", seed=seed, **common)
             for seed in (1337, 1338, 1339) for m in model_list]
 
 
@@ -238,12 +252,16 @@ def grid_paper(model_list):
 
 
 GRIDS = {"cpu": grid_cpu, "ablation": grid_ablation, "seeds": grid_seeds, "context_check": grid_context_check,
-         "bpe": grid_bpe, "bpe_ablation": grid_bpe_ablation, "bpe_seeds": grid_bpe_seeds, "micro": grid_micro,
-         "paper": grid_paper}
+         "bpe": functools.partial(long_context_grid, BPE), "bpe_ablation": functools.partial(long_context_ablation, BPE),
+         "bpe_seeds": functools.partial(long_context_seeds, BPE),
+         "code": functools.partial(long_context_grid, CODE),
+         "code_ablation": functools.partial(long_context_ablation, CODE),
+         "code_seeds": functools.partial(long_context_seeds, CODE),
+         "micro": grid_micro, "paper": grid_paper}
 DEFAULT_MODELS = {"cpu": ALL_MODELS, "ablation": ["moneta"], "seeds": ALL_MODELS, "context_check": ["transformer"],
                   "bpe": ALL_MODELS, "bpe_ablation": ["moneta"], "bpe_seeds": ALL_MODELS,
-                  "micro": ["moneta", "transformer"],
-                  "paper": ALL_MODELS}
+                  "code": ALL_MODELS, "code_ablation": ["moneta"], "code_seeds": ALL_MODELS,
+                  "micro": ["moneta", "transformer"], "paper": ALL_MODELS}
 
 
 def cache_key(config):

@@ -56,7 +56,8 @@ from cli import ConfigError
 from data.common import fsync_dir
 
 REPO = pathlib.Path(__file__).resolve().parent
-DEFAULT_CORPORA = ("shakespeare_char", "shakespeare", "shakespeare_compact")  # prepared on demand (data/<name>/prepare.py)
+# prepared on demand (data/<name>/prepare.py)
+DEFAULT_CORPORA = ("shakespeare_char", "shakespeare", "shakespeare_compact", "torch_code")
 MAIN_JOB = REPO / "config" / "train_moneta_tiny.py"    # spells out the TrainConfig defaults: the main job
 
 

@@ -13,6 +13,7 @@ import types
 
 import numpy as np
 import pytest
+import torch
 
 import tokenizer as T
 from data import common, prepare_text
@@ -199,6 +200,27 @@ def test_shakespeare_compact_prepare_subset(tmp_path):
     for bad in ([len(gpt2_ids)], [-1]):
         with pytest.raises(T.TokenizerError, match="outside"):
             tok.decode(bad)
+
+
+def test_torch_code_prepare_subset(tmp_path, monkeypatch):
+    from data.torch_code import prepare as P
+
+    d = P.prepare(tmp_path / "code", max_files=25, verbose=False)
+    meta, tr, va = _check_dataset(d)
+    files, version = P.source_files(25)
+    docs = [f.read_text(encoding="utf-8") for f in files]
+    docs = [t if t.endswith("\n") else t + "\n" for t in docs if t]  # empty files are no document
+    tok = T.get_tokenizer(d)
+    # every 10th non-empty file is val, in sorted path order; decoding gives the files back exactly
+    assert tok.decode(va) == "".join(docs[9::10]) and va.size > 0
+    assert tok.decode(tr) == "".join(t for i, t in enumerate(docs) if i % 10 != 9)
+    assert meta["tokenizer"] == "char" and version in meta["source"]
+    monkeypatch.setattr(torch, "__version__", "0.0.1")
+    with pytest.raises(SystemExit, match="install torch==2.13.0"):
+        P.prepare(tmp_path / "other", max_files=3, verbose=False)
+    assert not (tmp_path / "other").exists()
+    P.prepare(tmp_path / "other", max_files=3, allow_other_torch=True, verbose=False)
+    assert "0.0.1" in json.loads((tmp_path / "other" / "meta.json").read_text())["source"]
 
 
 @pytest.mark.parametrize("name", ["shakespeare", "shakespeare_char", "shakespeare_compact"])

@@ -117,22 +117,28 @@ def test_power_law_fit_and_grids():
     keys = {scaling.cache_key(s["config"]) for s in cpu}
     abl = scaling.grid_ablation(["moneta"])
     assert len(abl) == 12 and sum(scaling.cache_key(s["config"]) in keys for s in abl) == 3  # p=3,q=4 (T=256, 1024)
-    bpe = scaling.grid_bpe(scaling.ALL_MODELS)
-    assert {s["config"]["dataset"] for s in bpe} == {"shakespeare_compact"}
-    for m in scaling.ALL_MODELS:
-        mine = [s for s in bpe if s["config"]["model"] == m]
-        assert len({s["size"] for s in mine if "size" in s["sweeps"]}) >= 4
-        assert sorted(s["config"]["block_size"] for s in mine if "context" in s["sweeps"]) == [128, 256, 512, 1024]
-    assert len({scaling.cache_key(s["config"]) for s in bpe}) == len(bpe)  # no run listed twice
-    assert bpe[0]["config"]["block_size"] == 1024  # the per-position check comes first
-    bpe_keys = {scaling.cache_key(s["config"]) for s in bpe}
-    bpe_abl = scaling.grid_bpe_ablation(["moneta"])
-    assert len(bpe_abl) == 14 and sum(scaling.cache_key(s["config"]) in bpe_keys for s in bpe_abl) == 2  # p=3, q=4
     check = scaling.grid_context_check(["transformer"])
-    assert len(check) == 4 and {s["config"]["block_size"] for s in check} == {1024}
-    assert sum(scaling.cache_key(s["config"]) in bpe_keys | keys for s in check) == 2  # the 1x runs are the grids'
-    seeds = scaling.grid_bpe_seeds(scaling.ALL_MODELS)
-    assert sum(scaling.cache_key(s["config"]) in bpe_keys for s in seeds) == len(scaling.ALL_MODELS)
+    assert len(check) == 6 and {s["config"]["block_size"] for s in check} == {1024}
+    check_keys = {scaling.cache_key(s["config"]) for s in check}
+    shared_with_check = 0
+    for name, dataset in (("bpe", "shakespeare_compact"), ("code", "torch_code")):
+        grid = scaling.GRIDS[name](scaling.ALL_MODELS)
+        assert {s["config"]["dataset"] for s in grid} == {dataset}
+        for m in scaling.ALL_MODELS:
+            mine = [s for s in grid if s["config"]["model"] == m]
+            assert len({s["size"] for s in mine if "size" in s["sweeps"]}) >= 4
+            assert sorted(s["config"]["block_size"] for s in mine if "context" in s["sweeps"]) == [128, 256, 512, 1024]
+        grid_keys = [scaling.cache_key(s["config"]) for s in grid]
+        assert len(set(grid_keys)) == len(grid)  # no run listed twice
+        assert grid[0]["config"]["block_size"] == 1024  # the per-position check comes first
+        n_context = sum(s["size"] == "s" for s in grid)
+        assert all(s["size"] == "s" for s in grid[:n_context])  # then the rest of the context sweep, then sizes
+        abl = scaling.GRIDS[f"{name}_ablation"](["moneta"])
+        assert len(abl) == 14 and sum(scaling.cache_key(s["config"]) in grid_keys for s in abl) == 2  # p=3, q=4
+        seeds = scaling.GRIDS[f"{name}_seeds"](scaling.ALL_MODELS)
+        assert sum(scaling.cache_key(s["config"]) in grid_keys for s in seeds) == len(scaling.ALL_MODELS)
+        shared_with_check += len(check_keys & set(grid_keys))
+    assert len(check_keys & keys) + shared_with_check == 3  # the 1x runs are the grids'
     paper = scaling.grid_paper(scaling.ALL_MODELS)
     cmd = scaling.torchrun_command(scaling.train_config(paper[0]["config"], "out-x"), 8)
     assert cmd[:4] == ["torchrun", "--standalone", "--nproc_per_node=8", "train.py"]
