@@ -131,7 +131,7 @@ CPU = dict(tokens_per_step=2048, max_iters=256, learning_rate=3e-3, warmup_iters
 ALL_MODELS = ["moneta", "yaad", "memora", "transformer"]
 
 # GPT-2 BPE Shakespeare, vocabulary compacted to the 18.7K ids that occur (data/shakespeare_compact), whole plays
-# as documents: the candidate corpus with long-range structure (grid context_check tests whether a model uses it).
+# as documents: a candidate corpus with long-range structure (grid context_check tests whether a model uses it).
 LONG_CONTEXTS = [128, 256, 512, 1024]
 BPE = dict(CPU, dataset="shakespeare_compact")
 
@@ -252,7 +252,8 @@ def grid_paper(model_list):
 
 
 GRIDS = {"cpu": grid_cpu, "ablation": grid_ablation, "seeds": grid_seeds, "context_check": grid_context_check,
-         "bpe": functools.partial(long_context_grid, BPE), "bpe_ablation": functools.partial(long_context_ablation, BPE),
+         "bpe": functools.partial(long_context_grid, BPE),
+         "bpe_ablation": functools.partial(long_context_ablation, BPE),
          "bpe_seeds": functools.partial(long_context_seeds, BPE),
          "code": functools.partial(long_context_grid, CODE),
          "code_ablation": functools.partial(long_context_ablation, CODE),
