@@ -183,10 +183,10 @@ def grid_context_check(model_list):
     runs = []
     for dataset in ("shakespeare_char", "shakespeare_compact"):
         for steps in (256, 1024):
-            runs += [run_spec(m, "s", CPU_SIZES["s"], 1024, sweeps=["context"], label=f"{dataset},{steps} steps",
+            runs += [run_spec(m, "s", CPU_SIZES["s"], 1024, sweeps=["check"], label=f"{dataset},{steps} steps",
                               **dict(CPU, dataset=dataset, max_iters=steps)) for m in model_list]
     for steps in (1024, 4096):  # source code, at the code grids' budget and at 4x it
-        runs += [run_spec(m, "s", CPU_SIZES["s"], 1024, sweeps=["context"], label=f"torch_code,{steps} steps",
+        runs += [run_spec(m, "s", CPU_SIZES["s"], 1024, sweeps=["check"], label=f"torch_code,{steps} steps",
                           **dict(CODE, max_iters=steps)) for m in model_list]
     return runs
 
@@ -565,7 +565,7 @@ def plot(records, out_dir, grid, summary):
             lab = r.get("label") if name.startswith("moneta,") else f"T={r['block_size']} ({r['size']})" + (
                 f" {r['label']}" if r.get("label") else "")
             if name == "all runs":
-                lab = f"{r['model']} {r['size']} T={r['block_size']}"
+                lab = f"{r['model']} {r['size']} T={r['block_size']}" + (f" {r['label']}" if r.get("label") else "")
             ax.plot(xs, ys, "-", color=cmap(i / max(1, len(rs) - 1)), label=lab)
         ax.set_xscale("log"); ax.set_title(name, fontsize=9); ax.set_xlabel("position in context")
         ax.grid(True, which="both", alpha=0.3); ax.legend(fontsize=7)
