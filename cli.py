@@ -214,8 +214,8 @@ def kv_cache_dtype(autocast):
 
 
 def resolve_compile(value, device):
-    """--compile: None (the default) compiles on CUDA, where it pays, and not elsewhere (on a CPU the compiled
-    train step measured no faster than eager, after minutes of compiling: README, "What was verified where")."""
+    """--compile: None (the default) compiles on CUDA, where it pays, and not elsewhere (on a CPU a compiled step
+    is faster, but the minute of compiling is most of what it saves in a short run: README, "Benchmarks")."""
     return torch.device(device).type == "cuda" if value is None else bool(value)
 
 

@@ -122,7 +122,8 @@ class MirasConfig(LMConfig):
     chunk_size: int = 64          # b: gradients inside a chunk are taken at one anchor
     compile_memory: Optional[bool] = None  # torch.compile each memory chunk (memory_core compile_chunks), with
                                   # or without a whole-model compile (which sees the chunk loop as one operator);
-                                  # None: on CUDA inputs only (on a CPU compiling costs more than it saves)
+                                  # None: on CUDA inputs, and on any device inside a whole-model torch.compile
+                                  # (train.py --compile): on a CPU alone, compiling costs more than it saves
     conv_size: int = 4            # depthwise causal conv on q, k, v
     use_rope: bool = False        # RoPE on the Miras layer's q, k (attention layers always use RoPE)
     gate_rank: int = 32           # rank of the low-rank gate projection (paper: 32 or 64)
@@ -508,7 +509,9 @@ class MirasLayer(nn.Module):
             q, k, v, gates, out_gate, conv_state = self._memory_inputs(x, rope, None if cache is None else cache.conv)
         kw = dict(self.mem_kwargs, delta=gates["delta"], momentum=gates["momentum"])
         args = (self.mem_ln_weight, self.mem_ln_bias)
-        compile_chunks = q.is_cuda if self.cfg.compile_memory is None else self.cfg.compile_memory
+        compile_chunks = self.cfg.compile_memory
+        if compile_chunks is None:  # on CUDA, and inside a whole-model torch.compile (which pays on a CPU only then)
+            compile_chunks = q.is_cuda or torch.compiler.is_compiling()
         chunked = dict(check_values=False, compile_chunks=compile_chunks)
         if cache is None:  # training: plain tuple in, chunk-aligned from the first token
             y, _ = memory_core.miras_memory(q, k, v, gates["eta"], gates["alpha"], self.initial_weights(B),

@@ -185,12 +185,19 @@ def test_generate_greedy_matches_forward_and_passes_block_size():
 # ----------------------------------------------------------------------------------------------
 # compile, autocast, checkpoints
 
-def test_compile_matches_eager(f32_tol):
+def test_compile_matches_eager(f32_tol, monkeypatch):
+    """A whole-model compile at the defaults (compile_memory None: the memory's chunks are compiled inside it, on
+    any device; eagerly outside it on a CPU) equals eager within float32 rounding."""
+    import memory_core
+    built = []  # the chunk functions compiled (memory_core._compiled), spied on
+    compiled_chunk = memory_core._compiled
+    monkeypatch.setattr(memory_core, "_compiled", lambda fn, key: built.append(key) or compiled_chunk(fn, key))
     torch.manual_seed(0)
     model = micro("moneta", n_layer=1)
     idx = tokens(T=10)
     logits, loss = model(idx, idx)
     loss.backward()
+    assert not built, "eager on a CPU compiled the chunks"
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
     # float32 (what training compiles): compiled and eager differ by rounding only, bounded by conftest.f32_tol
@@ -209,8 +216,10 @@ def test_compile_matches_eager(f32_tol):
     for backend in backends:
         torch._dynamo.reset()
         compiled = torch.compile(model, fullgraph=True, backend=backend)
+        built.clear()
         c_logits, c_loss = compiled(idx, idx)
         c_loss.backward()
+        assert built, "a whole-model compile ran the memory's chunks eagerly"
         torch.testing.assert_close(c_logits, logits, rtol=0, atol=logits_tol)
         for n, p in model.named_parameters():
             torch.testing.assert_close(p.grad, grads[n], rtol=0, atol=grad_tol[n], msg=f"{backend}: grad of {n}")
