@@ -510,7 +510,7 @@ class MirasLayer(nn.Module):
         kw = dict(self.mem_kwargs, delta=gates["delta"], momentum=gates["momentum"])
         args = (self.mem_ln_weight, self.mem_ln_bias)
         compile_chunks = self.cfg.compile_memory
-        if compile_chunks is None:  # on CUDA, and inside a whole-model torch.compile (which pays on a CPU only then)
+        if compile_chunks is None:  # compiled on CUDA and inside a whole-model compile; eager in an eager CPU model
             compile_chunks = q.is_cuda or torch.compiler.is_compiling()
         chunked = dict(check_values=False, compile_chunks=compile_chunks)
         if cache is None:  # training: plain tuple in, chunk-aligned from the first token
