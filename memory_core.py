@@ -726,7 +726,10 @@ def _chunk_loop(xs: list[torch.Tensor], present: list[bool], state: list[torch.T
     slots = _saved_slots(plan, layout) if save_starts else []
     stacked = [t.new_empty(shape) for t, shape in zip(state, _stacked_shapes(state, slots))] if save_starts else []
     used, ys = [0] * len(state), []
-    with torch.no_grad():
+    # below ADInplaceOrView, as the op's autograd kernel calls it: a whole-model compile's first call ran it with
+    # that key excluded and its later calls did not, and compiled chunks guard on it (one more graph, compiled
+    # on the second training step)
+    with torch.no_grad(), torch._C._AutoDispatchBelowADInplaceOrView():
         for i, ((kind, _), x) in enumerate(zip(plan, _split(inputs, plan))):
             if save_starts and i > 0:
                 for j, t in enumerate(_flatten_state(st)):

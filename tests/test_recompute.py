@@ -112,6 +112,31 @@ def test_compiled_chunks_one_graph_for_every_length():
     assert counters["stats"]["unique_graphs"] == n_graphs, "a new length compiled a new graph"
 
 
+def test_compiled_chunks_inside_a_compiled_model_compile_on_the_first_step_only():
+    """A whole-model compile (compile_memory None: its chunks compiled too) builds every chunk graph in the first
+    training step: the forward and the backward's recompute. Later steps reuse them (the forward kernel used to
+    see its inputs with another dispatch key set after the first call: one more graph on the second step)."""
+    from torch._dynamo.utils import counters
+    from models import build_model
+    torch._dynamo.reset()
+    memory_core._COMPILED.clear()
+    torch.manual_seed(0)
+    model = build_model("moneta", "tiny", n_layer=1, n_embd=32, n_head=2, vocab_size=32, block_size=32,
+                        chunk_size=16)
+    compiled = torch.compile(model, backend="aot_eager")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    idx = torch.randint(32, (2, 33))
+    graphs = []
+    for _ in range(3):
+        _, loss = compiled(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert memory_core._COMPILED, "the chunks ran eagerly inside a compiled model"
+    assert graphs[0] == graphs[1] == graphs[2], f"graphs compiled after steps 1, 2, 3: {graphs}"
+
+
 def test_compiled_chunks_with_the_gauss_newton_step():
     """The Gauss-Newton step inside compiled, padded pieces: the padded no-op tokens (k = 0) have no step and
     no gradient (its ratios are 0 / floor there, not 0 / 0), and outputs and gradients are eager's (float64)."""
