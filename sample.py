@@ -43,7 +43,7 @@ import torch
 import cli
 import models
 import train
-from model_common import Sampling, is_greedy, state_bytes
+from model_common import AttnCache, MirasCache, Sampling, is_greedy, iter_tensors, state_bytes
 from tokenizer import TokenizerError, get_tokenizer
 
 # ----------------------------------------------------------------------------------------------
@@ -68,7 +68,8 @@ class SampleConfig:
     dtype: str = "auto"            # auto (bfloat16 on CUDA if supported, else float32) | float32 | bfloat16 | float16 | float64
     compile: Optional[bool] = None  # torch.compile the decode step (static shapes: one graph for every position);
                                    # None: on CUDA only (cli.resolve_compile)
-    compile_mode: str = "default"  # torch.compile mode: default | max-autotune-no-cudagraphs (COMPILE_MODES)
+    compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead | max-autotune |
+                                   # max-autotune-no-cudagraphs (the middle two capture CUDA graphs: CUDA only)
 
 
 class SampleError(cli.ConfigError):
@@ -77,9 +78,8 @@ class SampleError(cli.ConfigError):
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
-# not the CUDA-graph modes (reduce-overhead, max-autotune): the step returns the new decode state as fresh tensors
-# that the next step reads, while a CUDA graph's replay reuses its output memory
-COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 def parse_args(argv=None):
@@ -100,8 +100,7 @@ def validate(cfg):
         (0 < cfg.top_p <= 1, "top_p must lie in (0, 1] (1: off)"),
         (cfg.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}"),
         (cfg.compile_mode in COMPILE_MODES, f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got "
-                                            f"{cfg.compile_mode!r} (the CUDA-graph modes would replay over the "
-                                            f"decode state the step returns)"),
+                                            f"{cfg.compile_mode!r}"),
     ]
     for ok, msg in checks:
         if not ok:
@@ -203,31 +202,68 @@ def encode_prompt(tok, text):
 # Sampling and the decoding loop
 
 
+def _state_slots(cache):
+    """(owner, attribute) of every piece of decode state a step rebinds: the position and, per Miras layer, the
+    short-conv tail and the MemoryState (attention layers write their preallocated KV caches in place)."""
+    slots = [(cache, "pos")]
+    for layer in cache.layers:
+        if isinstance(layer, MirasCache):
+            slots += [(layer, "conv"), (layer, "mem")]
+    return slots
+
+
+def _state_tensors(cache):
+    return [t for owner, name in _state_slots(cache) for t in iter_tensors(getattr(owner, name))]
+
+
+def _fresh(t):
+    """A copy of t in its own row-major storage (the strides of its shape, size-1 dims included: torch.compile
+    guards on every stride)."""
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def _own_buffers(cache):
+    """Give the cache's decode state its own buffers, written in place by the compiled step from then on: every
+    tensor copied once into storage that aliases nothing (not a parameter, which a memory state that never saw
+    a token views; not another state tensor, as kl's lag step leaves weights and anchor one tensor; not the
+    rest of a prefill output), and the chunk position a tensor so that one graph serves every position."""
+    for layer in cache.layers:
+        if isinstance(layer, MirasCache):
+            mem = layer.mem
+            layer.conv = _fresh(layer.conv)
+            layer.mem = mem._replace(**{f: tuple(map(_fresh, getattr(mem, f)))
+                                        for f in ("weights", "anchor", "norm", "momentum", "grad_sum")},
+                                     pos=torch.tensor(int(mem.pos), dtype=torch.long, device=cache.pos.device))
+    cache.pos = _fresh(cache.pos)
+    return cache
+
+
+def _write_back(before):
+    """After a step: copy the new state into the buffers it replaces and put the buffers back, so the cache
+    holds the same tensors at every step (gpt-fast's static decode state: what a CUDA graph replays over)."""
+    for owner, name, old in before:
+        for buf, new in zip(iter_tensors(old), iter_tensors(getattr(owner, name))):
+            buf.copy_(new)
+        setattr(owner, name, old)
+
+
 def _dense(t):
-    """t with the row-major strides of its shape, size-1 dims included: torch.compile guards on every stride,
-    and .contiguous() keeps a view such as prompt[:, -1:] as it is (stride T on its size-1 dim), while the
-    step's own outputs have stride 1 there."""
+    """t with the row-major strides of its shape, size-1 dims included, copied only if it has others:
+    .contiguous() keeps a view such as prompt[:, -1:] as it is (stride T on its size-1 dim), while the step's
+    own outputs have stride 1 there."""
     stride, acc = [], 1
     for n in reversed(t.shape):
         stride.insert(0, acc)
         acc *= n
-    return t if t.stride() == tuple(stride) else t.clone(memory_format=torch.contiguous_format)
+    return t if t.stride() == tuple(stride) else _fresh(t)
 
 
-def _static_cache(cache):
-    """Make a cache's tensors look alike at every step (row-major, the chunk position as a tensor) so a
-    compiled step keeps one graph: prefill leaves strided views and a Python int position."""
-    for layer in cache.layers:
-        if hasattr(layer, "conv") and layer.conv is not None:
-            layer.conv = _dense(layer.conv)
-            mem = layer.mem
-            if mem is not None:
-                layer.mem = mem._replace(
-                    weights=tuple(map(_dense, mem.weights)), anchor=tuple(map(_dense, mem.anchor)),
-                    norm=tuple(map(_dense, mem.norm)), momentum=tuple(map(_dense, mem.momentum)),
-                    grad_sum=tuple(map(_dense, mem.grad_sum)),
-                    pos=torch.as_tensor(mem.pos, dtype=torch.long, device=cache.pos.device))
-    return cache
+def check_compile_mode(mode, compile, device):
+    if mode != "default" and not compile:
+        raise SampleError(f"compile_mode={mode} is a mode of the compiled step: add --compile=true")
+    if mode in CUDA_GRAPH_MODES and torch.device(device).type != "cuda":
+        raise SampleError(f"compile_mode={mode} captures CUDA graphs: use it with --device=cuda, or "
+                          f"compile_mode=default on {torch.device(device).type}")
 
 
 def make_step(model, autocast=None, compile=False, compile_mode="default", sampling=Sampling(temperature=0.0),
@@ -235,8 +271,11 @@ def make_step(model, autocast=None, compile=False, compile_mode="default", sampl
     """step(idx [B, 1], cache, noise=None) -> (next ids [B, 1], last logits [B, V] float32): one decoding step and
     the draw of the token after it (sampling.pick; noise from sampling.noise, None when greedy), the cache
     updated in place. Compiled on request as one static-shape graph, the draw included (gpt-fast style): one
-    graph for every position; the first call compiles. The compiled step evaluates torch.compile's guards once
-    per cache: the next steps on the same cache, with the same input shapes, skip them."""
+    graph for every position; the first call compiles. The compiled step owns the cache's state buffers (copied
+    once per cache) and writes every new state into them, so the CUDA-graph modes can replay it; it evaluates
+    torch.compile's guards once per cache: the next steps on the same cache, with the same input shapes and
+    buffers, skip them."""
+    check_compile_mode(compile_mode, compile, model.lm_head.weight.device)
     autocast = autocast or contextlib.nullcontext()
 
     def step(idx, cache, noise=None):
@@ -247,24 +286,49 @@ def make_step(model, autocast=None, compile=False, compile_mode="default", sampl
     if not compile:
         step.sampling = sampling
         return step
-    compiled = torch.compile(step, dynamic=False, backend=backend,
+    graphs = compile_mode in CUDA_GRAPH_MODES
+
+    def step_in_place(idx, cache, noise=None):
+        before = [(owner, name, getattr(owner, name)) for owner, name in _state_slots(cache)]
+        out = step(idx, cache, noise)
+        _write_back(before)
+        return out
+
+    compiled = torch.compile(step_in_place, fullgraph=True, dynamic=False, backend=backend,
                              mode=None if compile_mode == "default" else compile_mode)
-    checked = {}  # the cache (a weak reference) and the call signature whose guards were last evaluated
+    checked = {}  # weak references to the cache and its buffers, and the call signature last guarded
 
     def compiled_step(idx, cache, noise=None):
-        cache, idx = _static_cache(cache), _dense(idx)
-        noise = None if noise is None else _dense(noise)
-        # guards are most of a small model's compiled decode overhead (a Miras cache is ~80 tensors and ~500
-        # guards: ~0.6 ms per token on a CPU). After one guarded call, the same cache with the same shapes
-        # selects the same graph (static shapes, the position a tensor), so the next calls skip them
-        sig = (tuple(idx.shape), idx.dtype, idx.device, noise is None, model.training, torch.is_grad_enabled())
+        if any(getattr(owner, name) is None for owner, name in _state_slots(cache)):
+            # an empty cache (no prefill) has no state to write in place yet: its first token runs eagerly and
+            # creates it (the same operations; a graph traced for an empty cache would be wrong at every later step)
+            return step(idx, cache, noise)
+        buffers = _state_tensors(cache)
         ref = checked.get("cache")
-        if ref is not None and ref() is cache and checked["sig"] == sig:
+        same_buffers = (ref is not None and ref() is cache
+                        and all(r() is t for r, t in zip(checked["buffers"], buffers, strict=True)))
+        if not same_buffers:  # a new cache, or one an eager step (or a prefill) has rebound since
+            checked.clear()
+            buffers = _state_tensors(_own_buffers(cache))
+            if graphs:  # the replay reads and writes these addresses (a new cache re-records the graph)
+                kv = [t for layer in cache.layers if isinstance(layer, AttnCache) for t in (layer.k, layer.v)]
+                for t in buffers + kv:
+                    torch._dynamo.mark_static_address(t, guard=False)
+        idx, noise = _dense(idx), None if noise is None else _dense(noise)
+        # guards are most of a small model's compiled decode overhead (a Miras cache is ~80 tensors and ~500
+        # guards: ~0.6 ms per token on a CPU). After one guarded call, the same cache with the same buffers and
+        # shapes selects the same graph (static shapes, the position a tensor), so the next calls skip them
+        sig = (tuple(idx.shape), idx.dtype, idx.device, noise is None, model.training, torch.is_grad_enabled())
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        if checked.get("sig") == sig:
             with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
-                return compiled(idx, cache, noise)
-        out = compiled(idx, cache, noise)
-        checked.update(cache=weakref.ref(cache), sig=sig)
-        return out
+                out = compiled(idx, cache, noise)
+        else:
+            out = compiled(idx, cache, noise)
+            checked.update(cache=weakref.ref(cache), buffers=[weakref.ref(t) for t in buffers], sig=sig)
+        # a CUDA graph's outputs live in its memory pool, overwritten by the next replay
+        return tuple(t.clone() for t in out) if graphs else out
 
     compiled_step.compiled, compiled_step.sampling = True, sampling
     return compiled_step
@@ -391,6 +455,7 @@ def run(cfg, out=None, err=None):
     err = err or sys.stderr
     device = cli.resolve_device(cfg.device, SampleError)
     dtype = cli.resolve_dtype(cfg.dtype, device, SampleError)
+    check_compile_mode(cfg.compile_mode, cli.resolve_compile(cfg.compile, device), device)
     loaded = load_model(cfg.out_dir, cfg.ckpt, device, dtype)
     model, tok = loaded.model, loaded.tokenizer
     cli.fast_float32(device)

@@ -80,20 +80,25 @@ def test_compiled_bf16_train_step_then_eval_at_another_batch(name):
     assert torch.isfinite(loss4)
 
 
-@pytest.mark.parametrize("name", MODELS)
-def test_compiled_decode_on_cuda_matches_eager(name):
-    """sample.make_step compiled on the GPU (float32) against the eager step over 40 tokens that cross chunk
+@pytest.mark.parametrize("name, mode", [(m, "default") for m in MODELS] + [("moneta", "reduce-overhead"),
+                                                                           ("transformer", "reduce-overhead")])
+def test_compiled_decode_on_cuda_matches_eager(name, mode):
+    """sample.make_step compiled on the GPU (float32; reduce-overhead: replayed as a CUDA graph over the state
+    buffers it writes in place, none skipped) against the eager step over 40 tokens that cross chunk
     boundaries after a 30-token prefill, all three following the eager tokens: the same logits within the float32
     bound of conftest.f32_tol from a float64 copy (n_ops: the 70 tokens in sequence, each through the memory,
     9d + 2Ed + b = 608 for d = 32, E = 4, b = 64, and ~3,700 of dense reductions: 4 layers of 128-wide
     projections and a 512-wide MLP, and the head)."""
+    from torch._dynamo.utils import counters
+    counters.clear()
     torch.manual_seed(0)
     model = build_model(name, "tiny", vocab_size=64, block_size=128).to(CUDA).eval()
     m64 = build_model(name, "tiny", vocab_size=64, block_size=128).to(CUDA).double().eval()
     m64.load_state_dict(model.state_dict())
     prompt = torch.randint(64, (1, 30), device=CUDA)
     caches = [model.init_cache(1, 80), model.init_cache(1, 80), m64.init_cache(1, 80)]
-    steps = [sample.make_step(model), sample.make_step(model, compile=True), sample.make_step(m64)]
+    steps = [sample.make_step(model), sample.make_step(model, compile=True, compile_mode=mode),
+             sample.make_step(m64)]
     n_ops = 70 * (608 + 3700)
     with torch.no_grad():
         tok = model.prefill(prompt, caches[0])[0][:, -1:].argmax(-1)
@@ -104,6 +109,7 @@ def test_compiled_decode_on_cuda_matches_eager(name):
             tol = f32_tol(l64, n_ops, observed=[(l_e, l64)])
             torch.testing.assert_close(l_c.double(), l_e.double(), rtol=0, atol=tol, msg=f"compiled step {i}")
             tok = nxt  # all three follow the eager tokens
+    assert counters["inductor"]["cudagraph_skips"] == 0
 
 
 def test_train_py_bf16_compiled_and_resumed(tmp_path, capsys):

@@ -213,7 +213,7 @@ def test_compiled_step_draws_the_eager_tokens(moneta_dir):
     how = Sampling(0.9, top_k=20, top_p=0.95, vocab_limit=loaded.tokenizer.vocab_size)
     eager = sample.make_step(model, sampling=how)
     torch._dynamo.reset()
-    compiled = torch.compile(lambda i, c, u: eager(i, c, u), backend="aot_eager", fullgraph=True, dynamic=False)
+    compiled = sample.make_step(model, compile=True, sampling=how, backend="aot_eager")
     gen = torch.Generator().manual_seed(3)
     caches = [model.init_cache(1, 64), model.init_cache(1, 64)]
     with torch.no_grad():
@@ -221,7 +221,7 @@ def test_compiled_step_draws_the_eager_tokens(moneta_dir):
         tok = [how.pick(logits, how.noise(logits.shape, "cpu", gen))] * 2
         for _ in range(12):
             u = how.noise(logits.shape, "cpu", gen)
-            (t_e, l_e), (t_c, l_c) = eager(tok[0], caches[0], u), compiled(tok[1], sample._static_cache(caches[1]), u)
+            (t_e, l_e), (t_c, l_c) = eager(tok[0], caches[0], u), compiled(tok[1], caches[1], u)
             torch.testing.assert_close(l_c, l_e, rtol=1e-12, atol=1e-12)
             assert torch.equal(t_c, t_e)
             tok = [t_e, t_c]
@@ -275,8 +275,12 @@ def test_errors(moneta_dir, tmp_path, capsys):
     assert "unknown key 'no_such_key'" in msg and "max_new_tokens:int" in msg
     assert "must be int" in _error(capsys, "--max_new_tokens=many")
     assert "top_p" in _error(capsys, "--top_p=0")
-    msg = _error(capsys, "--compile_mode=reduce-overhead")
-    assert "compile_mode must be one of default, max-autotune-no-cudagraphs" in msg and "CUDA-graph" in msg
+    msg = _error(capsys, "--compile_mode=fast")
+    assert "compile_mode must be one of default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs" in msg
+    msg = _error(capsys, f"--out_dir={moneta_dir}", "--compile_mode=reduce-overhead")
+    assert "compile_mode=reduce-overhead is a mode of the compiled step: add --compile=true" in msg
+    msg = _error(capsys, f"--out_dir={moneta_dir}", "--compile=true", "--compile_mode=reduce-overhead")
+    assert "compile_mode=reduce-overhead captures CUDA graphs: use it with --device=cuda" in msg
     assert "prompt file" in _error(capsys, f"--out_dir={moneta_dir}", f"--start=FILE:{tmp_path / 'missing.txt'}")
 
 
@@ -328,13 +332,14 @@ def test_compiled_step_matches_eager(moneta_dir, f32_tol):
     assert got[:tie] == eager[:tie]
 
 
-@pytest.mark.parametrize("name", ["memora", "yaad"])
-def test_compiled_step_keeps_one_graph_after_a_prefill(name):
-    """The normalized step's decode state also carries the chunk's running gradient sum: after a prefill
-    (_static_cache turns its int position into a tensor, its views into contiguous tensors), the compiled
-    step keeps one graph over steps that cross a chunk boundary and computes what the eager step does
-    (float64, aot_eager), and leaves the same cache: position, short-conv tails and every memory state tensor
-    of both layers (the cache is written in place, a side effect the compiled graph must replay)."""
+@pytest.mark.parametrize("name", ["moneta", "memora", "yaad"])
+def test_compiled_step_writes_the_state_in_place(name):
+    """After a prefill the compiled step (make_step, aot_eager, float64) copies the cache's state once into
+    buffers of its own and from then on writes every step's state into them: the cache holds the same tensors
+    at every step, none sharing storage with a parameter, and they hold what the eager step computes (position,
+    short-conv tails, every memory state tensor of both layers: lq's norms, the normalized step's gradient sum,
+    kl's lag-step anchors) over steps that cross a chunk boundary, with one graph. An eager step in between
+    rebinds the cache's state; the next compiled step takes the new tensors as its buffers."""
     from torch._dynamo.testing import CompileCounterWithBackend
     from models import build_model
     torch.manual_seed(0)
@@ -343,23 +348,57 @@ def test_compiled_step_keeps_one_graph_after_a_prefill(name):
     eager = sample.make_step(model)
     torch._dynamo.reset()
     counter = CompileCounterWithBackend("aot_eager")
-    compiled = torch.compile(lambda i, c: eager(i, c), backend=counter, fullgraph=True, dynamic=False)
+    compiled = sample.make_step(model, compile=True, backend=counter)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     prompt = torch.randint(32, (1, 13))
     caches = [model.init_cache(1, 64), model.init_cache(1, 64)]
     with torch.no_grad():
         tok = [model.prefill(prompt, c)[0][:, -1:].argmax(-1) for c in caches]
-        for _ in range(6):  # positions 13-18 cross the chunk boundary at 16
-            (t_e, l_e), (t_c, l_c) = eager(tok[0], caches[0]), compiled(tok[1], sample._static_cache(caches[1]))
+        buffers = None
+        for i in range(10):  # positions 13-22 cross the chunk boundary at 16
+            step_c = eager if i == 6 else compiled
+            (t_e, l_e), (t_c, l_c) = eager(tok[0], caches[0]), step_c(tok[1], caches[1])
             torch.testing.assert_close(l_c, l_e, rtol=1e-12, atol=1e-12)
             tok = [t_e, t_c]
+            state = sample._state_tensors(caches[1])
+            if i in (0, 7):  # the first compiled step on this cache's tensors: they become its buffers
+                buffers = state
+                storages = [t.untyped_storage().data_ptr() for t in state]
+                assert len(set(storages)) == len(storages) and not params & set(storages)
+            elif i != 6:
+                assert all(a is b for a, b in zip(state, buffers, strict=True)), f"step {i} rebound the state"
             assert int(caches[1].pos) == int(caches[0].pos)
             for le, lc in zip(caches[0].layers, caches[1].layers):
                 assert int(lc.mem.pos) == le.mem.pos % 8
                 torch.testing.assert_close(lc.conv, le.conv, rtol=0, atol=0)
-                for field in ("weights", "anchor", "norm", "grad_sum"):
+                for field in ("weights", "anchor", "norm", "momentum", "grad_sum"):
                     for a, b in zip(getattr(lc.mem, field), getattr(le.mem, field), strict=True):
                         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     assert counter.frame_count == 1, f"{counter.frame_count} graphs for one static-shape step"
+
+
+def test_compiled_step_from_an_empty_cache():
+    """Decoding from an empty cache (no prefill): the compiled step's first token creates the state eagerly and
+    the next ones run compiled, each equal to the eager step (float64, aot_eager). A graph traced for the empty
+    cache used to serve the later steps too (guards skipped on the same cache): zero conv tails and the initial
+    memory at every step."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    from models import build_model
+    torch.manual_seed(0)
+    model = build_model("moneta", "tiny", n_layer=1, n_embd=32, n_head=2, vocab_size=32, block_size=64,
+                        chunk_size=8).double().eval()
+    eager = sample.make_step(model)
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = sample.make_step(model, compile=True, backend=counter)
+    caches = [model.init_cache(1, 64), model.init_cache(1, 64)]
+    tok = [torch.tensor([[3]])] * 2
+    with torch.no_grad():
+        for _ in range(10):
+            (t_e, l_e), (t_c, l_c) = eager(tok[0], caches[0]), compiled(tok[1], caches[1])
+            torch.testing.assert_close(l_c, l_e, rtol=1e-12, atol=1e-12)
+            tok = [t_e, t_c]
+    assert counter.frame_count == 1
 
 
 def test_compiled_step_skips_guards_only_on_the_cache_it_checked():
