@@ -7,7 +7,7 @@
 
 Each (model, length, mode) runs in its own worker process so its peak memory is its own: CUDA allocator
 peak on GPU (spawned workers: CUDA cannot be used in a forked child); on CPU the worker's peak resident set
-size above its size at the fork (ru_maxrss delta; forked workers). Timings are medians over --repeats after
+size above its size at its start (ru_maxrss delta; workers forked from a fork server). Timings are medians over --repeats after
 --warmup untimed runs (at least one: the first call, timed on its own as first_call_s, which includes
 compiling under --compile). The batch is tokens_per_step // seq_len so every length does the same work per step.
 --compile (default None: on CUDA only) compiles the models for train and prefill, and sample.py's decode step.
@@ -186,19 +186,23 @@ def rss_bytes():
 
 
 def worker_start_method(device):
-    """How in_worker starts its process: "spawn" when CUDA is in use or already initialized here, else "fork".
+    """How in_worker starts its process: "spawn" when CUDA is in use or already initialized here, else
+    "forkserver".
 
     CUDA cannot be used in a forked child once the parent has initialized it (header() does, naming the GPU),
     so CUDA runs spawn a fresh interpreter per worker; their peak is the CUDA allocator's, which a fresh
-    process measures the same way. CPU runs keep fork for the memory measurement: the CPU peak is ru_maxrss
-    above the worker's RSS at its start, and a forked child's high-water mark starts at its current RSS, so
-    the difference is what the job itself allocated. A spawned child (fork + exec) keeps the parent's
-    pre-exec high-water mark in ru_maxrss while its own RSS starts small, so a job using less than the parent
-    would be reported at the parent's size. (Fork also spares each job re-importing torch.)
-    """
+    process measures the same way. A plain fork of this process is not safe either once it has run a
+    multi-threaded CPU op: the child inherits OpenMP's thread pool in whatever state the fork caught it, and
+    its first parallel op can wait forever (a bench call after any torch work in the same process, such as a
+    test session, hung in the worker's first rms_norm). CPU workers are forked from a fork server instead, a
+    fresh interpreter that imports bench (and torch) once and runs no op. The CPU peak is ru_maxrss above the
+    worker's RSS at its start: a forked child's high-water mark starts at its current RSS, so the difference
+    is what the job itself allocated. (A spawned child, fork + exec, keeps its parent's pre-exec high-water
+    mark in ru_maxrss while its own RSS starts small, so a job using less than the parent would be reported at
+    the parent's size.)"""
     if str(device).startswith("cuda") or torch.cuda.is_initialized():
         return "spawn"
-    return "fork"
+    return "forkserver"
 
 
 def _worker(job, cfg, conn):
@@ -245,6 +249,8 @@ def in_worker(job, cfg, method=None):
     job must be picklable when the worker is spawned (a functools.partial of a module-level function);
     method: "fork" or "spawn", by default worker_start_method(cfg.device)."""
     ctx = mp.get_context(method or worker_start_method(cfg.device))
+    if ctx.get_start_method() == "forkserver":
+        ctx.set_forkserver_preload(["bench"])  # imported once in the server, not per worker
     parent, child = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_worker, args=(job, cfg, child))
     proc.start()
@@ -474,7 +480,7 @@ def header(cfg):
     info = dict(device_name=dev, torch=torch.__version__, threads=torch.get_num_threads(), compile=cfg.compile,
                 dtype=cfg.dtype, python=platform.python_version(),
                 peak_mem_measure="cuda max_memory_allocated" if cuda
-                else "worker peak RSS above its size at fork (ru_maxrss delta)",
+                else "worker peak RSS above its size at its start (ru_maxrss delta)",
                 workers=worker_start_method(cfg.device))
     print(" | ".join(f"{k}={v}" for k, v in info.items()))
     return info

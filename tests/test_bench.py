@@ -143,10 +143,33 @@ def test_given_values_win_over_the_preset_and_lists_are_normalized():
 
 def test_worker_start_method_spawns_for_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
-    assert bench.worker_start_method("cpu") == "fork"
+    assert bench.worker_start_method("cpu") == "forkserver"
     assert bench.worker_start_method("cuda") == "spawn" and bench.worker_start_method("cuda:1") == "spawn"
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)  # CUDA initialized here: no fork at all
     assert bench.worker_start_method("cpu") == "spawn"
+
+
+WORKER_AFTER_THREADED_OPS = """
+import functools, sys
+import torch
+import bench
+torch.set_num_threads(2)
+x = torch.randn(64, 4096)
+for _ in range(20):  # multi-threaded ops in this process first: OpenMP's thread pool exists at the fork
+    torch.nn.functional.rms_norm(x, (4096,)).sum()
+cfg = bench.parse_args(sys.argv[1:])
+out, _ = bench.in_worker(functools.partial(bench.bench_model, cfg, "transformer", 16, "prefill"), cfg)
+assert out["tokens_per_s"] > 0, out
+"""
+
+
+def test_a_cpu_worker_starts_after_threaded_ops_here():
+    """A CPU worker started from a process that has already run multi-threaded ops (a test session, a script
+    that benchmarks after other work) runs its job: a plain fork of such a process waited forever in the
+    worker's first parallel op (OpenMP's pool, forked mid-state); CPU workers now fork from a fork server."""
+    proc = subprocess.run([sys.executable, "-c", WORKER_AFTER_THREADED_OPS, *TINY, "--vocab_size=64"],
+                          cwd=os.path.dirname(bench.__file__), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def test_a_worker_runs_under_spawn(tmp_path):
