@@ -936,12 +936,16 @@ def miras_memory(q, k, v, eta, alpha, state, ln_weight, ln_bias, *, objective="l
 
 def miras_memory_step(q, k, v, eta, alpha, state, ln_weight, ln_bias, *, objective="l2", retention="l2",
                       chunk_size=64, delta=None, p=3.0, q_norm=4.0, sharpness=10.0, eps=1e-6, simplex_scale=None,
-                      memory="mlp", momentum=None, normalize_step=False, link="printed", check_values=False):
+                      memory="mlp", momentum=None, normalize_step=False, link="printed", check_values=False,
+                      chunk_start=None):
     """One token of decoding with static shapes: q, k, v [B, H, d]; gates [B, H]; state a MemoryState.
 
-    Chunk boundaries are selected with torch.where on the position tensor, so one compiled graph serves
-    every position (compile the step itself with torch.compile). Calling it token by token after a
-    miras_memory prefill reproduces one miras_memory call over the whole sequence."""
+    With a tensor position, chunk boundaries are selected with torch.where, so one compiled graph serves
+    every position (compile the step itself with torch.compile). chunk_start (a bool: whether state.pos is 0,
+    when the caller knows it on the host) runs only the branch taken instead, as an int position does in eager
+    decoding: a compiled caller then keeps one graph for a chunk's first token and one for the rest, and the
+    rest skip the anchor refresh and kl's exact step. Calling it token by token after a miras_memory prefill
+    reproduces one miras_memory call over the whole sequence."""
     if not isinstance(state, MemoryState):
         raise ValueError("miras_memory_step needs a MemoryState; build one with MemoryState.start(weights)")
     add_t = (lambda x: None if x is None else x.unsqueeze(2))
@@ -958,9 +962,12 @@ def miras_memory_step(q, k, v, eta, alpha, state, ln_weight, ln_bias, *, objecti
         (qf, kf, vf, eta_f, log_alpha, log_mu, delta_f, ln_w, ln_b, weights, anchor, norm,
          mom, grad_sum) = _flat_inputs(q, k, v, eta, alpha, delta, momentum, state, ln_weight, ln_bias)
         pos = state.pos
-        if isinstance(pos, int) and not torch.compiler.is_compiling():  # eager decoding: the position is host
-            # data, so only the branch taken runs (traced, an int position may become symbolic)
-            fresh = pos == 0
+        if check_values and chunk_start is not None and bool(chunk_start) != (int(pos) == 0):
+            raise ValueError(f"chunk_start={chunk_start} but the state is at position {int(pos)} of its chunk")
+        if chunk_start is not None or (isinstance(pos, int) and not torch.compiler.is_compiling()):
+            # the branch is known on the host (the caller's chunk_start, or an int position in eager decoding;
+            # traced, an int position may become symbolic), so only the branch taken runs
+            fresh = bool(chunk_start) if chunk_start is not None else pos == 0
 
             def choose(make_new, old):
                 return make_new() if fresh else old

@@ -287,11 +287,14 @@ class AttnCache:
 
 
 class MirasCache:
-    """Conv state (the last conv_size - 1 pre-conv inputs, [B, 3C, K-1]) and the memory's MemoryState."""
+    """Conv state (the last conv_size - 1 pre-conv inputs, [B, 3C, K-1]) and the memory's MemoryState;
+    chunk_start: whether the next token starts a chunk, when a compiled decode step knows it on the host
+    (memory_core.miras_memory_step's chunk_start; None: decided from the state's position)."""
 
     def __init__(self):
         self.conv = None
         self.mem = None
+        self.chunk_start = None
 
 
 class Cache:
@@ -527,7 +530,8 @@ class MirasLayer(nn.Module):
             else:  # one decoding step
                 kw = {n: (t[..., 0] if isinstance(t, torch.Tensor) else t) for n, t in kw.items()}
                 y, cache.mem = memory_core.miras_memory_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], gates["eta"][..., 0],
-                                                             gates["alpha"][..., 0], cache.mem, *args, **kw)
+                                                             gates["alpha"][..., 0], cache.mem, *args,
+                                                             chunk_start=cache.chunk_start, **kw)
                 y = y.unsqueeze(2)
         y = F.rms_norm(y.transpose(1, 2), (d,), eps=self.cfg.norm_eps) * self.out_norm_weight  # per-head norm
         act = F.silu if self.cfg.out_gate == "silu" else torch.sigmoid

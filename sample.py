@@ -238,12 +238,24 @@ def _own_buffers(cache):
     return cache
 
 
+def _chunk_pos(cache):
+    """The position inside the chunk of the cache's Miras layers (all alike; 0 without any), read once."""
+    for layer in cache.layers:
+        if isinstance(layer, MirasCache):
+            return int(layer.mem.pos)
+    return 0
+
+
 def _write_back(before):
     """After a step: copy the new state into the buffers it replaces and put the buffers back, so the cache
-    holds the same tensors at every step (gpt-fast's static decode state: what a CUDA graph replays over)."""
-    for owner, name, old in before:
-        for buf, new in zip(iter_tensors(old), iter_tensors(getattr(owner, name))):
-            buf.copy_(new)
+    holds the same tensors at every step (gpt-fast's static decode state: what a CUDA graph replays over).
+    Every new tensor is taken (cloned; in a compiled graph a clone of an intermediate costs nothing) before any
+    buffer is written: a new state may hold an old buffer itself (l2's anchor, refreshed at a chunk's first
+    token to the weights the token started from)."""
+    new = [[t.clone() for t in iter_tensors(getattr(owner, name))] for owner, name, _ in before]
+    for (owner, name, old), values in zip(before, new):
+        for buf, value in zip(iter_tensors(old), values):
+            buf.copy_(value)
         setattr(owner, name, old)
 
 
@@ -294,9 +306,19 @@ def make_step(model, autocast=None, compile=False, compile_mode="default", sampl
         _write_back(before)
         return out
 
-    compiled = torch.compile(step_in_place, fullgraph=True, dynamic=False, backend=backend,
-                             mode=None if compile_mode == "default" else compile_mode)
-    checked = {}  # weak references to the cache and its buffers, and the call signature last guarded
+    # two entry points, so each holds one graph: a Miras chunk's first token (anchor refresh, kl's exact step)
+    # and its other tokens, which skip that work (MirasCache.chunk_start, set on the host around the call)
+    def chunk_start_step(idx, cache, noise=None):
+        return step_in_place(idx, cache, noise)
+
+    def chunk_rest_step(idx, cache, noise=None):
+        return step_in_place(idx, cache, noise)
+
+    mode = None if compile_mode == "default" else compile_mode
+    compiled = {start: torch.compile(fn, fullgraph=True, dynamic=False, backend=backend, mode=mode)
+                for start, fn in ((True, chunk_start_step), (False, chunk_rest_step))}
+    chunk_size = model.config.chunk_size if "M" in model.config.layers else None  # Miras layers' chunk
+    checked = {}  # weak references to the cache and its buffers, the chunk position, the signatures guarded
 
     def compiled_step(idx, cache, noise=None):
         if any(getattr(owner, name) is None for owner, name in _state_slots(cache)):
@@ -310,23 +332,36 @@ def make_step(model, autocast=None, compile=False, compile_mode="default", sampl
         if not same_buffers:  # a new cache, or one an eager step (or a prefill) has rebound since
             checked.clear()
             buffers = _state_tensors(_own_buffers(cache))
+            checked.update(cache=weakref.ref(cache), buffers=[weakref.ref(t) for t in buffers], guarded=set(),
+                           chunk_pos=_chunk_pos(cache))  # one host read per cache
             if graphs:  # the replay reads and writes these addresses (a new cache re-records the graph)
                 kv = [t for layer in cache.layers if isinstance(layer, AttnCache) for t in (layer.k, layer.v)]
                 for t in buffers + kv:
                     torch._dynamo.mark_static_address(t, guard=False)
         idx, noise = _dense(idx), None if noise is None else _dense(noise)
+        start = checked["chunk_pos"] == 0 if chunk_size else False
+        fn = compiled[start]
         # guards are most of a small model's compiled decode overhead (a Miras cache is ~80 tensors and ~500
         # guards: ~0.6 ms per token on a CPU). After one guarded call, the same cache with the same buffers and
         # shapes selects the same graph (static shapes, the position a tensor), so the next calls skip them
-        sig = (tuple(idx.shape), idx.dtype, idx.device, noise is None, model.training, torch.is_grad_enabled())
+        sig = (start, tuple(idx.shape), idx.dtype, idx.device, noise is None, model.training, torch.is_grad_enabled())
         if graphs:
             torch.compiler.cudagraph_mark_step_begin()
-        if checked.get("sig") == sig:
-            with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
-                out = compiled(idx, cache, noise)
-        else:
-            out = compiled(idx, cache, noise)
-            checked.update(cache=weakref.ref(cache), buffers=[weakref.ref(t) for t in buffers], sig=sig)
+        layers = [layer for layer in cache.layers if isinstance(layer, MirasCache)]
+        for layer in layers:
+            layer.chunk_start = start
+        try:
+            if sig in checked["guarded"]:
+                with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+                    out = fn(idx, cache, noise)
+            else:
+                out = fn(idx, cache, noise)
+                checked["guarded"].add(sig)
+        finally:  # an eager step reads the position from the state
+            for layer in layers:
+                layer.chunk_start = None
+        if chunk_size:
+            checked["chunk_pos"] = (checked["chunk_pos"] + 1) % chunk_size
         # a CUDA graph's outputs live in its memory pool, overwritten by the next replay
         return tuple(t.clone() for t in out) if graphs else out
 

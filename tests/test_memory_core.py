@@ -348,9 +348,9 @@ def time_slice(inp, a, b, state):
 
 
 def decode(inp, n, objective, retention, memory, use_momentum, b=B_DEC, step_fn=miras_memory_step,
-           tensor_pos=False, **extra):
+           tensor_pos=False, host_chunk_start=False, **extra):
     """Prefill the first n tokens with miras_memory(MemoryState), then decode one token at a time (extra:
-    further keywords of both calls)."""
+    further keywords of both calls; host_chunk_start: tell each step whether it starts a chunk)."""
     T = inp["q"].shape[2]
     st = MemoryState.start(inp["state"], momentum=use_momentum, retention=retention,
                            normalize_step=extra.get("normalize_step", False))
@@ -364,10 +364,11 @@ def decode(inp, n, objective, retention, memory, use_momentum, b=B_DEC, step_fn=
         st = st._replace(pos=torch.tensor(st.pos))
     for t in range(n, T):
         tok = lambda x: x[:, :, t]  # noqa: E731
+        host = dict(chunk_start=t % b == 0, check_values=True) if host_chunk_start else {}
         y, st = step_fn(tok(inp["q"]), tok(inp["k"]), tok(inp["v"]), tok(inp["eta"]), tok(inp["alpha"]),
                         st, inp["ln_weight"], inp["ln_bias"],
                         delta=tok(inp["delta"]) if objective == "huber" else None,
-                        momentum=tok(inp["momentum"]) if use_momentum else None, **kw)
+                        momentum=tok(inp["momentum"]) if use_momentum else None, **host, **kw)
         assert y.shape == inp["q"][:, :, 0].shape
         ys.append(y.unsqueeze(2))
     return torch.cat(ys, dim=2), st
@@ -418,19 +419,21 @@ def test_decode_reaches_reference_long():
         assert_state_close(st.weights, s_ref)
 
 
+@pytest.mark.parametrize("host_chunk_start", [False, True])
 @pytest.mark.parametrize("normalize_step", [False, "gain"])
 @pytest.mark.parametrize("objective,retention,memory,use_momentum", DECODE_CONFIGS)
-def test_decode_with_a_tensor_position_equals_full_pass(objective, retention, memory, use_momentum, normalize_step):
+def test_decode_with_a_tensor_position_equals_full_pass(objective, retention, memory, use_momentum, normalize_step,
+                                                        host_chunk_start):
     """The static-shape step (the position a tensor, as in a compiled step: torch.where picks the chunk-start
-    refresh and kl's lag step) run eagerly in float64 reproduces the one-pass output and state, across chunk
-    boundaries, after a prefill that ends mid-chunk."""
+    refresh and kl's lag step; or, with chunk_start given, only the branch taken runs) run eagerly in float64
+    reproduces the one-pass output and state, across chunk boundaries, after a prefill that ends mid-chunk."""
     T = 3 * B_DEC + 2
     inp = make_inputs(83, T=T, retention=retention, memory=memory)
     kw = dict(objective=objective, retention=retention, memory=memory, use_momentum=use_momentum,
               chunk_size=B_DEC, normalize_step=normalize_step)
     y_full, s_full = call(miras_memory, inp, **kw)
     y, st = decode(inp, B_DEC + 2, objective, retention, memory, use_momentum, tensor_pos=True,
-                   normalize_step=normalize_step)
+                   host_chunk_start=host_chunk_start, normalize_step=normalize_step)
     assert torch.is_tensor(st.pos) and int(st.pos) == T % B_DEC
     assert_close(y, y_full, what="y, tensor position")
     assert_state_close(st.weights, s_full, what="weights, tensor position")
@@ -671,3 +674,12 @@ def test_step_rejects_plain_state():
     with pytest.raises(ValueError):
         miras_memory_step(inp["q"][:, :, 0], inp["k"][:, :, 0], inp["v"][:, :, 0], inp["eta"][:, :, 0],
                           inp["alpha"][:, :, 0], inp["state"], inp["ln_weight"], inp["ln_bias"])
+
+
+def test_step_rejects_a_chunk_start_its_position_contradicts():
+    inp = make_inputs(122, T=1)
+    st = MemoryState.start(inp["state"])._replace(pos=torch.tensor(3))
+    args = (inp["q"][:, :, 0], inp["k"][:, :, 0], inp["v"][:, :, 0], inp["eta"][:, :, 0], inp["alpha"][:, :, 0], st,
+            inp["ln_weight"], inp["ln_bias"])
+    with pytest.raises(ValueError, match="chunk_start=True but the state is at position 3 of its chunk"):
+        miras_memory_step(*args, chunk_start=True, check_values=True)
