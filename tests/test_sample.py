@@ -332,6 +332,19 @@ def test_compiled_step_matches_eager(moneta_dir, f32_tol):
     assert got[:tie] == eager[:tie]
 
 
+def _eager_and_counted_steps(name, n_layer):
+    """A small float64 model of `name` (chunks of 8), its eager step, and its compiled step (make_step, aot_eager)
+    with a counter of the graphs it compiles."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    from models import build_model
+    torch.manual_seed(0)
+    model = build_model(name, "tiny", n_layer=n_layer, n_embd=32, n_head=2, vocab_size=32, block_size=64,
+                        chunk_size=8).double().eval()
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    return model, sample.make_step(model), sample.make_step(model, compile=True, backend=counter), counter
+
+
 @pytest.mark.parametrize("name", ["moneta", "memora", "yaad"])
 def test_compiled_step_writes_the_state_in_place(name):
     """After a prefill the compiled step (make_step, aot_eager, float64) copies the cache's state once into
@@ -341,15 +354,7 @@ def test_compiled_step_writes_the_state_in_place(name):
     kl's lag-step anchors) over steps that cross a chunk boundary, with two graphs (a chunk's first token, the
     rest). An eager step in between rebinds the cache's state; the next compiled step takes the new tensors as
     its buffers and reads the chunk position from them."""
-    from torch._dynamo.testing import CompileCounterWithBackend
-    from models import build_model
-    torch.manual_seed(0)
-    model = build_model(name, "tiny", n_layer=2, n_embd=32, n_head=2, vocab_size=32, block_size=64,
-                        chunk_size=8).double().eval()
-    eager = sample.make_step(model)
-    torch._dynamo.reset()
-    counter = CompileCounterWithBackend("aot_eager")
-    compiled = sample.make_step(model, compile=True, backend=counter)
+    model, eager, compiled, counter = _eager_and_counted_steps(name, n_layer=2)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     prompt = torch.randint(32, (1, 13))
     caches = [model.init_cache(1, 64), model.init_cache(1, 64)]
@@ -383,15 +388,7 @@ def test_compiled_step_from_an_empty_cache():
     the next ones run compiled, each equal to the eager step (float64, aot_eager). A graph traced for the empty
     cache used to serve the later steps too (guards skipped on the same cache): zero conv tails and the initial
     memory at every step."""
-    from torch._dynamo.testing import CompileCounterWithBackend
-    from models import build_model
-    torch.manual_seed(0)
-    model = build_model("moneta", "tiny", n_layer=1, n_embd=32, n_head=2, vocab_size=32, block_size=64,
-                        chunk_size=8).double().eval()
-    eager = sample.make_step(model)
-    torch._dynamo.reset()
-    counter = CompileCounterWithBackend("aot_eager")
-    compiled = sample.make_step(model, compile=True, backend=counter)
+    model, eager, compiled, counter = _eager_and_counted_steps("moneta", n_layer=1)
     caches = [model.init_cache(1, 64), model.init_cache(1, 64)]
     tok = [torch.tensor([[3]])] * 2
     with torch.no_grad():
@@ -408,15 +405,7 @@ def test_compiled_step_skips_guards_only_on_the_cache_it_checked():
     of running the first one: every step equals the eager step (float64, aot_eager), across a chunk boundary.
     A first token that is a strided view (the prompt's last column, as bench.py passes it) is copied to the
     step outputs' strides, so the guarded call's graph serves the next calls (a stride guard would fail)."""
-    from torch._dynamo.testing import CompileCounterWithBackend
-    from models import build_model
-    torch.manual_seed(0)
-    model = build_model("yaad", "tiny", n_layer=1, n_embd=32, n_head=2, vocab_size=32, block_size=64,
-                        chunk_size=8).double().eval()
-    eager = sample.make_step(model)
-    torch._dynamo.reset()
-    counter = CompileCounterWithBackend("aot_eager")
-    step = sample.make_step(model, compile=True, backend=counter)
+    model, eager, step, counter = _eager_and_counted_steps("yaad", n_layer=1)
     with torch.no_grad():
         for batch, n_prompt, first in ((1, 13, "argmax"), (1, 5, "argmax"), (2, 13, "argmax"), (2, 9, "view")):
             prompt = torch.randint(32, (batch, n_prompt))
