@@ -7,9 +7,10 @@
 
 Each (model, length, mode) runs in its own worker process so its peak memory is its own: CUDA allocator
 peak on GPU (spawned workers: CUDA cannot be used in a forked child); on CPU the worker's peak resident set
-size above its size at its start (ru_maxrss delta; workers forked from a fork server). Timings are medians over --repeats after
---warmup untimed runs (at least one: the first call, timed on its own as first_call_s, which includes
-compiling under --compile). The batch is tokens_per_step // seq_len so every length does the same work per step.
+size above its size at its start (ru_maxrss delta; workers forked from a fork server). Timings are medians
+over --repeats after --warmup untimed runs (at least one: the first call, timed on its own as first_call_s,
+which includes compiling under --compile). The batch is tokens_per_step // seq_len so every length does the
+same work per step.
 --compile (default None: on CUDA only) compiles the models for train and prefill, and sample.py's decode step.
 A run that runs out of memory is reported as OOM and the sweep goes on.
 
@@ -247,7 +248,7 @@ def in_worker(job, cfg, method=None):
     """Run job() in a worker process; return (result dict, peak memory bytes) or ({"oom": msg}, None).
 
     job must be picklable when the worker is spawned (a functools.partial of a module-level function);
-    method: "fork" or "spawn", by default worker_start_method(cfg.device)."""
+    method: "forkserver", "spawn" or "fork", by default worker_start_method(cfg.device)."""
     ctx = mp.get_context(method or worker_start_method(cfg.device))
     if ctx.get_start_method() == "forkserver":
         ctx.set_forkserver_preload(["bench"])  # imported once in the server, not per worker

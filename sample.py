@@ -66,7 +66,7 @@ class SampleConfig:
     seed: int = 1337
     device: str = "auto"           # auto (cuda if available, else cpu) | cpu | cuda | cuda:N | mps
     dtype: str = "auto"            # auto (bfloat16 on CUDA if supported, else float32) | float32 | bfloat16 | float16 | float64
-    compile: Optional[bool] = None  # torch.compile the decode step (static shapes: one graph for every position);
+    compile: Optional[bool] = None  # torch.compile the decode step (static shapes: graphs for every position);
                                    # None: on CUDA only (cli.resolve_compile)
     compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead | max-autotune |
                                    # max-autotune-no-cudagraphs (the middle two capture CUDA graphs: CUDA only)
@@ -282,11 +282,11 @@ def make_step(model, autocast=None, compile=False, compile_mode="default", sampl
               backend="inductor"):
     """step(idx [B, 1], cache, noise=None) -> (next ids [B, 1], last logits [B, V] float32): one decoding step and
     the draw of the token after it (sampling.pick; noise from sampling.noise, None when greedy), the cache
-    updated in place. Compiled on request as one static-shape graph, the draw included (gpt-fast style): one
-    graph for every position; the first call compiles. The compiled step owns the cache's state buffers (copied
-    once per cache) and writes every new state into them, so the CUDA-graph modes can replay it; it evaluates
-    torch.compile's guards once per cache: the next steps on the same cache, with the same input shapes and
-    buffers, skip them."""
+    updated in place. Compiled on request as static-shape graphs, the draw included (gpt-fast style), which
+    serve every position: one, and for a Miras model a second for a chunk's first token; the first calls
+    compile. The compiled step owns the cache's state buffers (copied once per cache) and writes every new state
+    into them, so the CUDA-graph modes can replay it; it evaluates torch.compile's guards once per cache and
+    graph: the next steps on the same cache, with the same input shapes and buffers, skip them."""
     check_compile_mode(compile_mode, compile, model.lm_head.weight.device)
     autocast = autocast or contextlib.nullcontext()
 
