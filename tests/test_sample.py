@@ -332,29 +332,31 @@ def test_compiled_step_matches_eager(moneta_dir, f32_tol):
     assert got[:tie] == eager[:tie]
 
 
-def _eager_and_counted_steps(name, n_layer):
+def _eager_and_counted_steps(name, n_layer, preset="tiny"):
     """A small float64 model of `name` (chunks of 8), its eager step, and its compiled step (make_step, aot_eager)
     with a counter of the graphs it compiles."""
     from torch._dynamo.testing import CompileCounterWithBackend
     from models import build_model
     torch.manual_seed(0)
-    model = build_model(name, "tiny", n_layer=n_layer, n_embd=32, n_head=2, vocab_size=32, block_size=64,
+    model = build_model(name, preset, n_layer=n_layer, n_embd=32, n_head=2, vocab_size=32, block_size=64,
                         chunk_size=8).double().eval()
     torch._dynamo.reset()
     counter = CompileCounterWithBackend("aot_eager")
     return model, sample.make_step(model), sample.make_step(model, compile=True, backend=counter), counter
 
 
-@pytest.mark.parametrize("name", ["moneta", "memora", "yaad"])
-def test_compiled_step_writes_the_state_in_place(name):
+@pytest.mark.parametrize("name, preset", [("moneta", "tiny"), ("memora", "tiny"), ("yaad", "tiny"),
+                                          ("memora", "tiny+hybrid"), ("moneta", "tiny+titans_lmm")])
+def test_compiled_step_writes_the_state_in_place(name, preset):
     """After a prefill the compiled step (make_step, aot_eager, float64) copies the cache's state once into
     buffers of its own and from then on writes every step's state into them: the cache holds the same tensors
     at every step, none sharing storage with a parameter, and they hold what the eager step computes (position,
     short-conv tails, every memory state tensor of both layers: lq's norms, the normalized step's gradient sum,
-    kl's lag-step anchors) over steps that cross a chunk boundary, with two graphs (a chunk's first token, the
-    rest). An eager step in between rebinds the cache's state; the next compiled step takes the new tensors as
+    kl's lag-step anchors, momentum) over steps that cross a chunk boundary, with two graphs (a chunk's first
+    token, the rest); in a hybrid the sliding-window layer's KV ring buffer is written in place by the step
+    itself. An eager step in between rebinds the cache's state; the next compiled step takes the new tensors as
     its buffers and reads the chunk position from them."""
-    model, eager, compiled, counter = _eager_and_counted_steps(name, n_layer=2)
+    model, eager, compiled, counter = _eager_and_counted_steps(name, n_layer=2, preset=preset)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     prompt = torch.randint(32, (1, 13))
     caches = [model.init_cache(1, 64), model.init_cache(1, 64)]
@@ -375,6 +377,9 @@ def test_compiled_step_writes_the_state_in_place(name):
                 assert all(a is b for a, b in zip(state, buffers, strict=True)), f"step {i} rebound the state"
             assert int(caches[1].pos) == int(caches[0].pos)
             for le, lc in zip(caches[0].layers, caches[1].layers):
+                if not hasattr(lc, "mem"):  # attention: its KV cache
+                    torch.testing.assert_close((lc.k, lc.v), (le.k, le.v), rtol=1e-12, atol=1e-12)
+                    continue
                 assert int(lc.mem.pos) == le.mem.pos % 8
                 torch.testing.assert_close(lc.conv, le.conv, rtol=0, atol=0)
                 for field in ("weights", "anchor", "norm", "momentum", "grad_sum"):
