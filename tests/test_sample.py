@@ -333,8 +333,8 @@ def test_compiled_step_matches_eager(moneta_dir, f32_tol):
 
 
 def _eager_and_counted_steps(name, n_layer, preset="tiny"):
-    """A small float64 model of `name` (chunks of 8), its eager step, and its compiled step (make_step, aot_eager)
-    with a counter of the graphs it compiles."""
+    """A small float64 model of `name` (a Miras model: chunks of 8), its eager step, and its compiled step
+    (make_step, aot_eager) with a counter of the graphs it compiles."""
     from torch._dynamo.testing import CompileCounterWithBackend
     from models import build_model
     torch.manual_seed(0)
@@ -350,13 +350,13 @@ def _eager_and_counted_steps(name, n_layer, preset="tiny"):
                                           ("memora", "tiny+hybrid"), ("moneta", "tiny+titans_lmm"),
                                           ("transformer", "tiny")])
 def test_compiled_step_writes_the_state_in_place(name, preset):
-    """After a prefill the compiled step (make_step, aot_eager, float64) copies the cache's state once into
-    buffers of its own and from then on writes every step's state into them: the cache holds the same tensors
-    at every step, none sharing storage with a parameter, and they hold what the eager step computes (position,
-    short-conv tails, every memory state tensor of both layers: lq's norms, the normalized step's gradient sum,
-    kl's lag-step anchors, momentum) over steps that cross a chunk boundary, with two graphs (a chunk's first
-    token, the rest; one for the Transformer++, whose state is its position and KV caches); attention layers
-    write their KV caches in place themselves. An eager step in between rebinds the cache's state; the next compiled step takes the new tensors as
+    """After a prefill the compiled step (make_step, aot_eager, float64) copies the cache's state once into buffers
+    of its own and from then on writes every step's state into them: the cache holds the same tensors at every step,
+    none sharing storage with a parameter, and they hold what the eager step computes (position, short-conv tails,
+    every memory state tensor of both layers: lq's norms, the normalized step's gradient sum, kl's lag-step anchors,
+    momentum) over steps that cross a chunk boundary, with two graphs (a chunk's first token, the rest; one for the
+    Transformer++, whose state is its position and KV caches); attention layers write their KV caches in place
+    themselves. An eager step in between rebinds the cache's state; the next compiled step takes the new tensors as
     its buffers and reads the chunk position from them."""
     model, eager, compiled, counter = _eager_and_counted_steps(name, n_layer=2, preset=preset)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
