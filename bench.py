@@ -8,9 +8,12 @@
 Each (model, length, mode) runs in its own worker process so its peak memory is its own: CUDA allocator
 peak on GPU (spawned workers: CUDA cannot be used in a forked child); on CPU the worker's peak resident set
 size above its size at its start (ru_maxrss delta; workers forked from a fork server). Timings are medians
-over --repeats after --warmup untimed runs (at least one: the first call, timed on its own as first_call_s,
-which includes compiling under --compile). The batch is tokens_per_step // seq_len so every length does the
-same work per step.
+over --repeats rounds after --warmup untimed runs (at least one: the first call, timed on its own as
+first_call_s, which includes compiling under --compile); a round is one training step or prefill, or
+--decode_tokens decode steps (the decode median is over every step). The batch is tokens_per_step // seq_len
+so every length does the same work per step.
+--interleave runs every model of one (length, mode) in one worker instead, the rounds taken in turns, so that
+the models compare on a machine whose speed drifts over minutes (a shared CPU); peak memory is then null.
 --compile (default None: on CUDA only) compiles the models for train and prefill, and sample.py's decode step.
 A run that runs out of memory is reported as OOM and the sweep goes on.
 
@@ -76,6 +79,8 @@ class BenchConfig:
     device: str = "auto"          # auto | cpu | cuda | cuda:N
     dtype: str = "auto"           # float32 | bfloat16 (autocast) | auto: bfloat16 on CUDA, float32 on CPU
     compile: Optional[bool] = None  # torch.compile the models (train, prefill) and the decode step; None: on CUDA only
+    interleave: bool = False      # every model in one worker per (length, mode), timed in turns: comparable
+                                  # on a machine whose speed drifts; no per-model peak memory (null)
     mem_limit_gb: float = 0.0     # >0: cap each worker's memory (exercises the OOM path)
     json: str = "bench.json"
     plot: str = ""                # PNG path (needs matplotlib); "" = next to the JSON
@@ -149,6 +154,8 @@ def validate(cfg):
                          f"pass --tokens_per_step={max(seq_lens)} or more")
     if not (cfg.mem_limit_gb >= 0 and cfg.mem_limit_gb != float("inf")):
         raise BenchError(f"--mem_limit_gb must be a finite number >= 0 (0 = no limit), got {cfg.mem_limit_gb}")
+    if cfg.op and cfg.interleave:
+        raise BenchError("--interleave times the models in turns; --op has no models: drop one of the two")
     if not cfg.json:
         raise BenchError("--json needs a file path (e.g. --json=out/bench.json)")
     device = cli.resolve_device(cfg.device, BenchError)
@@ -275,62 +282,93 @@ def achieved_flops(model, seq_len, tokens_per_s, training):
     return dict(model_flops_per_token=per_token, model_gflops_per_s=per_token * tokens_per_s / 1e9)
 
 
-def bench_model(cfg, name, seq_len, mode):
+def prepare_cell(cfg, name, seq_len, mode):
+    """Build one (model, length, mode) cell and make its first call (compiling under --compile) and its warm-up.
+
+    Returns (run, result): run() times one round (a training step or a prefill: [seconds]; decode:
+    decode_tokens single-token steps, [seconds per step]); result(times) gives the cell's fields from every
+    round's times (their median)."""
     from models import build_model  # the registry: every model at the same preset size
     device = cfg.device
     batch = max(1, cfg.tokens_per_step // seq_len)
-    max_len = seq_len + (cfg.decode_tokens + max(1, cfg.warmup) if mode == "decode" else 0)
+    max_len = seq_len + (cfg.repeats * cfg.decode_tokens + max(1, cfg.warmup) if mode == "decode" else 0)
     model = build_model(name, cfg.model_preset, block_size=max_len, vocab_size=cfg.vocab_size).to(device)
     autocast = cli.autocast_for(device, cfg.dtype)
     gen = torch.Generator().manual_seed(0)
     idx = torch.randint(model.config.vocab_size, (batch, seq_len), generator=gen).to(device)
-    if mode == "train":
-        model.train()
-        optimizer = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device.split(":")[0])
+    if mode in ("train", "prefill"):
+        training = mode == "train"
+        model.train(training)
         fwd = torch.compile(model) if cfg.compile else model
+        if training:
+            optimizer = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device.split(":")[0])
 
-        def step():
-            with autocast:
-                _, loss = fwd(idx, targets=idx)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        first = seconds(step, device)  # one of the warm-up calls
-        sec = timed(step, device, cfg.repeats, max(0, cfg.warmup - 1))
-        return dict(batch_size=batch, tokens_per_s=batch * seq_len / sec, ms_per_step=1e3 * sec,
-                    first_call_s=first, **achieved_flops(model, seq_len, batch * seq_len / sec, training=True))
+            def call():
+                with autocast:
+                    _, loss = fwd(idx, targets=idx)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        else:
+            def call():
+                with torch.no_grad(), autocast:
+                    fwd(idx)
+        first = seconds(call, device)  # one of the warm-up calls
+        for _ in range(max(0, cfg.warmup - 1)):
+            call()
+
+        def result(times):
+            sec = statistics.median(times)
+            return dict(batch_size=batch, tokens_per_s=batch * seq_len / sec, ms_per_step=1e3 * sec,
+                        first_call_s=first, **achieved_flops(model, seq_len, batch * seq_len / sec, training))
+        return lambda: [seconds(call, device)], result
+    # decode: one sequence, prefilled to seq_len, then single-token steps of sample.py's step
     model.eval()
-    if mode == "prefill":
-        fwd = torch.compile(model) if cfg.compile else model
-
-        def prefill():
-            with torch.no_grad(), autocast:
-                fwd(idx)
-        first = seconds(prefill, device)
-        sec = timed(prefill, device, cfg.repeats, max(0, cfg.warmup - 1))
-        return dict(batch_size=batch, tokens_per_s=batch * seq_len / sec, ms_per_step=1e3 * sec,
-                    first_call_s=first, **achieved_flops(model, seq_len, batch * seq_len / sec, training=False))
-    # decode: one sequence, prefilled to seq_len, then decode_tokens single-token steps of sample.py's step
     prompt = idx[:1]
     step_fn = sample.make_step(model, autocast, cfg.compile)
     with torch.no_grad():
         cache = model.init_cache(1, max_len, device, cli.kv_cache_dtype(autocast))  # as sample.py
         with autocast:
             model.prefill(prompt, cache)
-        tok = prompt[:, -1:]
-        first = seconds(lambda: step_fn(tok, cache), device)  # compiles the step under --compile
+    tok = prompt[:, -1:]
+
+    def one_step():
+        nonlocal tok
+        tok, _ = step_fn(tok, cache)  # greedy, drawn inside the step
+
+    with torch.no_grad():
+        first = seconds(one_step, device)  # compiles the step under --compile
         for _ in range(max(0, cfg.warmup - 1)):  # untimed steps at position seq_len
-            step_fn(tok, cache)
-        lat = []
-        for _ in range(cfg.decode_tokens):
-            sync(device)
-            t0 = time.perf_counter()
-            tok, _ = step_fn(tok, cache)  # greedy, drawn inside the step
-            sync(device)
-            lat.append(time.perf_counter() - t0)
-    sec = statistics.median(lat)
-    return dict(batch_size=1, tokens_per_s=1.0 / sec, ms_per_token=1e3 * sec, first_call_s=first,
-                state_bytes=model_common.state_bytes(cache)["total"])
+            one_step()
+
+    def run():
+        with torch.no_grad():
+            return [seconds(one_step, device) for _ in range(cfg.decode_tokens)]
+
+    def result(times):
+        sec = statistics.median(times)
+        return dict(batch_size=1, tokens_per_s=1.0 / sec, ms_per_token=1e3 * sec, first_call_s=first,
+                    state_bytes=model_common.state_bytes(cache)["total"])
+    return run, result
+
+
+def bench_model(cfg, name, seq_len, mode):
+    """One cell in its own worker: --repeats rounds, timed after the warm-up."""
+    run, result = prepare_cell(cfg, name, seq_len, mode)
+    return result([t for _ in range(cfg.repeats) for t in run()])
+
+
+def bench_interleaved(cfg, names, seq_len, mode):
+    """Every model's cell at one length and mode in one worker (--interleave): all are prepared first, then
+    timed in turns, one round each per turn, the order reversed every other turn. On a machine whose speed
+    drifts over minutes (a shared CPU), cells timed minutes apart in their own workers do not compare; cells
+    timed in turns see the same drift. Returns {name: fields}."""
+    cells = {name: prepare_cell(cfg, name, seq_len, mode) for name in names}
+    times = {name: [] for name in names}
+    for turn in range(cfg.repeats):
+        for name in (names if turn % 2 == 0 else names[::-1]):
+            times[name] += cells[name][0]()
+    return {name: dict(cells[name][1](times[name]), interleaved=True) for name in names}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -487,24 +525,37 @@ def header(cfg):
     return info
 
 
+def _cells(cfg):
+    """(names, seq_len, mode) per worker: one model each, or every model at once under --interleave."""
+    names, lens, modes = cfg.models.split(","), [int(s) for s in cfg.seq_lens.split(",")], cfg.modes.split(",")
+    if cfg.interleave:
+        return [(names, n, mode) for n in lens for mode in modes]
+    return [([name], n, mode) for name in names for n in lens for mode in modes]
+
+
 def run_models(cfg):
     records = []
-    for name in cfg.models.split(","):
-        for seq_len in (int(s) for s in cfg.seq_lens.split(",")):
-            for mode in cfg.modes.split(","):
-                out, peak = in_worker(functools.partial(bench_model, cfg, name, seq_len, mode), cfg)
-                rec = dict(kind="model", model=name, seq_len=seq_len, mode=mode, device=cfg.device,
-                           compile=cfg.compile, dtype=cfg.dtype, model_preset=cfg.model_preset, vocab_size=cfg.vocab_size,
-                           tokens_per_s=None, peak_mem_bytes=peak)
-                rec.update(out)
-                records.append(rec)
-                if "oom" in out or "error" in out:
-                    print(f"{name:>12} {seq_len:>6} {mode:<8} {'OOM' if 'oom' in out else 'ERROR'}: "
-                          f"{out.get('oom') or out.get('error')}")
-                else:
-                    extra = f" {out['ms_per_token']:.2f} ms/token" if mode == "decode" else f" batch {out['batch_size']}"
-                    print(f"{name:>12} {seq_len:>6} {mode:<8} {out['tokens_per_s']:>10.0f} tok/s "
-                          f"{(peak or 0) / 2**20:>8.1f} MiB{extra}")
+    for names, seq_len, mode in _cells(cfg):
+        if cfg.interleave:  # one worker for all: its peak belongs to no single model
+            outs, _ = in_worker(functools.partial(bench_interleaved, cfg, names, seq_len, mode), cfg)
+            failed = "oom" in outs or "error" in outs
+            cells = [(name, outs if failed else outs[name], None) for name in names]
+        else:
+            out, peak = in_worker(functools.partial(bench_model, cfg, names[0], seq_len, mode), cfg)
+            cells = [(names[0], out, peak)]
+        for name, out, peak in cells:
+            rec = dict(kind="model", model=name, seq_len=seq_len, mode=mode, device=cfg.device,
+                       compile=cfg.compile, dtype=cfg.dtype, model_preset=cfg.model_preset, vocab_size=cfg.vocab_size,
+                       tokens_per_s=None, peak_mem_bytes=peak)
+            rec.update(out)
+            records.append(rec)
+            if "oom" in out or "error" in out:
+                print(f"{name:>12} {seq_len:>6} {mode:<8} {'OOM' if 'oom' in out else 'ERROR'}: "
+                      f"{out.get('oom') or out.get('error')}")
+            else:
+                extra = f" {out['ms_per_token']:.2f} ms/token" if mode == "decode" else f" batch {out['batch_size']}"
+                mem = "   (shared)" if cfg.interleave else f"{(peak or 0) / 2**20:>8.1f} MiB"
+                print(f"{name:>12} {seq_len:>6} {mode:<8} {out['tokens_per_s']:>10.0f} tok/s {mem}{extra}")
     return records
 
 

@@ -53,6 +53,49 @@ def test_forced_memory_limit_is_reported_as_oom_and_the_sweep_goes_on(tmp_path):
     assert "oom" in rec and rec["tokens_per_s"] is None and rec["peak_mem_bytes"] is None
 
 
+def test_interleave_times_every_model_in_one_worker(tmp_path):
+    report = run_bench(tmp_path, "--models=moneta,transformer", "--seq_lens=16", "--modes=train,decode",
+                       "--model_preset=tiny", "--interleave=true", "--repeats=2")
+    records = report["records"]
+    assert {(r["model"], r["mode"]) for r in records} == {
+        (m, mode) for m in ("moneta", "transformer") for mode in ("train", "decode")}
+    for r in records:
+        assert "oom" not in r and "error" not in r, r
+        assert r["interleaved"] is True and r["peak_mem_bytes"] is None  # one worker: no model's own peak
+        assert r["tokens_per_s"] > 0 and r["first_call_s"] > 0
+    decode = {r["model"]: r for r in records if r["mode"] == "decode"}
+    assert decode["moneta"]["state_bytes"] > 0 and decode["transformer"]["state_bytes"] > 0
+
+
+def test_interleave_prepares_every_model_then_times_rounds_in_turns(monkeypatch):
+    """All cells are built (and compiled) before any is timed; each turn times one round of every model, the
+    order reversed every other turn; each model's result sees all of its rounds."""
+    log = []
+
+    def fake_prepare(cfg, name, seq_len, mode):
+        log.append(("prepare", name))
+
+        def run():
+            log.append(("run", name))
+            return [float(len(log))]
+        return run, lambda times: dict(times=times)
+    monkeypatch.setattr(bench, "prepare_cell", fake_prepare)
+    cfg = bench.parse_args([*TINY, "--repeats=3", "--interleave=true"])
+    out = bench.bench_interleaved(cfg, ["a", "b"], 16, "train")
+    assert log == [("prepare", "a"), ("prepare", "b"), ("run", "a"), ("run", "b"), ("run", "b"), ("run", "a"),
+                   ("run", "a"), ("run", "b")]
+    assert out == {"a": dict(times=[3.0, 6.0, 7.0], interleaved=True),
+                   "b": dict(times=[4.0, 5.0, 8.0], interleaved=True)}
+
+
+def test_a_failed_interleaved_worker_fails_every_model_of_it(tmp_path):
+    report = run_bench(tmp_path, "--models=moneta,transformer", "--seq_lens=512", "--modes=train",
+                       "--mem_limit_gb=0.008", "--tokens_per_step=2048", "--interleave=true")
+    assert [r["model"] for r in report["records"]] == ["moneta", "transformer"]
+    for rec in report["records"]:
+        assert "oom" in rec and rec["tokens_per_s"] is None and rec["peak_mem_bytes"] is None
+
+
 def test_op_mode_measures_fast_path_and_reference(tmp_path):
     report = run_bench(tmp_path, "--op", "--seq_lens=64", "--op_impls=eager,reference")
     impls = {(r["impl"], r["retention"], r["mode"]) for r in report["records"] if r["impl"] != "titans-pytorch"}
@@ -111,6 +154,7 @@ TINY = ["--models=transformer", "--seq_lens=16", "--modes=prefill", "--model_pre
     (["--mem_limit_gb=nan"], "--mem_limit_gb"),
     (["--compile=yes"], "--compile"),
     (["--json="], "--json"),
+    (["--op", "--interleave=true"], "--interleave"),
 ])
 def test_impossible_argument_is_a_one_line_error(tmp_path, capsys, args, key):
     out = tmp_path / "bench.json"
