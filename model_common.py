@@ -37,6 +37,7 @@ and its LM assembled from the pieces here. The presets that name sizes and known
 import inspect
 import math
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Callable, NamedTuple, Optional
 
 import torch
@@ -268,10 +269,21 @@ def inv_softplus(y):
 
 class Gate(NamedTuple):
     """A per-token, per-head scalar the Miras layer produces from x: value = activation(low-rank map of x
-    + bias), with the bias starting at `init_bias`."""
+    + bias), with the bias starting at `init_bias`. The activation is a partial of a module-level function
+    (sigmoid_between, scaled_softplus), not a closure over the config: dynamo failed to trace a closure's
+    free variable inside the checkpointed input stage once a second model class had been compiled in the
+    same process."""
     name: str
     init_bias: float
     activation: Callable
+
+
+def sigmoid_between(x, low, high):
+    return low + (high - low) * torch.sigmoid(x)
+
+
+def scaled_softplus(x, scale, shift=0.0):
+    return scale * F.softplus(x) + shift
 
 
 # ----------------------------------------------------------------------------------------------
@@ -433,16 +445,16 @@ class MirasLayer(nn.Module):
         """eta, alpha (unless alpha_gate is off), the objective's own gates (Yaad: delta), mu (momentum)."""
         cfg = self.cfg
         if cfg.eta_gate == "normalized":
-            gates = [Gate("eta", logit(cfg.eta_init / cfg.eta_max), lambda x: cfg.eta_max * torch.sigmoid(x))]
+            gates = [Gate("eta", logit(cfg.eta_init / cfg.eta_max), partial(sigmoid_between, low=0.0, high=cfg.eta_max))]
         else:
-            gates = [Gate("eta", inv_softplus(1.0), lambda x: cfg.eta_base * F.softplus(x))]
+            gates = [Gate("eta", inv_softplus(1.0), partial(scaled_softplus, scale=cfg.eta_base))]
         if cfg.alpha_gate:
             gates.append(Gate("alpha", logit((cfg.alpha_init - cfg.alpha_min) / (1 - cfg.alpha_min)),
-                              lambda x: cfg.alpha_min + (1 - cfg.alpha_min) * torch.sigmoid(x)))
+                              partial(sigmoid_between, low=cfg.alpha_min, high=1.0)))
         gates += self.objective.gates(cfg, self.d)
         if cfg.momentum:
             gates.append(Gate("momentum", logit((cfg.mu_init - MU_MIN) / (MU_MAX - MU_MIN)),
-                              lambda x: MU_MIN + (MU_MAX - MU_MIN) * torch.sigmoid(x)))
+                              partial(sigmoid_between, low=MU_MIN, high=MU_MAX)))
         return gates
 
     def new_cache(self, batch, max_len, device, dtype):

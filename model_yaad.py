@@ -13,13 +13,13 @@ attention ("S") in the hybrid (layer_pattern "MS"). Shared pieces come from mode
 """
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import memory_core
-from model_common import LM, Block, Gate, MirasConfig, inv_softplus, make_mixer
+from model_common import LM, Block, Gate, MirasConfig, inv_softplus, make_mixer, scaled_softplus
 
 
 @dataclass
@@ -60,7 +60,7 @@ class HuberBias(memory_core.Objective):
         tau delta times smaller. Starting at sqrt(head_dim) put most residuals on the l1 side, and the memory wrote
         almost nothing (README, "Stability"); training moves delta where the data wants it."""
         start = cfg.delta_init or 2 * math.sqrt(head_dim)
-        return [Gate("delta", inv_softplus(start), lambda x: F.softplus(x) + 1e-4)]
+        return [Gate("delta", inv_softplus(start), partial(scaled_softplus, scale=1.0, shift=1e-4))]
 
 
 memory_core.register("objective", HuberBias())
