@@ -539,10 +539,15 @@ def _compiled(fn, key):
     detached inputs) and the backward's recompute (grad), each with or without the anchor being the start
     weights themselves (a chunk start of a retention whose anchor is its weights vs a chunk in progress)."""
     if (fn, key) not in _COMPILED:
-        code = fn.__code__.replace(co_name=f"{fn.__name__}_{len(_COMPILED)}")
-        copy = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
-        _COMPILED[(fn, key)] = torch.compile(copy, fullgraph=True, dynamic=False)
+        _COMPILED[(fn, key)] = torch.compile(with_own_code(fn, len(_COMPILED)), fullgraph=True, dynamic=False)
     return _COMPILED[(fn, key)]
+
+
+def with_own_code(fn, tag):
+    """fn with a code object of its own (named fn's name + tag): torch.compile's recompile limit counts the
+    graphs of a code object, so a copy per key gives each key its own budget."""
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_{tag}")
+    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
 
 
 def _unflat(B, H, xs):

@@ -41,6 +41,7 @@ from typing import Optional
 import torch
 
 import cli
+import memory_core
 import models
 import train
 from model_common import AttnCache, MirasCache, Sampling, is_greedy, iter_tensors, state_bytes
@@ -283,8 +284,8 @@ def make_step(model, autocast=None, compile=False, compile_mode="default", sampl
     """step(idx [B, 1], cache, noise=None) -> (next ids [B, 1], last logits [B, V] float32): one decoding step and
     the draw of the token after it (sampling.pick; noise from sampling.noise, None when greedy), the cache
     updated in place. Compiled on request as static-shape graphs, the draw included (gpt-fast style), which
-    serve every position: one, and for a Miras model a second for a chunk's first token; the first calls
-    compile. The compiled step owns the cache's state buffers (copied once per cache) and writes every new state
+    serve every position: one, and for a Miras model a second for a chunk's first token, per cache geometry
+    (the shapes of its state and KV caches: any number of them); the first calls compile. The compiled step owns the cache's state buffers (copied once per cache) and writes every new state
     into them, so the CUDA-graph modes can replay it; it evaluates torch.compile's guards once per cache and
     graph: the next steps on the same cache, with the same input shapes and buffers, skip them."""
     check_compile_mode(compile_mode, compile, model.lm_head.weight.device)
@@ -315,8 +316,16 @@ def make_step(model, autocast=None, compile=False, compile_mode="default", sampl
         return step_in_place(idx, cache, noise)
 
     mode = None if compile_mode == "default" else compile_mode
-    compiled = {start: torch.compile(fn, fullgraph=True, dynamic=False, backend=backend, mode=mode)
-                for start, fn in ((True, chunk_start_step), (False, chunk_rest_step))}
+    # one compiled copy, with its own code object, per (entry point, decode-state geometry): torch.compile's
+    # recompile limit (8 graphs per code object) would otherwise make the ninth cache of a new shape (a KV cache
+    # of another length, another batch size) a hard error in a process that decodes many prompts
+    compiled = {}
+
+    def compiled_for(start, geometry):
+        if (start, geometry) not in compiled:
+            fn = memory_core.with_own_code(chunk_start_step if start else chunk_rest_step, len(compiled))
+            compiled[start, geometry] = torch.compile(fn, fullgraph=True, dynamic=False, backend=backend, mode=mode)
+        return compiled[start, geometry]
     chunk_size = model.config.chunk_size if "M" in model.config.layers else None  # Miras layers' chunk
     checked = {}  # weak references to the cache and its buffers, the chunk position, the signatures guarded
 
@@ -332,15 +341,16 @@ def make_step(model, autocast=None, compile=False, compile_mode="default", sampl
         if not same_buffers:  # a new cache, or one an eager step (or a prefill) has rebound since
             checked.clear()
             buffers = _state_tensors(_own_buffers(cache))
+            kv = [t for layer in cache.layers if isinstance(layer, AttnCache) for t in (layer.k, layer.v)]
             checked.update(cache=weakref.ref(cache), buffers=[weakref.ref(t) for t in buffers], guarded=set(),
-                           chunk_pos=_chunk_pos(cache))  # one host read per cache
+                           chunk_pos=_chunk_pos(cache),  # one host read per cache
+                           geometry=tuple((t.shape, t.dtype, t.device) for t in buffers + kv))
             if graphs:  # the replay reads and writes these addresses (a new cache re-records the graph)
-                kv = [t for layer in cache.layers if isinstance(layer, AttnCache) for t in (layer.k, layer.v)]
                 for t in buffers + kv:
                     torch._dynamo.mark_static_address(t, guard=False)
         idx, noise = _dense(idx), None if noise is None else _dense(noise)
         start = checked["chunk_pos"] == 0 if chunk_size else False
-        fn = compiled[start]
+        fn = compiled_for(start, checked["geometry"])
         # guards are most of a small model's compiled decode overhead (a Miras cache is ~80 tensors and ~500
         # guards: ~0.6 ms per token on a CPU). After one guarded call, the same cache with the same buffers and
         # shapes selects the same graph (static shapes, the position a tensor), so the next calls skip them

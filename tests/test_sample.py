@@ -429,6 +429,26 @@ def test_compiled_step_skips_guards_only_on_the_cache_it_checked():
     assert counter.frame_count == 4, f"{counter.frame_count} graphs for batch sizes 1 and 2 (chunk start, rest)"
 
 
+@pytest.mark.parametrize("name", ["transformer", "memora"])
+def test_compiled_step_serves_more_cache_shapes_than_the_recompile_limit(name):
+    """One compiled step decodes caches of 10 KV lengths (the Transformer++) or batch sizes (Memora): more new
+    shapes than torch.compile's recompile limit of 8 graphs per code object, which made the ninth a hard error
+    (FailOnRecompileLimitHit) in a process that decodes prompts of many lengths with one step. Each shape
+    compiles its own graphs; every step equals the eager one (float64, aot_eager)."""
+    model, eager, step, counter = _eager_and_counted_steps(name, n_layer=1)
+    with torch.no_grad():
+        for i in range(10):
+            batch, length = (1, 20 + i) if name == "transformer" else (1 + i, 64)
+            prompt = torch.randint(32, (batch, 5))
+            caches = [model.init_cache(batch, length), model.init_cache(batch, length)]
+            tok = [model.prefill(prompt, c)[0][:, -1:].argmax(-1) for c in caches]
+            for _ in range(4 if name == "transformer" else 5):  # Memora: past its chunk of 8, both graphs
+                (t_e, l_e), (t_c, l_c) = eager(tok[0], caches[0]), step(tok[1], caches[1])
+                torch.testing.assert_close(l_c, l_e, rtol=1e-12, atol=1e-12)
+                tok = [t_e, t_c]
+    assert counter.frame_count == (10 if name == "transformer" else 20)
+
+
 def test_kv_cache_in_the_autocast_dtype(transformer_dir, moneta_dir):
     """Under bf16 autocast the KV cache is bf16 (attention reads it without a cast of the whole cache per token)
     and a Miras memory state stays float32; without autocast the cache has the weights' dtype."""
