@@ -316,6 +316,7 @@ class Cache:
         self.layers = layers
         self.pos = torch.zeros((), dtype=torch.long, device=device)
         self.started = False
+        self.decode_owner = None  # (a compiled decode step's mark, the state objects it writes in place): sample.py
 
 
 def iter_tensors(obj):

@@ -321,29 +321,39 @@ def make_step(model, autocast=None, compile=False, compile_mode="default", sampl
     # of another length, another batch size) a hard error in a process that decodes many prompts
     compiled = {}
 
+    # the inputs of a call whose guards are skipped are the buffers and shapes its guarded call checked, so
+    # Inductor's assert of every input's size and stride on every call (~80 inputs for a Miras cache) is skipped
+    # too (an Inductor option, not settable beside a mode)
+    options = {"size_asserts": False} if backend == "inductor" and mode is None else None
+
     def compiled_for(start, geometry):
         if (start, geometry) not in compiled:
             fn = memory_core.with_own_code(chunk_start_step if start else chunk_rest_step, len(compiled))
-            compiled[start, geometry] = torch.compile(fn, fullgraph=True, dynamic=False, backend=backend, mode=mode)
+            compiled[start, geometry] = torch.compile(fn, fullgraph=True, dynamic=False, backend=backend, mode=mode,
+                                                      options=options)
         return compiled[start, geometry]
     chunk_size = model.config.chunk_size if "M" in model.config.layers else None  # Miras layers' chunk
-    checked = {}  # weak references to the cache and its buffers, the chunk position, the signatures guarded
+    checked = {}  # a weak reference to the cache, its Miras layers, the chunk position, the signatures guarded
+    mark = object()  # this step's mark on the caches whose state it owns (Cache.decode_owner)
 
     def compiled_step(idx, cache, noise=None):
-        if any(getattr(owner, name) is None for owner, name in _state_slots(cache)):
+        state = [getattr(owner, name) for owner, name in _state_slots(cache)]
+        if any(s is None for s in state):
             # an empty cache (no prefill) has no state to write in place yet: its first token runs eagerly and
             # creates it (the same operations; a graph traced for an empty cache would be wrong at every later step)
             return step(idx, cache, noise)
-        buffers = _state_tensors(cache)
-        ref = checked.get("cache")
-        same_buffers = (ref is not None and ref() is cache
-                        and all(r() is t for r, t in zip(checked["buffers"], buffers, strict=True)))
-        if not same_buffers:  # a new cache, or one an eager step (or a prefill) has rebound since
+        # the state objects (MemoryStates, immutable, and tensors) are the ones this step wrote last: an eager
+        # step, a prefill or another step's ownership rebinds them
+        ref, owned = checked.get("cache"), cache.decode_owner
+        same_buffers = (ref is not None and ref() is cache and owned is not None and owned[0] is mark
+                        and all(a is b for a, b in zip(owned[1], state, strict=True)))
+        if not same_buffers:  # a new cache, or one rebound since
             checked.clear()
             buffers = _state_tensors(_own_buffers(cache))
+            cache.decode_owner = (mark, [getattr(owner, name) for owner, name in _state_slots(cache)])
             kv = [t for layer in cache.layers if isinstance(layer, AttnCache) for t in (layer.k, layer.v)]
-            checked.update(cache=weakref.ref(cache), buffers=[weakref.ref(t) for t in buffers], guarded=set(),
-                           chunk_pos=_chunk_pos(cache),  # one host read per cache
+            checked.update(cache=weakref.ref(cache), guarded=set(), chunk_pos=_chunk_pos(cache),  # one host read
+                           layers=[layer for layer in cache.layers if isinstance(layer, MirasCache)],
                            geometry=tuple((t.shape, t.dtype, t.device) for t in buffers + kv))
             if graphs:  # the replay reads and writes these addresses (a new cache re-records the graph)
                 for t in buffers + kv:
@@ -357,7 +367,7 @@ def make_step(model, autocast=None, compile=False, compile_mode="default", sampl
         sig = (start, tuple(idx.shape), idx.dtype, idx.device, noise is None, model.training, torch.is_grad_enabled())
         if graphs:
             torch.compiler.cudagraph_mark_step_begin()
-        layers = [layer for layer in cache.layers if isinstance(layer, MirasCache)]
+        layers = checked["layers"]
         for layer in layers:
             layer.chunk_start = start
         try:

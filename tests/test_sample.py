@@ -429,6 +429,21 @@ def test_compiled_step_skips_guards_only_on_the_cache_it_checked():
     assert counter.frame_count == 4, f"{counter.frame_count} graphs for batch sizes 1 and 2 (chunk start, rest)"
 
 
+def test_two_compiled_steps_taking_turns_on_one_cache():
+    """Two compiled steps decoding one cache in turns, across chunk boundaries, equal the eager step (float64,
+    aot_eager): each step re-owns a cache the other has written (its host-side chunk position is stale)."""
+    model, eager, first, _ = _eager_and_counted_steps("memora", n_layer=1)
+    second = sample.make_step(model, compile=True, backend="aot_eager")
+    prompt = torch.randint(32, (1, 5))
+    with torch.no_grad():
+        caches = [model.init_cache(1, 64), model.init_cache(1, 64)]
+        tok = [model.prefill(prompt, c)[0][:, -1:].argmax(-1) for c in caches]
+        for i in range(14):
+            (t_e, l_e), (t_c, l_c) = eager(tok[0], caches[0]), (first, second)[i % 2](tok[1], caches[1])
+            torch.testing.assert_close(l_c, l_e, rtol=1e-12, atol=1e-12)
+            tok = [t_e, t_c]
+
+
 @pytest.mark.parametrize("name", ["transformer", "memora"])
 def test_compiled_step_serves_more_cache_shapes_than_the_recompile_limit(name):
     """One compiled step decodes caches of 10 KV lengths (the Transformer++) or batch sizes (Memora): more new
