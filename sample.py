@@ -285,9 +285,10 @@ def make_step(model, autocast=None, compile=False, compile_mode="default", sampl
     the draw of the token after it (sampling.pick; noise from sampling.noise, None when greedy), the cache
     updated in place. Compiled on request as static-shape graphs, the draw included (gpt-fast style), which
     serve every position: one, and for a Miras model a second for a chunk's first token, per cache geometry
-    (the shapes of its state and KV caches: any number of them); the first calls compile. The compiled step owns the cache's state buffers (copied once per cache) and writes every new state
-    into them, so the CUDA-graph modes can replay it; it evaluates torch.compile's guards once per cache and
-    graph: the next steps on the same cache, with the same input shapes and buffers, skip them."""
+    (the shapes of its state and KV caches: any number of them); the first calls compile. The compiled step
+    owns the cache's state buffers (copied once per cache) and writes every new state into them, so the
+    CUDA-graph modes can replay it; it evaluates torch.compile's guards once per cache and graph: the next
+    steps on the same cache, with the same input shapes and buffers, skip them."""
     check_compile_mode(compile_mode, compile, model.lm_head.weight.device)
     autocast = autocast or contextlib.nullcontext()
 
@@ -333,7 +334,7 @@ def make_step(model, autocast=None, compile=False, compile_mode="default", sampl
                                                       options=options)
         return compiled[start, geometry]
     chunk_size = model.config.chunk_size if "M" in model.config.layers else None  # Miras layers' chunk
-    checked = {}  # a weak reference to the cache, its Miras layers, the chunk position, the signatures guarded
+    checked = {}  # a weak reference to the cache, its chunk position and geometry, the signatures guarded
     mark = object()  # this step's mark on the caches whose state it owns (Cache.decode_owner)
 
     def compiled_step(idx, cache, noise=None):
@@ -353,7 +354,6 @@ def make_step(model, autocast=None, compile=False, compile_mode="default", sampl
             cache.decode_owner = (mark, [getattr(owner, name) for owner, name in _state_slots(cache)])
             kv = [t for layer in cache.layers if isinstance(layer, AttnCache) for t in (layer.k, layer.v)]
             checked.update(cache=weakref.ref(cache), guarded=set(), chunk_pos=_chunk_pos(cache),  # one host read
-                           layers=[layer for layer in cache.layers if isinstance(layer, MirasCache)],
                            geometry=tuple((t.shape, t.dtype, t.device) for t in buffers + kv))
             if graphs:  # the replay reads and writes these addresses (a new cache re-records the graph)
                 for t in buffers + kv:
@@ -367,7 +367,7 @@ def make_step(model, autocast=None, compile=False, compile_mode="default", sampl
         sig = (start, tuple(idx.shape), idx.dtype, idx.device, noise is None, model.training, torch.is_grad_enabled())
         if graphs:
             torch.compiler.cudagraph_mark_step_begin()
-        layers = checked["layers"]
+        layers = [layer for layer in cache.layers if isinstance(layer, MirasCache)]
         for layer in layers:
             layer.chunk_start = start
         try:
