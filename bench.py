@@ -10,7 +10,7 @@ peak on GPU (spawned workers: CUDA cannot be used in a forked child); on CPU the
 size above its size at its start (ru_maxrss delta; workers forked from a fork server). Timings are medians
 over --repeats rounds after --warmup untimed runs (at least one: the first call, timed on its own as
 first_call_s, which includes compiling under --compile); a round is one training step or prefill, or
---decode_tokens decode steps (the decode median is over every step). The batch is tokens_per_step // seq_len
+--decode_tokens decode steps after a fresh prefill of seq_len tokens (the decode median is over every step). The batch is tokens_per_step // seq_len
 so every length does the same work per step.
 --interleave runs every model of one (length, mode) in one worker instead, the rounds taken in turns, so that
 the models compare on a machine whose speed drifts over minutes (a shared CPU); peak memory is then null.
@@ -286,12 +286,12 @@ def prepare_cell(cfg, name, seq_len, mode):
     """Build one (model, length, mode) cell and make its first call (compiling under --compile) and its warm-up.
 
     Returns (run, result): run() times one round (a training step or a prefill: [seconds]; decode:
-    decode_tokens single-token steps, [seconds per step]); result(times) gives the cell's fields from every
+    decode_tokens single-token steps after a fresh prefill, [seconds per step]); result(times) gives the cell's fields from every
     round's times (their median)."""
     from models import build_model  # the registry: every model at the same preset size
     device = cfg.device
     batch = max(1, cfg.tokens_per_step // seq_len)
-    max_len = seq_len + (cfg.repeats * cfg.decode_tokens + max(1, cfg.warmup) if mode == "decode" else 0)
+    max_len = seq_len + (max(cfg.decode_tokens + 1, cfg.warmup) if mode == "decode" else 0)
     model = build_model(name, cfg.model_preset, block_size=max_len, vocab_size=cfg.vocab_size).to(device)
     autocast = cli.autocast_for(device, cfg.dtype)
     gen = torch.Generator().manual_seed(0)
@@ -322,33 +322,40 @@ def prepare_cell(cfg, name, seq_len, mode):
             return dict(batch_size=batch, tokens_per_s=batch * seq_len / sec, ms_per_step=1e3 * sec,
                         first_call_s=first, **achieved_flops(model, seq_len, batch * seq_len / sec, training))
         return lambda: [seconds(call, device)], result
-    # decode: one sequence, prefilled to seq_len, then single-token steps of sample.py's step
+    # decode: one sequence, prefilled to seq_len, then single-token steps of sample.py's step; every round
+    # starts from a fresh prefill, so that each times positions seq_len to seq_len + decode_tokens and the
+    # KV cache holds only those (a full-attention step reads its whole preallocated cache)
     model.eval()
     prompt = idx[:1]
     step_fn = sample.make_step(model, autocast, cfg.compile)
-    with torch.no_grad():
-        cache = model.init_cache(1, max_len, device, cli.kv_cache_dtype(autocast))  # as sample.py
-        with autocast:
-            model.prefill(prompt, cache)
-    tok = prompt[:, -1:]
+    at = {}  # the cache in use and the next input token
+
+    def prefill():
+        with torch.no_grad():
+            cache = model.init_cache(1, max_len, device, cli.kv_cache_dtype(autocast))  # as sample.py
+            with autocast:
+                model.prefill(prompt, cache)
+        at.update(cache=cache, tok=prompt[:, -1:])
 
     def one_step():
-        nonlocal tok
-        tok, _ = step_fn(tok, cache)  # greedy, drawn inside the step
+        at["tok"], _ = step_fn(at["tok"], at["cache"])  # greedy, drawn inside the step
 
+    prefill()
     with torch.no_grad():
         first = seconds(one_step, device)  # compiles the step under --compile
         for _ in range(max(0, cfg.warmup - 1)):  # untimed steps at position seq_len
             one_step()
 
     def run():
+        prefill()
         with torch.no_grad():
+            one_step()  # untimed: a compiled step takes a new cache's buffers and checks its guards
             return [seconds(one_step, device) for _ in range(cfg.decode_tokens)]
 
     def result(times):
         sec = statistics.median(times)
         return dict(batch_size=1, tokens_per_s=1.0 / sec, ms_per_token=1e3 * sec, first_call_s=first,
-                    state_bytes=model_common.state_bytes(cache)["total"])
+                    state_bytes=model_common.state_bytes(at["cache"])["total"])
     return run, result
 
 

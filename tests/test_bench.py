@@ -67,6 +67,17 @@ def test_interleave_times_every_model_in_one_worker(tmp_path):
     assert decode["moneta"]["state_bytes"] > 0 and decode["transformer"]["state_bytes"] > 0
 
 
+def test_decode_rounds_restart_from_the_prefill():
+    """Every decode round starts from a fresh prefill of seq_len tokens: more rounds time the same positions
+    with the same KV cache (a full-attention step reads its whole preallocated cache, so a cache sized for all
+    rounds' tokens would slow the Transformer++ at short lengths)."""
+    sizes = []
+    for repeats in (1, 3):
+        cfg = bench.parse_args([*TINY, "--modes=decode", "--decode_tokens=4", f"--repeats={repeats}"])
+        sizes.append(bench.bench_model(cfg, "transformer", 16, "decode")["state_bytes"])
+    assert sizes[0] == sizes[1]
+
+
 def test_interleave_prepares_every_model_then_times_rounds_in_turns(monkeypatch):
     """All cells are built (and compiled) before any is timed; each turn times one round of every model, the
     order reversed every other turn; each model's result sees all of its rounds."""
