@@ -213,8 +213,12 @@ def _state_slots(cache):
     return slots
 
 
+def _state_values(cache):
+    return [getattr(owner, name) for owner, name in _state_slots(cache)]
+
+
 def _state_tensors(cache):
-    return [t for owner, name in _state_slots(cache) for t in iter_tensors(getattr(owner, name))]
+    return [t for value in _state_values(cache) for t in iter_tensors(value)]
 
 
 def _fresh(t):
@@ -308,18 +312,12 @@ def make_step(model, autocast=None, compile=False, compile_mode="default", sampl
         _write_back(before)
         return out
 
-    # two entry points, so each holds one graph: a Miras chunk's first token (anchor refresh, kl's exact step)
-    # and its other tokens, which skip that work (MirasCache.chunk_start, set on the host around the call)
-    def chunk_start_step(idx, cache, noise=None):
-        return step_in_place(idx, cache, noise)
-
-    def chunk_rest_step(idx, cache, noise=None):
-        return step_in_place(idx, cache, noise)
-
     mode = None if compile_mode == "default" else compile_mode
-    # one compiled copy, with its own code object, per (entry point, decode-state geometry): torch.compile's
-    # recompile limit (8 graphs per code object) would otherwise make the ninth cache of a new shape (a KV cache
-    # of another length, another batch size) a hard error in a process that decodes many prompts
+    # one compiled copy of step_in_place, with its own code object, per (chunk start or not, decode-state
+    # geometry): a Miras chunk's first token (anchor refresh, kl's exact step) and its other tokens, which skip
+    # that work (MirasCache.chunk_start, set on the host around the call), each hold one graph; and
+    # torch.compile's recompile limit (8 graphs per code object) would otherwise make the ninth cache of a new
+    # shape (a KV cache of another length, another batch size) a hard error in a process that decodes many prompts
     compiled = {}
 
     # the inputs of a call whose guards are skipped are the buffers and shapes its guarded call checked, so
@@ -329,7 +327,7 @@ def make_step(model, autocast=None, compile=False, compile_mode="default", sampl
 
     def compiled_for(start, geometry):
         if (start, geometry) not in compiled:
-            fn = memory_core.with_own_code(chunk_start_step if start else chunk_rest_step, len(compiled))
+            fn = memory_core.with_own_code(step_in_place, f"{'start' if start else 'rest'}_{len(compiled)}")
             compiled[start, geometry] = torch.compile(fn, fullgraph=True, dynamic=False, backend=backend, mode=mode,
                                                       options=options)
         return compiled[start, geometry]
@@ -338,7 +336,7 @@ def make_step(model, autocast=None, compile=False, compile_mode="default", sampl
     mark = object()  # this step's mark on the caches whose state it owns (Cache.decode_owner)
 
     def compiled_step(idx, cache, noise=None):
-        state = [getattr(owner, name) for owner, name in _state_slots(cache)]
+        state = _state_values(cache)
         if any(s is None for s in state):
             # an empty cache (no prefill) has no state to write in place yet: its first token runs eagerly and
             # creates it (the same operations; a graph traced for an empty cache would be wrong at every later step)
@@ -351,7 +349,7 @@ def make_step(model, autocast=None, compile=False, compile_mode="default", sampl
         if not same_buffers:  # a new cache, or one rebound since
             checked.clear()
             buffers = _state_tensors(_own_buffers(cache))
-            cache.decode_owner = (mark, [getattr(owner, name) for owner, name in _state_slots(cache)])
+            cache.decode_owner = (mark, _state_values(cache))
             kv = [t for layer in cache.layers if isinstance(layer, AttnCache) for t in (layer.k, layer.v)]
             checked.update(cache=weakref.ref(cache), guarded=set(), chunk_pos=_chunk_pos(cache),  # one host read
                            geometry=tuple((t.shape, t.dtype, t.device) for t in buffers + kv))
