@@ -294,13 +294,18 @@ def step_sizes(eta, grads, delta, anchor, ln_w, scale, grad_sum, rule):
     return normalized_eta(eta, g, curvature, acts, dz, scale, grad_sum, response)
 
 
-def read(x, weights, ln_w, ln_b):
-    """y = M_W(x) for explicit weights (used where a chunk's weights are explicit: the kl lag token)."""
+def read(x, weights, ln_w, ln_b, scale=None, offset=None):
+    """y = M_W(x) for explicit weights (the decode step, the kl lag token); with per-layer read factors s_l
+    (lq: 1 / n, [N, 1, 1]) and offsets O_l (lq's p-norm link) layer l reads as W_l s_l + O_l. The factor scales the
+    layer's output, not its weights: one multiply per output instead of a scaled copy of the weights per token."""
     h = x
     for i, w in enumerate(weights):
-        h = h @ w.transpose(-1, -2)
-        if i < len(weights) - 1:
-            h = F.gelu(h)
+        z = h @ w.transpose(-1, -2)
+        if scale is not None:
+            z = z * scale[i]
+        if offset is not None:
+            z = z + h @ offset[i].transpose(-1, -2)
+        h = F.gelu(z) if i < len(weights) - 1 else z
     return x + _layer_norm(h, ln_w, ln_b)[0]
 
 
@@ -399,10 +404,7 @@ def _token_step(q, eta, log_alpha, log_mu, delta, start, anchor, inv_norm, offse
             update = mu * mom[i] + update
             new_mom.append(update)
         new.append(alpha * start[i] + update)
-    read_weights = new if inv_norm is None else [w * n for w, n in zip(new, inv_norm)]  # lq reads A / n
-    if offset is not None:
-        read_weights = [w + o for w, o in zip(read_weights, offset)]
-    return read(q, read_weights, ln_w, ln_b), new, new_mom, grad_sum
+    return read(q, new, ln_w, ln_b, inv_norm, offset), new, new_mom, grad_sum  # lq reads A / n (+ the link's O)
 
 
 def chunk_flops(d, expansion, memory, momentum, b):
@@ -1009,7 +1011,11 @@ def miras_memory_step(q, k, v, eta, alpha, state, ln_weight, ln_bias, *, objecti
                 grad_sum = choose(lambda: [torch.zeros_like(s) for s in grad_sum], grad_sum)
         y = y.view(B, H, d).to(q.dtype)
 
-    new_state = MemoryState(_unflat(B, H, new), _unflat(B, H, anchor), tuple(n.view(B, H) for n in norm),
+    # inside a chunk (fresh is False) the anchor and normalizers are the state's own tensors, returned as they
+    # are: a caller that keeps its state in place (sample.make_step) then has nothing to copy back for them
+    kept = fresh is False
+    new_state = MemoryState(_unflat(B, H, new), state.anchor if kept else _unflat(B, H, anchor),
+                            state.norm if kept else tuple(n.view(B, H) for n in norm),
                             _unflat(B, H, mom) if mom is not None else (), (pos + 1) % rule["chunk_size"],
                             _unflat(B, H, grad_sum) if normalize_step else ())
     return y, new_state

@@ -257,10 +257,12 @@ def _write_back(before):
     Every new tensor is taken (cloned; in a compiled graph a clone of an intermediate costs nothing) before any
     buffer is written: a new state may hold an old buffer itself (l2's anchor, refreshed at a chunk's first
     token to the weights the token started from)."""
-    new = [[t.clone() for t in iter_tensors(getattr(owner, name))] for owner, name, _ in before]
+    new = [[None if t is buf else t.clone() for t, buf in zip(iter_tensors(getattr(owner, name)), iter_tensors(old))]
+           for owner, name, old in before]
     for (owner, name, old), values in zip(before, new):
         for buf, value in zip(iter_tensors(old), values):
-            buf.copy_(value)
+            if value is not None:  # a tensor the step left as it was (an anchor inside its chunk) is not copied
+                buf.copy_(value)
         setattr(owner, name, old)
 
 
@@ -324,6 +326,12 @@ def make_step(model, autocast=None, compile=False, compile_mode="default", sampl
     # Inductor's assert of every input's size and stride on every call (~80 inputs for a Miras cache) is skipped
     # too (an Inductor option, not settable beside a mode)
     options = {"size_asserts": False} if backend == "inductor" and mode is None else None
+    if options is not None and model.lm_head.weight.device.type == "cpu":
+        # a batch-1 step's per-head products are matrix-vector products, which Inductor's CPU lowering turns into
+        # a broadcast multiply and a sum that inlines its inputs: the memory MLP's hidden gelu (erf) was then
+        # recomputed once per output row (32x at head dim 32). Realizing every multi-use pointwise result of more
+        # than 4 ops stores such inputs once (README, Benchmarks: decode)
+        options["realize_opcount_threshold"] = 4
 
     def compiled_for(start, geometry):
         if (start, geometry) not in compiled:

@@ -391,6 +391,26 @@ def test_compiled_step_writes_the_state_in_place(name, preset):
     assert counter.frame_count == graphs, f"{counter.frame_count} graphs, not {graphs}"
 
 
+@pytest.mark.parametrize("name", ["moneta", "memora"])
+def test_compiled_step_copies_back_only_the_state_that_changed(name):
+    """Inside a chunk a step leaves the anchor and lq's normalizers as they are (miras_memory_step returns the
+    state's own tensors), so the graph for a chunk's later tokens writes back every other state tensor and not those:
+    copying a [B, H, E*d, d] anchor onto itself is a pass over the layer's largest state per token. A chunk's first
+    token (the other graph) refreshes them and writes back every state tensor."""
+    model, _, compiled, counter = _eager_and_counted_steps(name, n_layer=2)
+    cache = model.init_cache(1, 64)
+    with torch.no_grad():
+        tok = model.prefill(torch.randint(32, (1, 13)), cache)[0][:, -1:].argmax(-1)
+        for _ in range(4):  # positions 13-16: the rest of a chunk of 8, then a chunk's first token
+            tok, _ = compiled(tok, cache)
+    mems = [layer.mem for layer in cache.layers]
+    kept = sum(len(m.anchor) + len(m.norm) for m in mems)
+    assert kept == (8 if name == "moneta" else 4)  # per layer: two anchors, and lq's two normalizers
+    every = len(sample._state_tensors(cache))
+    copies = [sum(n.target in ("copy_", torch.ops.aten.copy_.default) for n in g.graph.nodes) for g in counter.graphs]
+    assert copies == [every - kept, every], f"copies back per graph {copies}, state tensors {every}, kept {kept}"
+
+
 def test_compiled_step_from_an_empty_cache():
     """Decoding from an empty cache (no prefill): the compiled step's first token creates the state eagerly and
     the next ones run compiled, each equal to the eager step (float64, aot_eager). A graph traced for the empty
