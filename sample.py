@@ -256,7 +256,8 @@ def _write_back(before):
     holds the same tensors at every step (gpt-fast's static decode state: what a CUDA graph replays over).
     Every new tensor is taken (cloned; in a compiled graph a clone of an intermediate costs nothing) before any
     buffer is written: a new state may hold an old buffer itself (l2's anchor, refreshed at a chunk's first
-    token to the weights the token started from)."""
+    token to the weights the token started from). A tensor the step returned as it was (the buffer itself: an
+    anchor inside its chunk) is neither cloned nor copied."""
     new = [[None if t is buf else t.clone() for t, buf in zip(iter_tensors(getattr(owner, name)), iter_tensors(old))]
            for owner, name, old in before]
     for (owner, name, old), values in zip(before, new):
