@@ -333,6 +333,9 @@ def make_step(model, autocast=None, compile=False, compile_mode="default", sampl
         # recomputed once per output row (32x at head dim 32). Realizing every multi-use pointwise result of more
         # than 4 ops stores such inputs once (README, Benchmarks: decode)
         options["realize_opcount_threshold"] = 4
+        # and the dense layers' one-row matmuls (x W^T of the projections, MLPs, gates and head) become reductions
+        # fused with their neighbours instead of ~20 separate BLAS calls per token
+        options["post_grad_fusion_options"] = {"decompose_mm_pass": {}}
 
     def compiled_for(start, geometry):
         if (start, geometry) not in compiled:
