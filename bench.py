@@ -10,8 +10,8 @@ peak on GPU (spawned workers: CUDA cannot be used in a forked child); on CPU the
 size above its size at its start (ru_maxrss delta; workers forked from a fork server). Timings are medians
 over --repeats rounds after --warmup untimed runs (at least one: the first call, timed on its own as
 first_call_s, which includes compiling under --compile); a round is one training step or prefill, or
---decode_tokens decode steps after a fresh prefill of seq_len tokens (the decode median is over every step). The batch is tokens_per_step // seq_len
-so every length does the same work per step.
+--decode_tokens decode steps after a fresh prefill of seq_len tokens (the decode median is over every step).
+The batch is tokens_per_step // seq_len so every length does the same work per step.
 --interleave runs every model of one (length, mode) in one worker instead, the rounds taken in turns, so that
 the models compare on a machine whose speed drifts over minutes (a shared CPU); peak memory is then null.
 --compile (default None: on CUDA only) compiles the models for train and prefill, and sample.py's decode step.
@@ -286,8 +286,8 @@ def prepare_cell(cfg, name, seq_len, mode):
     """Build one (model, length, mode) cell and make its first call (compiling under --compile) and its warm-up.
 
     Returns (run, result): run() times one round (a training step or a prefill: [seconds]; decode:
-    decode_tokens single-token steps after a fresh prefill, [seconds per step]); result(times) gives the cell's fields from every
-    round's times (their median)."""
+    decode_tokens single-token steps after a fresh prefill, [seconds per step]); result(times) gives the cell's
+    fields from every round's times (their median)."""
     from models import build_model  # the registry: every model at the same preset size
     device = cfg.device
     batch = max(1, cfg.tokens_per_step // seq_len)

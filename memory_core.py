@@ -294,18 +294,23 @@ def step_sizes(eta, grads, delta, anchor, ln_w, scale, grad_sum, rule):
     return normalized_eta(eta, g, curvature, acts, dz, scale, grad_sum, response)
 
 
+def _layer_output(z, h, i, n_layers, scale, offset):
+    """Layer i's output from its weights' product z with its input h: times the read factor s_i (lq: 1 / n,
+    [N, 1, 1]), plus h O_i^T (lq's p-norm link), then gelu between layers. The factor scales the product, not
+    the weights: one multiply per output instead of a scaled copy of the weights."""
+    if scale is not None:
+        z = z * scale[i]
+    if offset is not None:
+        z = z + h @ offset[i].transpose(-1, -2)
+    return F.gelu(z) if i < n_layers - 1 else z
+
+
 def read(x, weights, ln_w, ln_b, scale=None, offset=None):
-    """y = M_W(x) for explicit weights (the decode step, the kl lag token); with per-layer read factors s_l
-    (lq: 1 / n, [N, 1, 1]) and offsets O_l (lq's p-norm link) layer l reads as W_l s_l + O_l. The factor scales the
-    layer's output, not its weights: one multiply per output instead of a scaled copy of the weights per token."""
+    """y = M_W(x) for explicit weights (the decode step, the kl lag token); with read factors s_l and offsets
+    O_l (lq) layer l reads as W_l s_l + O_l."""
     h = x
     for i, w in enumerate(weights):
-        z = h @ w.transpose(-1, -2)
-        if scale is not None:
-            z = z * scale[i]
-        if offset is not None:
-            z = z + h @ offset[i].transpose(-1, -2)
-        h = F.gelu(z) if i < len(weights) - 1 else z
+        h = _layer_output(h @ w.transpose(-1, -2), h, i, len(weights), scale, offset)
     return x + _layer_norm(h, ln_w, ln_b)[0]
 
 
@@ -359,11 +364,7 @@ def _segment(q, k, v, eta, log_alpha, log_mu, delta, start, anchor, inv_norm, of
         z = beta * (h @ start[i].transpose(-1, -2)) - ((h @ acts[i].transpose(-1, -2)) * step) @ dz[i]
         if mom is not None:
             z = z + carry * (h @ mom[i].transpose(-1, -2))
-        if inv_norm is not None:
-            z = z * inv_norm[i]
-        if offset is not None:
-            z = z + h @ offset[i].transpose(-1, -2)
-        h = F.gelu(z) if i < n_layers - 1 else z
+        h = _layer_output(z, h, i, n_layers, inv_norm, offset)
     y = q + _layer_norm(h, ln_w, ln_b)[0]
 
     # a one-hot row mask, not index_select: compiled with index_select, kl's eta and alpha gradients came out

@@ -262,7 +262,7 @@ def _write_back(before):
            for owner, name, old in before]
     for (owner, name, old), values in zip(before, new):
         for buf, value in zip(iter_tensors(old), values):
-            if value is not None:  # a tensor the step left as it was (an anchor inside its chunk) is not copied
+            if value is not None:
                 buf.copy_(value)
         setattr(owner, name, old)
 
