@@ -487,14 +487,17 @@ class MirasLayer(nn.Module):
         return out
 
     def _short_conv(self, x, prev):
-        """Depthwise causal conv over time. x: [B, 3C, T]; prev: the K-1 inputs before x, or None (zeros)."""
-        K = self.conv_weight.shape[-1]
+        """Depthwise causal conv over time. x: [B, 3C, T]; prev: the K-1 inputs before x, or None (zeros).
+
+        As K shifted multiply-adds, y_t = sum_j w_j x_{t-K+1+j}, not F.conv1d (the reference in the tests):
+        compiled, they and their backward fuse with the elementwise ops around them, where a depthwise conv1d
+        is a kernel of its own whose backward is slow on a CPU (README, Benchmarks)."""
+        K, T = self.conv_weight.shape[-1], x.shape[-1]
         xp = F.pad(x, (K - 1, 0)) if prev is None else torch.cat([prev.to(x.dtype), x], dim=-1)
-        w = self.conv_weight.to(x.dtype)
-        if x.shape[-1] == 1:  # decoding: one dot product per channel (setting up conv1d costs more than that)
-            y = (xp * w.squeeze(1)).sum(-1, keepdim=True)
-        else:
-            y = F.conv1d(xp, w, groups=x.shape[1])
+        w = self.conv_weight.to(x.dtype).squeeze(1)  # [3C, K]
+        y = xp[..., :T] * w[:, :1]
+        for j in range(1, K):
+            y = y + xp[..., j:j + T] * w[:, j:j + 1]
         # the tail in its own storage: a view would keep all of xp alive in the cache (a whole prefill's inputs)
         # and reach a compiled decode step strided, to be copied on every token
         return y, xp[..., xp.shape[-1] - (K - 1):].contiguous()

@@ -85,6 +85,24 @@ def test_layer_options(option):
     check_all_grads(model)
 
 
+@pytest.mark.parametrize("conv_size", [1, 2, 4, 5])
+def test_short_conv_is_a_causal_depthwise_conv1d(conv_size):
+    """The layer's shifted multiply-adds equal F.conv1d over the causally padded input (float64), from zeros and
+    from a carried tail, for lengths shorter and longer than the kernel, on a strided (transposed) input as the
+    layer passes it; the tail returned is the last K-1 inputs."""
+    torch.manual_seed(0)
+    layer = micro("moneta", conv_size=conv_size).double().blocks[0].mixer
+    C3, K = layer.conv_weight.shape[0], conv_size
+    for T in (1, 3, 7):
+        x = torch.randn(2, T, C3, dtype=torch.float64).transpose(1, 2)  # [B, 3C, T], strided as in the layer
+        for prev in (None, torch.randn(2, C3, K - 1, dtype=torch.float64)):
+            padded = torch.cat([torch.zeros(2, C3, K - 1, dtype=torch.float64) if prev is None else prev, x], -1)
+            want = torch.nn.functional.conv1d(padded, layer.conv_weight, groups=C3)
+            y, tail = layer._short_conv(x, prev)
+            torch.testing.assert_close(y, want, rtol=0, atol=1e-13, msg=f"T={T}, prev={prev is not None}")
+            assert torch.equal(tail, padded[..., padded.shape[-1] - (K - 1):]) and tail.is_contiguous()
+
+
 # ----------------------------------------------------------------------------------------------
 # recurrent decoding == full forward, float64, every position, prompts on and off chunk boundaries
 
