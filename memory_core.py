@@ -314,6 +314,11 @@ def read(x, weights, ln_w, ln_b, scale=None, offset=None):
     return x + _layer_norm(h, ln_w, ln_b)[0]
 
 
+def _refresh(weights, rule):
+    """A chunk start's anchor and frozen normalizers (Retention.refresh), as a function torch.compile can take."""
+    return rule["retention"].refresh(weights, rule)
+
+
 def _masked_decay(log_cum):
     """exp(L_t - L_i) for i <= t, else 0: [N, n, n] from cumulative logs [N, n]."""
     n = log_cum.shape[-1]
@@ -580,7 +585,7 @@ def _run_piece(kind, x, st, ln_w, ln_b, rule, fns):
     """One piece: a kl lag token, a fresh chunk ("refresh") or the rest of a chunk in progress ("continue").
     st = (weights, anchor, norm, mom, grad_sum) before it; returns (y [N, n, d], st after it). With
     fns' pad_to set (compiled chunks), a short piece is padded to a whole chunk: one graph for every length."""
-    segment, lag_step, track, pad_to = fns
+    segment, lag_step, refresh, track, pad_to = fns
     if pad_to:  # compiled: contiguous pieces, so that strides (which depend on T) never force a new graph
         x = [None if t is None else t.contiguous() for t in x]
     q_c, k_c, v_c, eta_c, la_c, lm_c, delta_c = x
@@ -591,7 +596,7 @@ def _run_piece(kind, x, st, ln_w, ln_b, rule, fns):
         grad_sum = [torch.zeros_like(w) for w in weights] if track else None
         return y, (list(weights), list(weights), norm, mom, grad_sum)
     if kind == "refresh":  # a new chunk: gradients are taken at its start
-        anchor, norm = ret.refresh(weights, rule)
+        anchor, norm = refresh(weights, rule)
         grad_sum = [torch.zeros_like(w) for w in weights] if track else None
     n, last_row = q_c.shape[1], None
     if pad_to:  # every piece the same length and the same graph inputs, padded or not
@@ -654,14 +659,17 @@ def _loop_setup(inputs, state, names, ints, floats, pos, kernels=True):
     p, q_norm, sharpness, eps, simplex = floats
     rule = _rule(objective, retention, chunk_size, p, q_norm, sharpness, eps, simplex or None, memory, normalize_step,
                  link)
-    lag_step = rule["retention"].lag_step
-    segment = _segment
+    ret = rule["retention"]
+    segment, lag_step, refresh = _segment, ret.lag_step, _refresh
     if compile_chunks and kernels:
         # every shape but T's (head size, expansion, which gates and state parts are there), dtype and device
         shapes = (*[None if t is None else (t.shape[0], *t.shape[2:]) for t in inputs], *[t.shape for t in state])
         key = (names, tuple(ints), tuple(floats), shapes, inputs[0].dtype, inputs[0].device)
         segment, lag_step = _compiled(_segment, key), lag_step and _compiled(lag_step, key)
-    fns = (segment, lag_step, bool(track), rule["chunk_size"] if compile_chunks else None)
+        if ret.has_norm:  # lq's chunk-start norms: elementwise passes over the weights, fused when compiled (the
+            # other retentions' anchor is the weights themselves, which a graph would return as a new alias)
+            refresh = _compiled(_refresh, key)
+    fns = (segment, lag_step, refresh, bool(track), rule["chunk_size"] if compile_chunks else None)
     return _plan(inputs[0].shape[1], pos, rule["chunk_size"], lag_step is not None), rule, fns
 
 

@@ -175,7 +175,7 @@ def test_compiled_chunks_graph_count_is_bounded_per_rule_without_a_recompile_lim
     n_graphs = counters["stats"]["unique_graphs"]
     assert n_graphs > 8  # more than one function's default budget in this process, and no error
     assert n_graphs <= 2 * len(memory_core._COMPILED), (n_graphs, len(memory_core._COMPILED))
-    assert len(memory_core._COMPILED) == 2 * len(rules) + 2  # (train, eval batch) x rule, + kl's lag step x 2
+    assert len(memory_core._COMPILED) == 2 * len(rules) + 4  # (train, eval batch) x (rule, kl's lag, lq's refresh)
     run_all(14)
     assert counters["stats"]["unique_graphs"] == n_graphs, "a new length compiled a new graph"
 
