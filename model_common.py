@@ -299,7 +299,7 @@ class AttnCache:
 
 
 class MirasCache:
-    """Conv state (the last conv_size - 1 pre-conv inputs, [B, 3C, K-1]) and the memory's MemoryState;
+    """Conv state (the last conv_size - 1 pre-conv inputs, [B, K-1, 3C]) and the memory's MemoryState;
     chunk_start: whether the next token starts a chunk, when a compiled decode step knows it on the host
     (memory_core.miras_memory_step's chunk_start; None: decided from the state's position)."""
 
@@ -422,7 +422,10 @@ class MirasLayer(nn.Module):
         self.H, self.d, self.r = H, d, r
         # one matmul for q, k, v, the output gate and the low-rank gate input
         self.in_proj = nn.Linear(C, 4 * C + r, bias=False)
-        self.conv_weight = nn.Parameter(torch.empty(3 * C, 1, cfg.conv_size))
+        # depthwise causal conv taps, [K, 3C]: row j weighs the input K-1-j steps back. Channels contiguous, so
+        # that compiled code reads a tap as a vector (Inductor's CPU code for nn.Conv1d's [3C, 1, K] layout is
+        # scalar); the same function as nn.Conv1d(3C, 3C, K, groups=3C) with weight.squeeze(1).t()
+        self.conv_weight = nn.Parameter(torch.empty(cfg.conv_size, 3 * C))
         self.objective = memory_core.resolve("objective", cfg.objective)
         self.retention = memory_core.resolve("retention", cfg.retention)
         self.gates = self._gate_specs()
@@ -465,8 +468,9 @@ class MirasLayer(nn.Module):
     def reset_special_parameters(self):
         """Inits that the generic nanoGPT init must not overwrite (called again by LM after it)."""
         cfg = self.cfg
-        fan = self.conv_weight.shape[-1]
-        nn.init.uniform_(self.conv_weight, -1 / math.sqrt(fan), 1 / math.sqrt(fan))  # nn.Conv1d's default
+        fan = self.conv_weight.shape[0]
+        taps = torch.empty(self.conv_weight.shape[::-1])  # drawn as nn.Conv1d's default init draws its [3C, 1, K]
+        self.conv_weight.copy_(nn.init.uniform_(taps, -1 / math.sqrt(fan), 1 / math.sqrt(fan)).t())
         self.gate_proj.bias.copy_(torch.tensor([g.init_bias for g in self.gates for _ in range(self.H)]))
         for w in self.mem_init:  # the learned initial state: plain weights, an accumulator, logits ...
             self.retention.init_fast_weights_(w, cfg)
@@ -487,20 +491,21 @@ class MirasLayer(nn.Module):
         return out
 
     def _short_conv(self, x, prev):
-        """Depthwise causal conv over time. x: [B, 3C, T]; prev: the K-1 inputs before x, or None (zeros).
+        """Depthwise causal conv over time. x: [B, T, 3C]; prev: the K-1 inputs before x [B, K-1, 3C], or None
+        (zeros).
 
-        As K shifted multiply-adds, y_t = sum_j w_j x_{t-K+1+j}, not F.conv1d (the reference in the tests):
-        compiled, they and their backward fuse with the elementwise ops around them, where a depthwise conv1d
-        is a kernel of its own whose backward is slow on a CPU (README, Benchmarks)."""
-        K, T = self.conv_weight.shape[-1], x.shape[-1]
-        xp = F.pad(x, (K - 1, 0)) if prev is None else torch.cat([prev.to(x.dtype), x], dim=-1)
-        w = self.conv_weight.to(x.dtype).squeeze(1)  # [3C, K]
-        y = xp[..., :T] * w[:, :1]
+        As K shifted multiply-adds along time, y_t = sum_j w_j x_{t-K+1+j}, not F.conv1d (the reference in the
+        tests): compiled, they and their backward fuse with the elementwise ops around them, where a depthwise
+        conv1d is a kernel of its own whose backward is slow on a CPU (README, Benchmarks)."""
+        K, T = self.conv_weight.shape[0], x.shape[1]
+        xp = F.pad(x, (0, 0, K - 1, 0)) if prev is None else torch.cat([prev.to(x.dtype), x], dim=1)
+        w = self.conv_weight.to(x.dtype)  # [K, 3C]
+        y = xp[:, :T] * w[0]
         for j in range(1, K):
-            y = y + xp[..., j:j + T] * w[:, j:j + 1]
+            y = y + xp[:, j:j + T] * w[j]
         # the tail in its own storage: a view would keep all of xp alive in the cache (a whole prefill's inputs)
         # and reach a compiled decode step strided, to be copied on every token
-        return y, xp[..., xp.shape[-1] - (K - 1):].contiguous()
+        return y, xp[:, xp.shape[1] - (K - 1):].contiguous()
 
     def _memory_inputs(self, x, rope, conv_prev):
         """x -> (q, k, v [B, H, T, d], gates, output gate, conv tail): projections, short conv, silu, l2 norm."""
@@ -508,8 +513,8 @@ class MirasLayer(nn.Module):
         H, d = self.H, self.d
         dt = self.mem_ln_weight.dtype  # float32 (float64 for a double model), also under autocast
         qkv, out_gate, u = self.in_proj(x).split([3 * C, C, self.r], dim=-1)
-        h, conv_state = self._short_conv(qkv.transpose(1, 2), conv_prev)
-        q, k, v = F.silu(h).view(B, 3, H, d, T).permute(1, 0, 2, 4, 3).to(dt)  # each [B, H, T, d]
+        h, conv_state = self._short_conv(qkv, conv_prev)
+        q, k, v = F.silu(h).view(B, T, 3, H, d).permute(2, 0, 3, 1, 4).to(dt)  # each [B, H, T, d]
         q, k = F.normalize(q, dim=-1, eps=1e-6), F.normalize(k, dim=-1, eps=1e-6)
         if self.cfg.use_rope:
             q, k = apply_rope(q, rope), apply_rope(k, rope)

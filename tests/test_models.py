@@ -87,20 +87,35 @@ def test_layer_options(option):
 
 @pytest.mark.parametrize("conv_size", [1, 2, 4, 5])
 def test_short_conv_is_a_causal_depthwise_conv1d(conv_size):
-    """The layer's shifted multiply-adds equal F.conv1d over the causally padded input (float64), from zeros and
-    from a carried tail, for lengths shorter and longer than the kernel, on a strided (transposed) input as the
-    layer passes it; the tail returned is the last K-1 inputs."""
+    """The layer's shifted multiply-adds over [B, T, 3C] equal F.conv1d over the causally padded input (float64)
+    with the taps as nn.Conv1d's [3C, 1, K] weight, from zeros and from a carried tail, for lengths shorter and
+    longer than the kernel, on a strided input (a slice of a wider projection, as the layer passes it); the
+    tail returned is the last K-1 inputs."""
     torch.manual_seed(0)
     layer = micro("moneta", conv_size=conv_size).double().blocks[0].mixer
-    C3, K = layer.conv_weight.shape[0], conv_size
+    K, C3 = layer.conv_weight.shape
+    assert K == conv_size
+    weight = layer.conv_weight.t().unsqueeze(1)  # nn.Conv1d's layout
     for T in (1, 3, 7):
-        x = torch.randn(2, T, C3, dtype=torch.float64).transpose(1, 2)  # [B, 3C, T], strided as in the layer
-        for prev in (None, torch.randn(2, C3, K - 1, dtype=torch.float64)):
-            padded = torch.cat([torch.zeros(2, C3, K - 1, dtype=torch.float64) if prev is None else prev, x], -1)
-            want = torch.nn.functional.conv1d(padded, layer.conv_weight, groups=C3)
+        x = torch.randn(2, T, C3 + 5, dtype=torch.float64)[..., :C3]  # [B, T, 3C], row stride 3C + 5
+        for prev in (None, torch.randn(2, K - 1, C3, dtype=torch.float64)):
+            padded = torch.cat([torch.zeros(2, K - 1, C3, dtype=torch.float64) if prev is None else prev, x], 1)
+            want = torch.nn.functional.conv1d(padded.transpose(1, 2), weight, groups=C3).transpose(1, 2)
             y, tail = layer._short_conv(x, prev)
             torch.testing.assert_close(y, want, rtol=0, atol=1e-13, msg=f"T={T}, prev={prev is not None}")
-            assert torch.equal(tail, padded[..., padded.shape[-1] - (K - 1):]) and tail.is_contiguous()
+            assert torch.equal(tail, padded[:, padded.shape[1] - (K - 1):]) and tail.is_contiguous()
+
+
+def test_short_conv_init_draws_as_nn_conv1d():
+    """The taps [K, 3C] are drawn as nn.Conv1d(3C, 3C, K, groups=3C)'s default init draws its [3C, 1, K] weight
+    from the same generator state (so a seed gives the same model as before the taps' layout changed)."""
+    layer = micro("moneta", conv_size=4).blocks[0].mixer
+    C3 = layer.conv_weight.shape[1]
+    torch.manual_seed(5)
+    layer.reset_special_parameters()
+    torch.manual_seed(5)
+    ref = torch.nn.Conv1d(C3, C3, 4, groups=C3, bias=False).weight
+    assert torch.equal(layer.conv_weight.detach(), ref.detach().squeeze(1).t())
 
 
 # ----------------------------------------------------------------------------------------------
