@@ -445,6 +445,14 @@ class MirasLayer(nn.Module):
                                link=cfg.lq_link if cfg.retention == "lq" else "printed")
         self.reset_special_parameters()
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints written before the taps' layout change hold nn.Conv1d's [3C, 1, K]: the same taps, transposed
+        key = prefix + "conv_weight"
+        old = state_dict.get(key)
+        if old is not None and old.dim() == 3 and old.shape[1] == 1:
+            state_dict[key] = old.squeeze(1).t().contiguous()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def _gate_specs(self):
         """eta, alpha (unless alpha_gate is off), the objective's own gates (Yaad: delta), mu (momentum)."""
         cfg = self.cfg

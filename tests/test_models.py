@@ -106,6 +106,19 @@ def test_short_conv_is_a_causal_depthwise_conv1d(conv_size):
             assert torch.equal(tail, padded[:, padded.shape[1] - (K - 1):]) and tail.is_contiguous()
 
 
+def test_checkpoint_with_conv1d_taps_loads():
+    """A state dict from before the taps' layout change (nn.Conv1d's [3C, 1, K]) loads into the same model."""
+    torch.manual_seed(0)
+    model = micro("moneta")
+    old = {k: (v.t().unsqueeze(1).clone() if k.endswith("conv_weight") else v.clone())
+           for k, v in model.state_dict().items()}
+    torch.manual_seed(1)
+    fresh = micro("moneta")
+    fresh.load_state_dict(old)
+    for (k, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
 def test_short_conv_init_draws_as_nn_conv1d():
     """The taps [K, 3C] are drawn as nn.Conv1d(3C, 3C, K, groups=3C)'s default init draws its [3C, 1, K] weight
     from the same generator state (so a seed gives the same model as before the taps' layout changed)."""
