@@ -477,7 +477,8 @@ class MirasLayer(nn.Module):
         """Inits that the generic nanoGPT init must not overwrite (called again by LM after it)."""
         cfg = self.cfg
         fan = self.conv_weight.shape[0]
-        taps = torch.empty(self.conv_weight.shape[::-1])  # drawn as nn.Conv1d's default init draws its [3C, 1, K]
+        # drawn as nn.Conv1d's default init draws its [3C, 1, K] weight, then transposed
+        taps = torch.empty(self.conv_weight.shape[::-1], device=self.conv_weight.device, dtype=self.conv_weight.dtype)
         self.conv_weight.copy_(nn.init.uniform_(taps, -1 / math.sqrt(fan), 1 / math.sqrt(fan)).t())
         self.gate_proj.bias.copy_(torch.tensor([g.init_bias for g in self.gates for _ in range(self.H)]))
         for w in self.mem_init:  # the learned initial state: plain weights, an accumulator, logits ...
