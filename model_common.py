@@ -412,6 +412,14 @@ class Attention(nn.Module):
         return y.to(q.dtype)
 
 
+def conv_taps_in_layout(taps, param):
+    """Checkpoints written before the short conv's taps became [K, 3C] hold nn.Conv1d's [3C, 1, K] (the same
+    taps, transposed), for the weights and their optimizer moments: those in `param`'s layout; others as they are."""
+    if torch.is_tensor(taps) and taps.shape == (param.shape[1], 1, param.shape[0]):
+        return taps.squeeze(1).t().contiguous()
+    return taps
+
+
 class MirasLayer(nn.Module):
     """The Miras sequence layer (paper section 5.4); the memory itself is memory_core's."""
 
@@ -446,11 +454,9 @@ class MirasLayer(nn.Module):
         self.reset_special_parameters()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # checkpoints written before the taps' layout change hold nn.Conv1d's [3C, 1, K]: the same taps, transposed
         key = prefix + "conv_weight"
-        old = state_dict.get(key)
-        if old is not None and old.dim() == 3 and old.shape[1] == 1:
-            state_dict[key] = old.squeeze(1).t().contiguous()
+        if key in state_dict:
+            state_dict[key] = conv_taps_in_layout(state_dict[key], self.conv_weight)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _gate_specs(self):
@@ -738,6 +744,16 @@ class LM(nn.Module):
         groups = [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
         extra = dict(fused=True) if device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters else {}
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, **extra)
+
+    def load_optimizer_state(self, optimizer, state_dict):
+        """optimizer.load_state_dict, with the moments of a Miras layer's conv taps saved in the older layout
+        brought to the parameter's (conv_taps_in_layout)."""
+        optimizer.load_state_dict(state_dict)
+        for m in self.modules():
+            if isinstance(m, MirasLayer) and m.conv_weight in optimizer.state:
+                state = optimizer.state[m.conv_weight]
+                for key, value in state.items():
+                    state[key] = conv_taps_in_layout(value, m.conv_weight)
 
     def load_state_dict(self, state_dict, strict=True, assign=False):
         """Accepts state dicts of compiled (`_orig_mod.`) and DDP (`module.`) wrappers too."""

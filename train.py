@@ -596,7 +596,7 @@ def setup(cfg, device, ddp, rank, world, batches=None):
 def resume(run, ckpt):
     """Continue from a checkpoint: weights, optimizer, iteration, best val loss, every rank's RNG streams."""
     run.raw_model.load_state_dict(ckpt["model"])
-    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.raw_model.load_optimizer_state(run.optimizer, ckpt["optimizer"])
     run.iter_num, run.best_val = int(ckpt["iter_num"]), float(ckpt["best_val_loss"])
     run.saved_iter = run.iter_num
     states = ckpt["rng_states"]

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import models
 import train
 from conftest import write_word_dataset
 from train import ConfigError, TrainConfig, TrainingDiverged
@@ -232,6 +233,32 @@ def test_resume_continues_the_same_curve(dataset, tmp_path):
         assert b[it] == pytest.approx(a[it], rel=1e-6, abs=1e-7), it
     assert result["iter"] == 8
     assert result["best_val_loss"] == pytest.approx(train.load_checkpoint(full / "ckpt.pt")["best_val_loss"])
+
+
+def test_resume_of_a_checkpoint_with_conv1d_taps(dataset, tmp_path):
+    """A checkpoint written before the short conv's taps became [K, 3C] (nn.Conv1d's [3C, 1, K], for the weights
+    and AdamW's moments) resumes on the same curve as an uninterrupted run."""
+    common = ["--max_iters=8", "--lr_decay_iters=8", "--eval_interval=3", "--learning_rate=1e-2"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    train.train(cfg_of(dataset, full, *common))
+    train.train(cfg_of(dataset, part, *common, "--max_iters=5"))
+    ck = torch.load(part / "ckpt.pt", weights_only=False)
+    model = models.build_model(models.config_from_dict(ck["model_name"], ck["model_config"]))
+    order = [p for g in model.configure_optimizers(0.1, 1e-3).param_groups for p in g["params"]]
+    legacy = 0
+    for i, p in enumerate(order):
+        if p.dim() == 2 and any(p is m.conv_weight for m in model.modules() if hasattr(m, "conv_weight")):
+            name = next(n for n, q in model.named_parameters() if q is p)
+            ck["model"][name] = ck["model"][name].t().unsqueeze(1).clone()
+            for key in ("exp_avg", "exp_avg_sq"):
+                ck["optimizer"]["state"][i][key] = ck["optimizer"]["state"][i][key].t().unsqueeze(1).clone()
+            legacy += 1
+    assert legacy == ck["model_config"]["n_layer"]
+    torch.save(ck, part / "ckpt.pt")
+    train.train(cfg_of(dataset, part, *common, "--init_from=resume"))
+    a, b = step_losses(full), step_losses(part)
+    for it in range(1, 9):
+        assert b[it] == pytest.approx(a[it], rel=1e-6, abs=1e-7), it
 
 
 def test_resume_needs_the_same_model(dataset, tmp_path):
