@@ -102,7 +102,7 @@ class TrainConfig:
     # system
     device: str = "auto"                        # auto (cuda if available, else cpu) | cpu | cuda | cuda:N | mps
     dtype: str = "auto"                         # auto (bfloat16 on CUDA if supported, else float32) | float32 | bfloat16 | float16
-    compile: Optional[bool] = None              # torch.compile the model; None: on CUDA only (cli.resolve_compile)
+    compile: Optional[bool] = None              # torch.compile the model; None: CUDA, or a CPU that can (cli)
 
 
 class TrainingDiverged(RuntimeError):
@@ -501,6 +501,7 @@ class Run:
     model: torch.nn.Module = None      # fwd_model, DDP-wrapped under torchrun: training steps run it
     scaler: typing.Any = None          # a GradScaler for float16
     compile: bool = False              # cfg.compile resolved for the device
+    compile_why: str = ""               # how it was resolved, for the log ("auto", or why not compiled)
     iter_num: int = 0                  # optimizer steps taken
     best_val: float = float("inf")
     saved_iter: Optional[int] = None   # the iteration of ckpt.pt
@@ -585,7 +586,7 @@ def setup(cfg, device, ddp, rank, world, batches=None):
         resume(run, ckpt)
         del ckpt
     run.scaler = torch.amp.GradScaler("cuda") if dtype == "float16" else None
-    run.compile = cli.resolve_compile(cfg.compile, device)
+    run.compile, run.compile_why = cli.resolve_train_compile(cfg.compile, device)
     run.fwd_model = run.model = torch.compile(raw_model) if run.compile else raw_model
     if ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -631,7 +632,7 @@ def start_outputs(run):
     run.log(f"global batch: {run.n_micro * cfg.batch_size:,} sequences x {T:,} tokens = {run.tokens_per_iter:,} "
             f"tokens per step ({run.split_how})")
     run.log(f"device {run.device}, dtype {run.dtype}, compile {run.compile}"
-            f"{' (auto)' if cfg.compile is None else ''}, lr {run.resolved.learning_rate:g} -> "
+            f"{f' ({run.compile_why})' if run.compile_why else ''}, lr {run.resolved.learning_rate:g} -> "
             f"{run.resolved.min_lr:g}, {'resuming at' if run.iter_num else 'starting at'} iteration {run.iter_num} "
             f"of {cfg.max_iters}")
 

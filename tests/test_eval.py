@@ -143,7 +143,7 @@ def trained_dir(tmp_path_factory):
     torch.set_num_threads(1)
     train.train(train.TrainConfig(model="moneta", preset="tiny", n_layer=1, n_embd=32, n_head=2, block_size=32,
                                   batch_size=8, max_iters=40, warmup_iters=2, eval_interval=40, eval_iters=1,
-                                  log_interval=40, learning_rate=1e-2, device="cpu", dtype="float32",
+                                  log_interval=40, learning_rate=1e-2, device="cpu", dtype="float32", compile=False,
                                   dataset=data, out_dir=str(out), model_args="chunk_size=8,gate_rank=8"))
     return str(out)
 

@@ -20,7 +20,8 @@ from train import TrainConfig
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BLOCK = 32
 TINY = dict(preset="tiny", n_layer=1, n_embd=32, n_head=2, block_size=BLOCK, batch_size=8, warmup_iters=2,
-            eval_interval=25, eval_iters=2, log_interval=25, learning_rate=1e-2, device="cpu", dtype="float32")
+            eval_interval=25, eval_iters=2, log_interval=25, learning_rate=1e-2, device="cpu", dtype="float32",
+            compile=False)
 
 
 @pytest.fixture(scope="module")

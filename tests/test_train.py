@@ -20,8 +20,10 @@ from train import ConfigError, TrainConfig, TrainingDiverged
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A model of a few thousand parameters: one Moneta layer, short chunks.
+# Eager: compiling (the CPU default where Inductor can build) would cost each test tens of seconds.
 TINY = ["--n_layer=1", "--n_embd=32", "--n_head=2", "--block_size=32", "--batch_size=4",
-        "--model_args=chunk_size=16,gate_rank=8", "--warmup_iters=2", "--eval_iters=2", "--log_interval=1"]
+        "--model_args=chunk_size=16,gate_rank=8", "--warmup_iters=2", "--eval_iters=2", "--log_interval=1",
+        "--compile=false"]
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +54,19 @@ def test_overrides_are_typed():
     assert cfg.n_layer is None and cfg.min_lr == 1.0 and isinstance(cfg.min_lr, float) and cfg.model == "yaad"
 
 
-def test_compile_defaults_to_the_device():
-    """--compile's default (None) compiles where it pays, on CUDA, and not on a CPU; an explicit value wins."""
+def test_compile_defaults_to_the_device(monkeypatch):
+    """train.py's --compile default (None) compiles where it pays: on CUDA, and on a CPU whose Inductor can build
+    its kernels (this machine's can), else trains eagerly and says why; an explicit value wins. sample.py's and
+    bench.py's default compiles on CUDA only."""
     import cli
     assert train.parse_args([]).compile is None and train.parse_args(["--compile=None"]).compile is None
+    assert cli.resolve_train_compile(None, "cuda") == (True, "auto")
+    assert cli.resolve_train_compile(None, "cpu") == (True, "auto")
+    assert cli.resolve_train_compile(False, "cpu") == (False, "") and cli.resolve_train_compile(True, "mps")[0]
+    assert cli.resolve_train_compile(None, "mps") == (False, "auto: not compiled on mps")
+    monkeypatch.setattr(cli.torch, "compile", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no g++\nmore")))
+    ok, why = cli.resolve_train_compile(None, "cpu")
+    assert not ok and "RuntimeError: no g++" in why and "more" not in why and "--compile=false" in why
     assert cli.resolve_compile(None, "cpu") is False and cli.resolve_compile(None, "cuda") is True
     assert cli.resolve_compile(True, "cpu") is True and cli.resolve_compile(False, "cuda") is False
 
