@@ -501,7 +501,7 @@ class Run:
     model: torch.nn.Module = None      # fwd_model, DDP-wrapped under torchrun: training steps run it
     scaler: typing.Any = None          # a GradScaler for float16
     compile: bool = False              # cfg.compile resolved for the device
-    compile_why: str = ""               # how it was resolved, for the log ("auto", or why not compiled)
+    compile_why: str = ""              # how it was resolved, for the log ("auto", or why not compiled)
     iter_num: int = 0                  # optimizer steps taken
     best_val: float = float("inf")
     saved_iter: Optional[int] = None   # the iteration of ckpt.pt
