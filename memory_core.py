@@ -36,8 +36,10 @@ length plus token-by-token decoding (miras_memory_step) equals one call over the
 The semantics (the contract tests and benchmarks rely on) and where they deviate from the paper: README,
 "The memory engine" and "Deviations".
 """
+import hashlib
 import importlib
 import math
+import pathlib
 import types
 from typing import NamedTuple, Optional
 
@@ -392,6 +394,25 @@ def _segment(q, k, v, eta, log_alpha, log_mu, delta, start, anchor, inv_norm, of
     return y, new, new_mom, grad_sum
 
 
+def _lag_segment(q, k, v, eta, log_alpha, log_mu, delta, start, norm, mom, track, ln_w, ln_b, rule, last_row=None):
+    """A lag rule's chunk (kl, Eq. 30-32) from its first token: that token's exact step (Retention.lag_step) from
+    the chunk's starting weights, then the rest of the chunk as a segment anchored at its result. One function,
+    so that compiled chunks run one graph per chunk, as the other rules do. The piece has >= 2 tokens (a lone
+    first token runs lag_step alone); last_row as in _segment. Returns (y, weights, the anchor: the lag step's
+    result, mom, grad_sum)."""
+    ret = rule["retention"]
+    y_lag, lagged = ret.lag_step(q[:, :1], k[:, :1], v[:, :1], eta[:, 0], log_alpha[:, 0].exp(),
+                                 None if delta is None else delta[:, :1], start, ln_w, ln_b, rule)
+    grad_sum = [torch.zeros_like(w) for w in lagged] if track else None  # the chunk's normalizer starts afresh
+
+    def rest(x):
+        return None if x is None else x[:, 1:]
+    y, new, mom, grad_sum = _segment(rest(q), rest(k), rest(v), rest(eta), rest(log_alpha), rest(log_mu), rest(delta),
+                                     lagged, lagged, ret.read_scale(norm), ret.read_offset(lagged, norm, rule), mom,
+                                     grad_sum, ln_w, ln_b, rule, None if last_row is None else last_row - 1)
+    return torch.cat([y_lag, y], dim=1), new, lagged, mom, grad_sum
+
+
 def _token_step(q, eta, log_alpha, log_mu, delta, start, anchor, inv_norm, offset, mom, grad_sum, ln_w, ln_b, rule,
                 grads):
     """One token (the decode step): _segment's recurrence for n = 1 without its chunk matrices. With the
@@ -582,19 +603,28 @@ def _pad(x, size):
 
 
 def _run_piece(kind, x, st, ln_w, ln_b, rule, fns):
-    """One piece: a kl lag token, a fresh chunk ("refresh") or the rest of a chunk in progress ("continue").
-    st = (weights, anchor, norm, mom, grad_sum) before it; returns (y [N, n, d], st after it). With
-    fns' pad_to set (compiled chunks), a short piece is padded to a whole chunk: one graph for every length."""
-    segment, lag_step, refresh, track, pad_to = fns
+    """One piece: a fresh chunk ("refresh"), a lag rule's fresh chunk ("lag_chunk": its exact first step, then
+    the rest), a lone lag token ("lag": a call that ends after it) or the rest of a chunk in progress
+    ("continue"). st = (weights, anchor, norm, mom, grad_sum) before it; returns (y [N, n, d], st after it).
+    With fns' pad_to set (compiled chunks), a short piece is padded to a whole chunk: one graph for every length."""
+    segment, lag_segment, lag_step, refresh, track, pad_to = fns
     if pad_to:  # compiled: contiguous pieces, so that strides (which depend on T) never force a new graph
         x = [None if t is None else t.contiguous() for t in x]
     q_c, k_c, v_c, eta_c, la_c, lm_c, delta_c = x
     weights, anchor, norm, mom, grad_sum = st
     ret = rule["retention"]
-    if kind == "lag":  # its result anchors the rest of the chunk
+    if kind == "lag":  # its result anchors the rest of the chunk (the next call's "continue")
         y, weights = lag_step(q_c, k_c, v_c, eta_c[:, 0], la_c[:, 0].exp(), delta_c, weights, ln_w, ln_b, rule)
         grad_sum = [torch.zeros_like(w) for w in weights] if track else None
         return y, (list(weights), list(weights), norm, mom, grad_sum)
+    if kind == "lag_chunk":
+        n, last_row = q_c.shape[1], None
+        if pad_to:
+            if n < pad_to:
+                x = _pad(x, pad_to)
+            last_row = torch.full((1,), n - 1, device=q_c.device)
+        y, weights, anchor, mom, grad_sum = lag_segment(*x, weights, norm, mom, track, ln_w, ln_b, rule, last_row)
+        return y[:, :n], (list(weights), list(anchor), norm, mom, grad_sum)
     if kind == "refresh":  # a new chunk: gradients are taken at its start
         anchor, norm = refresh(weights, rule)
         grad_sum = [torch.zeros_like(w) for w in weights] if track else None
@@ -626,13 +656,16 @@ def _unflatten_state(flat, like):
 
 
 def _plan(T, pos, b, has_lag):
-    """The pieces of a call: (kind, length) with kind "lag" (a chunk's exact first step), "refresh" (a chunk's
-    start) or "continue" (the rest of a chunk in progress); pos: tokens of the current chunk already consumed."""
+    """The pieces of a call: (kind, length) with kind "refresh" (a chunk from its start), "lag_chunk" (the same
+    for a lag rule: its exact first step, then the rest), "lag" (that first step alone, when the call ends
+    after it) or "continue" (the rest of a chunk in progress); pos: tokens of the current chunk already consumed.
+    Only a call's first piece can be a "continue"."""
     plan, t = [], 0
     while t < T:
-        if pos == 0 and has_lag:
-            plan.append(("lag", 1))
-            t, pos = t + 1, 1 % b
+        if pos == 0 and has_lag:  # the chunk's exact first step and the rest of it, in one piece
+            n = min(T - t, b)
+            plan.append(("lag", 1) if n == 1 else ("lag_chunk", n))
+            t, pos = t + n, (pos + n) % b
             continue
         n = min(T - t, b - pos)
         plan.append(("refresh" if pos == 0 else "continue", n))
@@ -640,10 +673,17 @@ def _plan(T, pos, b, has_lag):
     return plan
 
 
+# Inductor's and AOTAutograd's on-disk caches key a traced graph by its ops and their arguments, not by a custom
+# op's Python code, yet the operator's output shapes (its saved piece starts) come from this file: the operator
+# takes the file's hash as an argument, so that a graph traced with another version of it is never reused
+_IMPL_TAG = hashlib.sha1(pathlib.Path(__file__).read_bytes()).hexdigest()[:16]
+
+
 def _spec(rule, compile_chunks, track):
-    """The rule as the operator's typed arguments: (names "objective,retention,memory,link", ints [chunk_size,
-    normalize_step, compile_chunks, track], floats [p, q_norm, sharpness, eps, simplex_scale or 0])."""
-    names = ",".join((rule["objective"].name, rule["retention"].name, rule["memory"], rule["link"]))
+    """The rule as the operator's typed arguments: (names "objective,retention,memory,link,implementation tag",
+    ints [chunk_size, normalize_step, compile_chunks, track], floats [p, q_norm, sharpness, eps, simplex_scale
+    or 0])."""
+    names = ",".join((rule["objective"].name, rule["retention"].name, rule["memory"], rule["link"], _IMPL_TAG))
     norm_code = 1 + STEP_NORMS.index(rule["normalize_step"]) if rule["normalize_step"] else 0
     ints = [rule["chunk_size"], norm_code, int(compile_chunks), int(track)]
     floats = [rule["p"], rule["q_norm"], rule["sharpness"], rule["eps"], float(rule["simplex_scale"] or 0.0)]
@@ -654,33 +694,33 @@ def _loop_setup(inputs, state, names, ints, floats, pos, kernels=True):
     """What the op's arguments stand for: (plan, rule, fns). state: the flattened start state. kernels=False
     (the fake implementation, whose shapes may be symbolic under a whole-model compile): the plan and rule only,
     no compiled chunk functions (their cache key needs concrete shapes)."""
-    objective, retention, memory, link = names.split(",")
+    objective, retention, memory, link, _ = names.split(",")
     chunk_size, normalize_step, compile_chunks, track = ints
     p, q_norm, sharpness, eps, simplex = floats
     rule = _rule(objective, retention, chunk_size, p, q_norm, sharpness, eps, simplex or None, memory, normalize_step,
                  link)
     ret = rule["retention"]
     segment, lag_step, refresh = _segment, ret.lag_step, _refresh
+    lag_segment = lag_step and _lag_segment
     if compile_chunks and kernels:
         # every shape but T's (head size, expansion, which gates and state parts are there), dtype and device
         shapes = (*[None if t is None else (t.shape[0], *t.shape[2:]) for t in inputs], *[t.shape for t in state])
         key = (names, tuple(ints), tuple(floats), shapes, inputs[0].dtype, inputs[0].device)
-        segment, lag_step = _compiled(_segment, key), lag_step and _compiled(lag_step, key)
+        segment = _compiled(_segment, key)
+        lag_step, lag_segment = lag_step and _compiled(lag_step, key), lag_step and _compiled(_lag_segment, key)
         if ret.has_norm:  # lq's chunk-start norms: elementwise passes over the weights, fused when compiled (the
             # other retentions' anchor is the weights themselves, which a graph would return as a new alias)
             refresh = _compiled(_refresh, key)
-    fns = (segment, lag_step, refresh, bool(track), rule["chunk_size"] if compile_chunks else None)
+    fns = (segment, lag_segment, lag_step, refresh, bool(track), rule["chunk_size"] if compile_chunks else None)
     return _plan(inputs[0].shape[1], pos, rule["chunk_size"], lag_step is not None), rule, fns
 
 
 def _saved_slots(plan, layout):
     """Which state slots each piece after the first saves for the backward (a list of bools per piece). The
     anchor is left out where it need not be kept: a piece that refreshes it (a chunk's start, the kl lag step)
-    never reads the old one, and the rest of a chunk after a kl lag step starts with anchor == weights (the
-    backward re-aliases them)."""
+    never reads the old one."""
     n_st, n_w, n_a = sum(max(n, 0) for n in layout), layout[0], layout[1]
-    return [[plan[i][0] == "continue" and plan[i - 1][0] != "lag" or not n_w <= j < n_w + n_a
-             for j in range(n_st)] for i in range(1, len(plan))]
+    return [[plan[i][0] == "continue" or not n_w <= j < n_w + n_a for j in range(n_st)] for i in range(1, len(plan))]
 
 
 def _stacked_shapes(state, slots):
@@ -799,8 +839,6 @@ def _chunk_loop_backward(xs: list[torch.Tensor], present: list[bool], starts: li
             start = [t.detach().requires_grad_(True) for t in starts[i * n_st:(i + 1) * n_st]]
             lw, lb = ln_w.detach().requires_grad_(True), ln_b.detach().requires_grad_(True)
             st = _unflatten_state(start, like)
-            if i > 0 and plan[i][0] == "continue" and plan[i - 1][0] == "lag":  # saved without its anchor:
-                st = (st[0], list(st[0]), *st[2:])  # it is the weights (their gradient takes both parts)
             y, st = _run_piece(plan[i][0], x, st, lw, lb, rule, fns)
             wrt = [lw, lb, *[t for t in x if t is not None], *start]
             outs = [y, *_flatten_state(st)]

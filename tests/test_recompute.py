@@ -94,7 +94,8 @@ def test_recomputing_backward_keeps_no_chunk_activations():
 
 def test_compiled_chunks_one_graph_for_every_length():
     """compile_chunks pads short pieces to a whole chunk with no-op tokens: the padded pieces give eager's
-    outputs and gradients (float64, kl: lag token + padded rest), and a new length compiles nothing new."""
+    outputs and gradients (float64, kl: chunks from their lag token, one padded, and a lone lag token), and a
+    new length compiles nothing new."""
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
     memory_core._COMPILED.clear()
@@ -175,7 +176,8 @@ def test_compiled_chunks_graph_count_is_bounded_per_rule_without_a_recompile_lim
     n_graphs = counters["stats"]["unique_graphs"]
     assert n_graphs > 8  # more than one function's default budget in this process, and no error
     assert n_graphs <= 2 * len(memory_core._COMPILED), (n_graphs, len(memory_core._COMPILED))
-    assert len(memory_core._COMPILED) == 2 * len(rules) + 4  # (train, eval batch) x (rule, kl's lag, lq's refresh)
+    # (train, eval batch) x (each rule's chunk; kl's chunk from its lag token and its lone lag step; lq's refresh)
+    assert len(memory_core._COMPILED) == 2 * len(rules) + 6
     run_all(14)
     assert counters["stats"]["unique_graphs"] == n_graphs, "a new length compiled a new graph"
 
