@@ -316,11 +316,6 @@ def read(x, weights, ln_w, ln_b, scale=None, offset=None):
     return x + _layer_norm(h, ln_w, ln_b)[0]
 
 
-def _refresh(weights, rule):
-    """A chunk start's anchor and frozen normalizers (Retention.refresh), as a function torch.compile can take."""
-    return rule["retention"].refresh(weights, rule)
-
-
 def _masked_decay(log_cum):
     """exp(L_t - L_i) for i <= t, else 0: [N, n, n] from cumulative logs [N, n]."""
     n = log_cum.shape[-1]
@@ -392,6 +387,18 @@ def _segment(q, k, v, eta, log_alpha, log_mu, delta, start, anchor, inv_norm, of
         m_end = torch.exp(end(cum_mu)).unsqueeze(-1)
         new_mom = [m_end * mom[i] - (dz[i] * mu_last).transpose(-1, -2) @ acts[i] for i in range(n_layers)]
     return y, new, new_mom, grad_sum
+
+
+def _fresh_segment(q, k, v, eta, log_alpha, log_mu, delta, start, mom, track, ln_w, ln_b, rule, last_row=None):
+    """A chunk from its start for a retention with normalizers (lq): the anchor and normalizers at the start
+    (Retention.refresh: elementwise passes over the weights), then the segment, in one function, so that compiled
+    chunks fuse them into one graph. Returns (y, weights, anchor, norm, mom, grad_sum)."""
+    ret = rule["retention"]
+    anchor, norm = ret.refresh(start, rule)
+    grad_sum = [torch.zeros_like(w) for w in start] if track else None
+    y, new, mom, grad_sum = _segment(q, k, v, eta, log_alpha, log_mu, delta, start, anchor, ret.read_scale(norm),
+                                     ret.read_offset(anchor, norm, rule), mom, grad_sum, ln_w, ln_b, rule, last_row)
+    return y, new, anchor, norm, mom, grad_sum
 
 
 def _lag_segment(q, k, v, eta, log_alpha, log_mu, delta, start, norm, mom, track, ln_w, ln_b, rule, last_row=None):
@@ -607,35 +614,33 @@ def _run_piece(kind, x, st, ln_w, ln_b, rule, fns):
     the rest), a lone lag token ("lag": a call that ends after it) or the rest of a chunk in progress
     ("continue"). st = (weights, anchor, norm, mom, grad_sum) before it; returns (y [N, n, d], st after it).
     With fns' pad_to set (compiled chunks), a short piece is padded to a whole chunk: one graph for every length."""
-    segment, lag_segment, lag_step, refresh, track, pad_to = fns
+    segment, lag_segment, lag_step, fresh_segment, track, pad_to = fns
     if pad_to:  # compiled: contiguous pieces, so that strides (which depend on T) never force a new graph
         x = [None if t is None else t.contiguous() for t in x]
-    q_c, k_c, v_c, eta_c, la_c, lm_c, delta_c = x
     weights, anchor, norm, mom, grad_sum = st
     ret = rule["retention"]
     if kind == "lag":  # its result anchors the rest of the chunk (the next call's "continue")
+        q_c, k_c, v_c, eta_c, la_c, _, delta_c = x
         y, weights = lag_step(q_c, k_c, v_c, eta_c[:, 0], la_c[:, 0].exp(), delta_c, weights, ln_w, ln_b, rule)
         grad_sum = [torch.zeros_like(w) for w in weights] if track else None
         return y, (list(weights), list(weights), norm, mom, grad_sum)
-    if kind == "lag_chunk":
-        n, last_row = q_c.shape[1], None
-        if pad_to:
-            if n < pad_to:
-                x = _pad(x, pad_to)
-            last_row = torch.full((1,), n - 1, device=q_c.device)
-        y, weights, anchor, mom, grad_sum = lag_segment(*x, weights, norm, mom, track, ln_w, ln_b, rule, last_row)
-        return y[:, :n], (list(weights), list(anchor), norm, mom, grad_sum)
-    if kind == "refresh":  # a new chunk: gradients are taken at its start
-        anchor, norm = refresh(weights, rule)
-        grad_sum = [torch.zeros_like(w) for w in weights] if track else None
-    n, last_row = q_c.shape[1], None
+    n, last_row = x[0].shape[1], None
     if pad_to:  # every piece the same length and the same graph inputs, padded or not
         if n < pad_to:
-            q_c, k_c, v_c, eta_c, la_c, lm_c, delta_c = _pad(x, pad_to)
-        last_row = torch.full((1,), n - 1, device=q_c.device)  # a fill, not a host-to-device copy
-    y, weights, mom, grad_sum = segment(q_c, k_c, v_c, eta_c, la_c, lm_c, delta_c, weights, anchor,
-                                        ret.read_scale(norm), ret.read_offset(anchor, norm, rule), mom, grad_sum,
-                                        ln_w, ln_b, rule, last_row)
+            x = _pad(x, pad_to)
+        last_row = torch.full((1,), n - 1, device=x[0].device)  # a fill, not a host-to-device copy
+    if kind == "lag_chunk":
+        y, weights, anchor, mom, grad_sum = lag_segment(*x, weights, norm, mom, track, ln_w, ln_b, rule, last_row)
+    elif kind == "refresh" and ret.has_norm:  # a new chunk: gradients are taken at its refreshed start
+        y, weights, anchor, norm, mom, grad_sum = fresh_segment(*x, weights, mom, track, ln_w, ln_b, rule, last_row)
+    else:
+        if kind == "refresh":  # the other retentions' anchor is the start weights themselves (no graph returns
+            # it as an alias of its input)
+            anchor, norm = ret.refresh(weights, rule)
+            grad_sum = [torch.zeros_like(w) for w in weights] if track else None
+        y, weights, mom, grad_sum = segment(*x, weights, anchor, ret.read_scale(norm),
+                                            ret.read_offset(anchor, norm, rule), mom, grad_sum, ln_w, ln_b, rule,
+                                            last_row)
     return y[:, :n], (list(weights), list(anchor), list(norm), mom, grad_sum)
 
 
@@ -700,7 +705,7 @@ def _loop_setup(inputs, state, names, ints, floats, pos, kernels=True):
     rule = _rule(objective, retention, chunk_size, p, q_norm, sharpness, eps, simplex or None, memory, normalize_step,
                  link)
     ret = rule["retention"]
-    segment, lag_step, refresh = _segment, ret.lag_step, _refresh
+    segment, lag_step, fresh_segment = _segment, ret.lag_step, _fresh_segment
     lag_segment = lag_step and _lag_segment
     if compile_chunks and kernels:
         # every shape but T's (head size, expansion, which gates and state parts are there), dtype and device
@@ -708,10 +713,8 @@ def _loop_setup(inputs, state, names, ints, floats, pos, kernels=True):
         key = (names, tuple(ints), tuple(floats), shapes, inputs[0].dtype, inputs[0].device)
         segment = _compiled(_segment, key)
         lag_step, lag_segment = lag_step and _compiled(lag_step, key), lag_step and _compiled(_lag_segment, key)
-        if ret.has_norm:  # lq's chunk-start norms: elementwise passes over the weights, fused when compiled (the
-            # other retentions' anchor is the weights themselves, which a graph would return as a new alias)
-            refresh = _compiled(_refresh, key)
-    fns = (segment, lag_segment, lag_step, refresh, bool(track), rule["chunk_size"] if compile_chunks else None)
+        fresh_segment = _compiled(_fresh_segment, key) if ret.has_norm else None
+    fns = (segment, lag_segment, lag_step, fresh_segment, bool(track), rule["chunk_size"] if compile_chunks else None)
     return _plan(inputs[0].shape[1], pos, rule["chunk_size"], lag_step is not None), rule, fns
 
 

@@ -176,7 +176,8 @@ def test_compiled_chunks_graph_count_is_bounded_per_rule_without_a_recompile_lim
     n_graphs = counters["stats"]["unique_graphs"]
     assert n_graphs > 8  # more than one function's default budget in this process, and no error
     assert n_graphs <= 2 * len(memory_core._COMPILED), (n_graphs, len(memory_core._COMPILED))
-    # (train, eval batch) x (each rule's chunk; kl's chunk from its lag token and its lone lag step; lq's refresh)
+    # (train, eval batch) x (each rule's chunk; kl's chunk from its lag token and its lone lag step; lq's chunk from
+    # its start, refresh included)
     assert len(memory_core._COMPILED) == 2 * len(rules) + 6
     run_all(14)
     assert counters["stats"]["unique_graphs"] == n_graphs, "a new length compiled a new graph"
