@@ -54,7 +54,10 @@ the run's full config (model, sizes, context, data, optimizer, steps, seed, eval
 model config (so a change of a model's defaults is a new run); re-running a grid
 skips cached runs, so a grid can be interrupted, extended or completed later. A failed run is recorded with
 its error (and retried at the next invocation); it does not stop the others. Checkpoints are deleted after
-the evaluation unless --keep_ckpt (the paper grid always keeps them).
+the evaluation unless --keep_ckpt (the paper grid always keeps them). Several processes on one machine can share
+a grid (start the same command N times for N cores): each claims a run before training it (<cache>/<key>.claim)
+and skips the runs claimed by the others; once all have finished, the command once more (or --plots_only)
+collects every run into results.json and the plots.
 """
 import argparse
 import dataclasses
@@ -688,6 +691,33 @@ def write_results(grid_dir, grid, records, failed, pending, summary):
     train_mod.save_json(per_position, grid_dir / "per_position.json")
 
 
+def _claim(cache_dir, key):
+    """Claims a run for this process, or returns None when another live process on this machine has it: several
+    scaling.py processes can share one grid (one run each at a time). A claim whose process is gone is taken
+    over; an empty one is being written, so it counts as taken. Returns the claim file to remove when done."""
+    path = cache_dir / f"{key}.claim"
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(path.read_text())
+            except (OSError, ValueError):
+                return None
+            try:
+                os.kill(pid, 0)
+                return None  # its process is alive
+            except ProcessLookupError:
+                path.unlink(missing_ok=True)  # its process died: take the run over
+            except PermissionError:
+                return None  # alive, another user's
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return path
+    return None
+
+
 def run_grid(grid, models_=None, out="results/scaling", cache=None, max_runs=None, device="auto", dataset=None,
              keep_ckpt=False, launch=False, nproc=8, plots=True, plots_only=False, log=print, sizes=None):
     """Run (or complete) a grid, or only its runs of the named sizes; returns {"records", "failed", "pending",
@@ -750,6 +780,11 @@ def run_grid(grid, models_=None, out="results/scaling", cache=None, max_runs=Non
             else:
                 pending.append({"key": key, "name": name})
             continue
+        claim = _claim(cache_dir, key)
+        if claim is None:
+            pending.append({"key": key, "name": name})
+            log(f"{name}: running in another process, skipped")
+            continue
         new_runs += 1
         log(f"{name}: training ...")
         try:
@@ -771,6 +806,8 @@ def run_grid(grid, models_=None, out="results/scaling", cache=None, max_runs=Non
                            "failed_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
             train_mod.save_json(failed[-1], cache_dir / f"{key}.error.json")  # kept for --plots_only; retried next run
             log(f"{name}: FAILED: {err}")
+        finally:
+            claim.unlink(missing_ok=True)
         summary = summarize(records)
         write_results(grid_dir, grid, records, failed, pending, summary)
     summary = summarize(records)

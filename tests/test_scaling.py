@@ -3,6 +3,9 @@ the plots; a second invocation reuses the cache (training is monkeypatched to fa
 recorded and does not stop the others; the power-law fit."""
 import json
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -143,3 +146,33 @@ def test_power_law_fit_and_grids():
     cmd = scaling.torchrun_command(scaling.train_config(paper[0]["config"], "out-x"), 8)
     assert cmd[:4] == ["torchrun", "--standalone", "--nproc_per_node=8", "train.py"]
     assert "--preset=340m" in cmd and "--dataset=fineweb_edu" in cmd
+
+
+def test_processes_sharing_a_grid_skip_each_others_runs(tmp_path, dataset, monkeypatch):
+    """A run claimed by a live process is skipped (pending), as is a claim still being written (empty); a claim
+    left by a dead process is taken over; a process removes its claims, on failure too."""
+    specs = scaling.GRIDS["micro"](["transformer"])
+    keys = []
+    for spec in specs:
+        spec["config"]["dataset"] = dataset  # as run_grid keys a run on another corpus
+        keys.append(scaling.cache_key(spec["config"]))
+    cache = tmp_path / "o" / "cache"
+    cache.mkdir(parents=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (cache / f"{keys[0]}.claim").write_text(str(os.getppid()))  # alive: the test runner's parent
+    (cache / f"{keys[1]}.claim").write_text("")
+    (cache / f"{keys[2]}.claim").write_text(dead.stdout.strip())
+    res = scaling.run_grid("micro", ["transformer"], out=tmp_path / "o", dataset=dataset, log=lambda *a: None,
+                           plots=False)
+    assert [p["key"] for p in res["pending"]] == keys[:2] and not res["failed"]
+    assert sorted(r["key"] for r in res["records"]) == sorted(keys[2:])
+    assert sorted(p.name for p in cache.glob("*.claim")) == sorted(f"{k}.claim" for k in keys[:2])  # untouched
+
+    def boom(cfg):
+        raise RuntimeError("boom")
+    for k in keys[:2]:
+        (cache / f"{k}.claim").unlink()
+    monkeypatch.setattr(scaling.train_mod, "train", boom)
+    res = scaling.run_grid("micro", ["transformer"], out=tmp_path / "o", dataset=dataset, log=lambda *a: None,
+                           plots=False)
+    assert len(res["failed"]) == 2 and not list(cache.glob("*.claim"))
