@@ -237,13 +237,10 @@ def resolve_train_compile(value, device):
     build its kernels (cpu_compile_problem): there a compiled training step is ~1.7x eager and the main job,
     cold compile included, finishes sooner (README, Quickstart). Elsewhere (a CPU without a C++ compiler, MPS)
     it trains eagerly and `why` says so."""
-    if value is not None:
-        return bool(value), ""
     kind = torch.device(device).type
-    if kind == "cuda":
-        return True, "auto"
-    if kind != "cpu":
-        return False, f"auto: not compiled on {kind}"
+    if value is not None or kind != "cpu":  # explicit, or CUDA / another device: resolve_compile's rule
+        on = resolve_compile(value, device)
+        return on, "" if value is not None else "auto" if on else f"auto: not compiled on {kind}"
     problem = cpu_compile_problem()
     if problem:
         return False, (f"auto: Inductor cannot build CPU kernels here ({problem}); "

@@ -389,13 +389,19 @@ def _segment(q, k, v, eta, log_alpha, log_mu, delta, start, anchor, inv_norm, of
     return y, new, new_mom, grad_sum
 
 
+def _new_grad_sum(weights, track):
+    """A chunk's running gradient sum at its start (zeros), when the call tracks it (normalize_step with a carried
+    state), else None."""
+    return [torch.zeros_like(w) for w in weights] if track else None
+
+
 def _fresh_segment(q, k, v, eta, log_alpha, log_mu, delta, start, mom, track, ln_w, ln_b, rule, last_row=None):
     """A chunk from its start for a retention with normalizers (lq): the anchor and normalizers at the start
     (Retention.refresh: elementwise passes over the weights), then the segment, in one function, so that compiled
     chunks fuse them into one graph. Returns (y, weights, anchor, norm, mom, grad_sum)."""
     ret = rule["retention"]
     anchor, norm = ret.refresh(start, rule)
-    grad_sum = [torch.zeros_like(w) for w in start] if track else None
+    grad_sum = _new_grad_sum(start, track)
     y, new, mom, grad_sum = _segment(q, k, v, eta, log_alpha, log_mu, delta, start, anchor, ret.read_scale(norm),
                                      ret.read_offset(anchor, norm, rule), mom, grad_sum, ln_w, ln_b, rule, last_row)
     return y, new, anchor, norm, mom, grad_sum
@@ -410,7 +416,7 @@ def _lag_segment(q, k, v, eta, log_alpha, log_mu, delta, start, norm, mom, track
     ret = rule["retention"]
     y_lag, lagged = ret.lag_step(q[:, :1], k[:, :1], v[:, :1], eta[:, 0], log_alpha[:, 0].exp(),
                                  None if delta is None else delta[:, :1], start, ln_w, ln_b, rule)
-    grad_sum = [torch.zeros_like(w) for w in lagged] if track else None  # the chunk's normalizer starts afresh
+    grad_sum = _new_grad_sum(lagged, track)  # the chunk's normalizer starts afresh
 
     def rest(x):
         return None if x is None else x[:, 1:]
@@ -622,7 +628,7 @@ def _run_piece(kind, x, st, ln_w, ln_b, rule, fns):
     if kind == "lag":  # its result anchors the rest of the chunk (the next call's "continue")
         q_c, k_c, v_c, eta_c, la_c, _, delta_c = x
         y, weights = lag_step(q_c, k_c, v_c, eta_c[:, 0], la_c[:, 0].exp(), delta_c, weights, ln_w, ln_b, rule)
-        grad_sum = [torch.zeros_like(w) for w in weights] if track else None
+        grad_sum = _new_grad_sum(weights, track)
         return y, (list(weights), list(weights), norm, mom, grad_sum)
     n, last_row = x[0].shape[1], None
     if pad_to:  # every piece the same length and the same graph inputs, padded or not
@@ -637,7 +643,7 @@ def _run_piece(kind, x, st, ln_w, ln_b, rule, fns):
         if kind == "refresh":  # the other retentions' anchor is the start weights themselves (no graph returns
             # it as an alias of its input)
             anchor, norm = ret.refresh(weights, rule)
-            grad_sum = [torch.zeros_like(w) for w in weights] if track else None
+            grad_sum = _new_grad_sum(weights, track)
         y, weights, mom, grad_sum = segment(*x, weights, anchor, ret.read_scale(norm),
                                             ret.read_offset(anchor, norm, rule), mom, grad_sum, ln_w, ln_b, rule,
                                             last_row)
