@@ -13,7 +13,7 @@ import torch
 from torch.func import jvp
 
 from memory_core import miras_memory
-from models import build_model
+from models import MODELS, build_model
 from test_normalized_step import first_layer_at_init
 
 
@@ -47,12 +47,16 @@ def test_curvature_bound_keeps_the_lp_step_stable(one_thread):
     assert torch.isfinite(loss) and norm < 10, f"outer gradient norm {norm:.3g}"
 
 
-def test_moneta_is_stable_with_every_gate_at_its_decay_floor(one_thread):
-    """Moneta's printed lq link turns decay into growing weights, so its alpha gate has a floor: with every alpha
-    at that floor (the worst the learned gate can do) the outer gradient stays bounded at 16,384 tokens.
-    With the generic floor a trained Moneta's gates fell to ~0.97 and training at 2,048 tokens hit NaN."""
-    from model_moneta import MonetaConfig
-    loss, norm = outer_grad_norm("moneta", 16384, alpha_min=0.1, alpha_init=MonetaConfig.alpha_min)
+@pytest.mark.parametrize("name", ["moneta", "memora"])
+def test_every_alpha_at_its_floor_is_stable(name, one_thread):
+    """Decay is what makes Moneta's and Memora's inner steps amplify in the backward pass (Moneta: the printed lq
+    link turns it into growing weights; Memora: it flattens the rows the next softmax reads), so their alpha gate
+    has a floor: with every alpha at that floor (the worst the learned gate can do) the outer gradient stays
+    bounded at 16,384 tokens. With the generic floor 0.1 a trained Moneta's gates fell to ~0.97 and training at
+    2,048 tokens hit NaN; a trained Memora's fell to 0.983 and its outer gradient spiked at 1,024."""
+    floor = MODELS[name][0].alpha_min
+    assert floor >= 0.99, f"{name}: alpha_min {floor} is the generic floor, not one that holds"
+    loss, norm = outer_grad_norm(name, 16384, alpha_min=0.1, alpha_init=floor)
     assert torch.isfinite(loss) and norm < 10, f"outer gradient norm {norm:.3g}"
 
 
