@@ -414,19 +414,26 @@ def evaluate(net, s):
     return out
 
 
+def is_current(cached, model, s):
+    """Whether a cached run is run `model` of setting `s` at today's code defaults: a change of a model's
+    defaults must neither reuse nor report a stale run (runs cached before learning_rate left the model config
+    have it there: not a change)."""
+    try:  # a saved config that today's checks reject is another config too
+        saved = models.function_dict(models.config_from_dict(model_spec(model)[0], cached["model_config"]))
+    except (ValueError, TypeError):
+        return False
+    return (cached.get("settings") == s.to_dict() and cached.get("model") == model
+            and saved == models.function_dict(model_config(model, s)))
+
+
 def run_one(model, s, out, preset, force=False, keep_ckpt=False, log=print):
     """Train + evaluate one (model, setting), or read it from the cache. Returns (records, cached)."""
     run_id = f"{model}__{s.name}__lr{s.learning_rate:g}" + (f"__seed{s.seed}" if s.seed else "")
     run_path = out / "runs" / f"{run_id}.json"
-    settings = s.to_dict()
     if run_path.exists() and not force:
         try:
             cached = json.loads(run_path.read_text())
-            # the model config too: a change of a model's defaults must not reuse a stale run
-            # (runs cached before learning_rate left the model config have it there: not a change)
-            saved = models.function_dict(models.config_from_dict(model_spec(model)[0], cached["model_config"]))
-            if (cached.get("settings") == settings and cached.get("model") == model
-                    and saved == models.function_dict(model_config(model, s))):
+            if is_current(cached, model, s):
                 return cached["records"], True
             log(f"  {run_path.name}: settings or model config changed, rerunning")
         except (json.JSONDecodeError, KeyError, ValueError, TypeError):
@@ -448,7 +455,7 @@ def run_one(model, s, out, preset, force=False, keep_ckpt=False, log=print):
                 n_layer=s.n_layer, n_head=s.n_head, mlp_hidden=net.config.hidden, preset=preset, **stats,
                 eval_time_s=eval_time)
     records = [{**base, **e} for e in evals]
-    save_json({"model": model, "settings": settings, "model_config": net.config.to_dict(), "records": records},
+    save_json({"model": model, "settings": s.to_dict(), "model_config": net.config.to_dict(), "records": records},
                  run_path)
     if not keep_ckpt:
         shutil.rmtree(run_dir)
@@ -669,13 +676,22 @@ def parse(argv=None):
 
 
 def collect(out):
-    """Every finished run's records in OUT (also runs of earlier invocations with other --models / --tasks)."""
+    """Every finished run's records in OUT (also runs of earlier invocations with other --models / --tasks),
+    except runs made at another model config than today's defaults give (stale: they are named, to rerun)."""
     records = []
     for p in sorted((out / "runs").glob("*.json")):
         try:
-            records += json.loads(p.read_text())["records"]
-        except (json.JSONDecodeError, KeyError):
+            cached = json.loads(p.read_text())
+            settings = {k: tuple(v) if isinstance(v, list) else v for k, v in cached["settings"].items()}
+            current = is_current(cached, cached["model"], Setting(**settings))
+        except (json.JSONDecodeError, KeyError, ValueError, TypeError):
             print(f"warning: skipping unreadable {p}", file=sys.stderr)
+            continue
+        if current:
+            records += cached["records"]
+        else:
+            print(f"warning: skipping {p.name}: made at another config of {cached['model']} than its defaults "
+                  f"give today; rerun it (or delete it)", file=sys.stderr)
     return records
 
 

@@ -239,3 +239,24 @@ def test_passkey_checkpoint_carries_its_tokenizer(tmp_path):
     text = recall_tasks.decode(batch.inputs[0])
     assert loaded.tokenizer.encode(text) == batch.inputs[0].tolist()
     assert loaded.tokenizer.decode(batch.inputs[0]) == text
+
+
+def test_runs_at_an_older_model_config_are_neither_reused_nor_reported(tmp_path, capsys):
+    """A default change makes a cached run stale: the tables skip it, naming it, and the next invocation trains
+    it again. Here one run was made with another alpha_init, another with one that today's range rejects."""
+    out = tmp_path / "recall"
+    args = ["--preset=micro", f"--out={out}", "--models=moneta_linear", "--tasks=mqar"]
+    first = recall.main(args)
+    runs = sorted((out / "runs").glob("*.json"))[:2]
+    stale = [json.loads(p.read_text()) for p in runs]
+    for run, p, alpha_init in zip(stale, runs, (0.99999, 0.5)):  # Moneta's range: [0.9995, 1]
+        run["model_config"]["alpha_init"] = alpha_init
+        p.write_text(json.dumps(run))
+    capsys.readouterr()
+    kept = recall.collect(out)
+    err = capsys.readouterr().err
+    assert all(f"skipping {p.name}: made at another config" in err for p in runs), err
+    assert kept and not any(r in kept for run in stale for r in run["records"])
+    again = recall.main(args)
+    assert again["runs"] == 2 and again["cached"] == first["runs"] - 2
+    assert all(json.loads(p.read_text())["model_config"]["alpha_init"] == 0.9999 for p in runs)
