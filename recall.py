@@ -669,6 +669,8 @@ def parse(argv=None):
                     "of the seed-0 sweep, and with --extra_seeds (once the sweep is complete) of the tied lrs; tables "
                     "and selection use every cached run")
     ap.add_argument("--force", action="store_true", help="rerun even if cached")
+    ap.add_argument("--tables_only", action="store_true",
+                    help="train nothing: results.json, summary.md and plots from the cached runs")
     ap.add_argument("--keep_ckpt", action="store_true", help="keep each run's final checkpoint in OUT/ckpt")
     ap.add_argument("--calibrate", action="store_true", help="measure training tokens/s only (writes nothing)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
@@ -754,12 +756,12 @@ def main(argv=None):
                                       f"{', '.join(f'{x:g}' for x in missing)}; finish it first (--lrs without "
                                       f"--extra_seeds)")
 
-    for s in settings:
+    for s in settings if not args.tables_only else ():
         for m in models_of(s):
             for sr in s.runs():
                 if not only_lrs or sr.learning_rate in only_lrs:
                     run(m, sr)
-    if extra_seeds:  # at every lr tied for seed 0's best validation accuracy
+    if extra_seeds and not args.tables_only:  # at every lr tied for seed 0's best validation accuracy
         candidates = candidate_lrs(collect(out))
         for seed in extra_seeds:
             for s in settings:

@@ -257,6 +257,9 @@ def test_runs_at_an_older_model_config_are_neither_reused_nor_reported(tmp_path,
     err = capsys.readouterr().err
     assert all(f"skipping {p.name}: made at another config" in err for p in runs), err
     assert kept and not any(r in kept for run in stale for r in run["records"])
+    tables = recall.main(args + ["--tables_only"])
+    assert tables["runs"] == tables["cached"] == 0
+    assert [{k: v for k, v in r.items() if k != "selected"} for r in tables["records"]] == kept
     again = recall.main(args)
     assert again["runs"] == 2 and again["cached"] == first["runs"] - 2
     assert all(json.loads(p.read_text())["model_config"]["alpha_init"] == 0.9999 for p in runs)
