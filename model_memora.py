@@ -28,6 +28,13 @@ class MemoraConfig(MirasConfig):
     retention: str = "kl"
     eta_gate: str = "normalized"  # the bounded, scale-aware step (memory_core.normalized_eta); the kl lag
                                   # step scales it for the simplex (c / row length)
+    # sized by the step's own output change: sized by the gain along g ("gain", Yaad's) a trained Memora's
+    # outer gradient turned chaotic (norms 10-150 for 30 steps at 512 tokens) where this one stayed below 1;
+    # the ceiling 2 from 1.0 writes as much as "gain" in one chunk and learned 4-pair MQAR in 3 of 3 seeds
+    # (the ceiling 1, with the previous decay range: 1 of 3) (README, "Stability")
+    step_norm: str = "gauss_newton"
+    eta_max: float = 2.0
+    eta_init: float = 1.0
     # decay (alpha < 1 flattens each row toward uniform) is what lets the step's chain of softmaxes amplify in
     # the backward pass: at init with alpha 0.98 everywhere the outer gradient reached 5.7e3 at 16,384 tokens,
     # at 0.95 3.5e8 at 4,096. With the generic floor 0.1 a trained Memora's alpha fell to 0.983 and training at

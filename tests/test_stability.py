@@ -88,10 +88,10 @@ def stream_sensitivity(name, T, n_pairs=16, seed=0, **overrides):
 def test_gauss_newton_step_is_stable_on_a_long_stream(name, one_thread):
     """On 8,192 tokens of 16 recurring pairs the memory learns the pairs (read-back well under half of the
     unwritten error) and forgets its initial weights instead of amplifying them. The normalized step sized by
-    the gain along g ("gain", Yaad's and Memora's default) overshoots the memory's stiff output directions and
-    is chaotic on this stream (checked for Yaad, so that the probe is known to fail); sized by the step's own
-    output change ("gauss_newton") it is not, for every retention; nor is Moneta's default (the softplus step).
-    README, "Stability", has why "gain" stays the default (MQAR)."""
+    the gain along g ("gain", Yaad's default) overshoots the memory's stiff output directions and is chaotic on
+    this stream (checked for Yaad, so that the probe is known to fail); sized by the step's own output change
+    ("gauss_newton", Memora's default, at its ceiling 2) it is not, for every retention; nor is Moneta's default
+    (the softplus step). README, "Stability", has why "gain" stays Yaad's default (MQAR)."""
     sensitivity, ratio = stream_sensitivity(name, 8192, eta_gate="normalized", step_norm="gauss_newton")
     assert sensitivity < 1 and ratio < 0.25, (sensitivity, ratio)
     if name == "moneta":
