@@ -308,10 +308,59 @@ def torchrun_command(cfg, nproc):
     return ["torchrun", "--standalone", f"--nproc_per_node={nproc}", "train.py", *args]
 
 
+# The per-position curve scores each target token once in every POSITION_SHIFTS-th of the window (below)
+POSITION_SHIFTS = 8
+
+
+@torch.no_grad()
+def _window_losses(model, val, starts, T, dev, use_bf16):
+    """[len(starts), T] float64: the loss of each target token of the T-token windows of val at `starts`."""
+    window = np.arange(T + 1)
+    bs = max(1, 8192 // T)
+    out = []
+    for i in range(0, len(starts), bs):
+        w = torch.from_numpy(val[starts[i:i + bs, None] + window].astype(np.int64)).to(dev)
+        x, y = w[:, :-1], w[:, 1:]
+        with torch.autocast(dev.type, dtype=torch.bfloat16) if use_bf16 else torch.autocast(dev.type, enabled=False):
+            logits, _ = model(x)  # the full logits; the per-token loss is taken below
+        loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1),
+                                                 reduction="none").view(y.shape)
+        out.append(loss.double().cpu())
+    return torch.cat(out)
+
+
+def position_balanced_losses(model, val, T, n_windows, dev, use_bf16, shifts=POSITION_SHIFTS):
+    """Mean loss at each position of the window, with the same target tokens in every bin of T // shifts
+    positions. One pass over fixed windows scores different text at each position (with 64 windows of 1,024
+    tokens, positions 513-1,024 hold other tokens than positions 129-256), and text difficulty moves such bins
+    as much as a model's use of its context does. Here `shifts` tilings of one contiguous stretch of val, each
+    T // shifts tokens later than the one before, score every kept target once at a position in each such bin
+    (kept: the targets that every tiling covers). Inside the first bin the finer positions are interleaved
+    (every T // shifts-th token), not the same tokens."""
+    if T % shifts:
+        raise ValueError(f"context {T} is not a multiple of {shifts}: the balanced per-position loss needs one")
+    step = T // shifts
+    n_windows = min(n_windows, (len(val) - 1 - (shifts - 1) * step) // T)
+    if n_windows < 1:
+        raise ValueError(f"the val split ({len(val)} tokens) is too short for {shifts} shifted windows of {T}")
+    total, count = torch.zeros(T, dtype=torch.float64), torch.zeros(T, dtype=torch.float64)
+    lo, hi = (shifts - 1) * step, n_windows * T  # kept targets: val[lo + 1 : hi + 1], in every tiling
+    for j in range(shifts):
+        starts = j * step + np.arange(n_windows, dtype=np.int64) * T
+        loss = _window_losses(model, val, starts, T, dev, use_bf16)
+        target = torch.from_numpy(starts[:, None] + np.arange(T))  # index of each target in val, minus 1
+        keep = ((target >= lo) & (target < hi)).double()
+        total += (loss * keep).sum(0)
+        count += keep.sum(0)
+    return (total / count).tolist(), step
+
+
 @torch.no_grad()
 def evaluate(ckpt_path, eval_tokens, device="auto", dataset=None):
-    """val loss over fixed evenly spaced non-overlapping val windows of the run's context, and the mean loss
-    at each position of the window. Loads the final checkpoint written by train.py."""
+    """val loss over fixed evenly spaced non-overlapping val windows of the run's context, the mean loss at each
+    position of those windows, and the position-balanced one (position_balanced_losses: the same tokens in every
+    bin, the curve that says whether a model uses its long context). Loads the final checkpoint written by
+    train.py."""
     dev = cli.resolve_device(device)
     ckpt = train_mod.load_checkpoint(ckpt_path, map_location=dev)
     mcfg = models.config_from_dict(ckpt["model_name"], ckpt["model_config"])
@@ -323,21 +372,12 @@ def evaluate(ckpt_path, eval_tokens, device="auto", dataset=None):
     T = mcfg.block_size
     n_win = max(1, min(eval_tokens // T, (len(val) - 1) // T))
     starts = np.linspace(0, len(val) - T - 1, n_win).astype(np.int64)
-    window = np.arange(T + 1)
-    per_pos = torch.zeros(T, dtype=torch.float64)
-    bs = max(1, 8192 // T)
     use_bf16 = dev.type == "cuda" and ckpt["train_config"].get("dtype") in ("bfloat16", "auto")
-    for i in range(0, n_win, bs):
-        w = torch.from_numpy(val[starts[i:i + bs, None] + window].astype(np.int64)).to(dev)
-        x, y = w[:, :-1], w[:, 1:]
-        with torch.autocast(dev.type, dtype=torch.bfloat16) if use_bf16 else torch.autocast(dev.type, enabled=False):
-            logits, _ = model(x)  # the full logits; the per-token loss is taken below
-        loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1),
-                                                 reduction="none").view(y.shape)
-        per_pos += loss.double().sum(0).cpu()
-    per_pos /= n_win
+    per_pos = _window_losses(model, val, starts, T, dev, use_bf16).mean(0)
+    balanced, step = position_balanced_losses(model, val, T, n_win, dev, use_bf16)
     return {"val_loss": per_pos.mean().item(), "per_position": per_pos.tolist(), "val_windows": int(n_win),
-            "val_tokens": int(n_win * T), "model": model, "mcfg": mcfg, "iter_num": int(ckpt["iter_num"])}
+            "val_tokens": int(n_win * T), "per_position_balanced": balanced, "balanced_bin": step,
+            "model": model, "mcfg": mcfg, "iter_num": int(ckpt["iter_num"])}
 
 
 def finish_record(spec, key, out_dir, ev, train_s, result=None):
@@ -357,6 +397,7 @@ def finish_record(spec, key, out_dir, ev, train_s, result=None):
         "train_s": train_s, "tokens_per_s": tokens / train_s if train_s else None,
         "wall_s": None, "out_dir": str(out_dir),
         "model_config": mcfg.to_dict(), "config": c, "per_position": ev["per_position"],
+        "per_position_balanced": ev["per_position_balanced"], "balanced_bin": ev["balanced_bin"],
         "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     return rec
@@ -470,6 +511,14 @@ def _plt():
 COLORS = {"moneta": "tab:blue", "yaad": "tab:orange", "memora": "tab:green", "transformer": "tab:gray"}
 
 
+def position_curve(record):
+    """(per-position losses, balanced?): the position-balanced curve, or a run's single-pass one when it was
+    evaluated before the balanced one existed (its bins hold different text)."""
+    if record.get("per_position_balanced"):
+        return record["per_position_balanced"], True
+    return record["per_position"], False
+
+
 def _smooth_positions(losses, n_bins=40):
     """Per-position losses averaged in log-spaced position bins: (positions, losses)."""
     y = np.asarray(losses)
@@ -564,7 +613,7 @@ def plot(records, out_dir, grid, summary):
     for ax, (name, rs) in zip(axes[0], groups.items()):
         cmap = plt.get_cmap("viridis")
         for i, r in enumerate(rs):
-            xs, ys = _smooth_positions(r["per_position"])
+            xs, ys = _smooth_positions(position_curve(r)[0])
             lab = r.get("label") if name.startswith("moneta,") else f"T={r['block_size']} ({r['size']})" + (
                 f" {r['label']}" if r.get("label") else "")
             if name == "all runs":
@@ -572,7 +621,7 @@ def plot(records, out_dir, grid, summary):
             ax.plot(xs, ys, "-", color=cmap(i / max(1, len(rs) - 1)), label=lab)
         ax.set_xscale("log"); ax.set_title(name, fontsize=9); ax.set_xlabel("position in context")
         ax.grid(True, which="both", alpha=0.3); ax.legend(fontsize=7)
-    axes[0][0].set_ylabel("val loss at position (nats)")
+    axes[0][0].set_ylabel("val loss at position (nats; position-balanced where recorded)")
     fig.tight_layout(); fig.savefig(out_dir / "per_position.png", dpi=120); plt.close(fig)
     written.append("per_position.png")
     ab = {axis: sorted([r for r in records if axis in r["sweeps"]], key=lambda r, a=axis: ablation_value(r, a))
@@ -662,13 +711,17 @@ def markdown(grid, records, summary, failed=()):
     if longest >= 256:  # does a model use its long context? (the per-position loss past a few hundred tokens)
         edges = [e for e in POSITION_BIN_EDGES if e < longest] + [longest]
         out += [f"## mean loss by position in the window (runs at context {longest})", "",
+                "Position-balanced (the same tokens in every bin of 1/8 of the window; `position_balanced_losses`)"
+                " unless marked *: those runs predate it, and their bins hold different text.", "",
                 "| run | " + " | ".join(f"{a + 1}-{b}" if b > a + 1 else str(b) for a, b in zip(edges, edges[1:]))
                 + " |",
                 "|---" * len(edges) + "|"]
         for r in records:
             if r["block_size"] == longest and r.get("per_position"):
-                pp = np.asarray(r["per_position"])
-                out.append(f"| {r['model']} {r['size']}" + (f" {r['label']}" if r.get("label") else "") + " | "
+                curve, balanced = position_curve(r)
+                pp = np.asarray(curve)
+                out.append(f"| {r['model']} {r['size']}" + (f" {r['label']}" if r.get("label") else "")
+                           + ("" if balanced else " *") + " | "
                            + " | ".join(f"{pp[a:b].mean():.3f}" for a, b in zip(edges, edges[1:])) + " |")
         out.append("")
     if failed:
@@ -682,12 +735,14 @@ def markdown(grid, records, summary, failed=()):
 
 def write_results(grid_dir, grid, records, failed, pending, summary):
     grid_dir.mkdir(parents=True, exist_ok=True)
-    slim = [{k: v for k, v in r.items() if k != "per_position"} for r in records]
+    slim = [{k: v for k, v in r.items() if k not in ("per_position", "per_position_balanced")} for r in records]
     train_mod.save_json({"grid": grid, "n_runs": len(records), "records": slim, "failed": failed, "pending": pending,
                          "summary": summary, "written_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
                         grid_dir / "results.json")
     per_position = {r["key"]: {"model": r["model"], "size": r["size"], "block_size": r["block_size"],
-                               "label": r.get("label"), "per_position": r["per_position"]} for r in records}
+                               "label": r.get("label"), "per_position": r["per_position"],
+                               "per_position_balanced": r.get("per_position_balanced"),
+                               "balanced_bin": r.get("balanced_bin")} for r in records}
     train_mod.save_json(per_position, grid_dir / "per_position.json")
 
 

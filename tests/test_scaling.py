@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 import scaling
 import train
@@ -52,6 +53,9 @@ def test_micro_grid_end_to_end_and_cache(tmp_path, dataset, monkeypatch):
         losses = per_pos[r["key"]]["per_position"]
         assert len(losses) == r["block_size"]
         assert np.mean(losses) == pytest.approx(r["val_loss"], rel=1e-6)
+        balanced = per_pos[r["key"]]["per_position_balanced"]
+        assert len(balanced) == r["block_size"] and all(math.isfinite(x) for x in balanced)
+        assert per_pos[r["key"]]["balanced_bin"] == r["block_size"] // scaling.POSITION_SHIFTS
     for name in ("scaling_params.png", "scaling_flops.png", "scaling_context.png", "per_position.png"):
         data = (grid_dir / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000, name
@@ -176,3 +180,42 @@ def test_processes_sharing_a_grid_skip_each_others_runs(tmp_path, dataset, monke
     res = scaling.run_grid("micro", ["transformer"], out=tmp_path / "o", dataset=dataset, log=lambda *a: None,
                            plots=False)
     assert len(res["failed"]) == 2 and not list(cache.glob("*.claim"))
+
+
+class _BigramLM(torch.nn.Module):
+    """A model whose loss at a token depends only on the previous token and the token itself, never on its
+    position in the window: any slope of its per-position curve is the text's, not the model's."""
+
+    def __init__(self, vocab):
+        super().__init__()
+        self.table = torch.nn.Parameter(torch.randn(vocab, vocab, generator=torch.Generator().manual_seed(0)) * 3)
+
+    def forward(self, x):
+        return self.table[x], None
+
+
+def test_position_balanced_losses_hold_the_same_text_in_every_bin():
+    """For a position-blind model every 1/8 of the window has the same mean loss (to rounding), as it must when
+    each bin holds the same tokens; the single-pass windows' bins of the same model differ (the confound the
+    balanced curve removes); a bin's mean equals the mean loss over the kept targets computed directly."""
+    vocab, T = 17, 64
+    rng = np.random.default_rng(0)
+    # text whose difficulty drifts along the stream: repetitive at the start, random later
+    val = np.concatenate([np.tile(np.arange(4), 600), rng.integers(0, vocab, 3000)]).astype(np.uint16)
+    model = _BigramLM(vocab)
+    balanced, step = scaling.position_balanced_losses(model, val, T, 60, torch.device("cpu"), False)
+    assert step == T // scaling.POSITION_SHIFTS
+    bins = np.asarray(balanced).reshape(scaling.POSITION_SHIFTS, step).mean(1)
+    np.testing.assert_allclose(bins, bins[0], rtol=0, atol=1e-12)
+    # the direct mean over the kept targets val[lo + 1 : hi + 1] (each scored with its previous token)
+    lo, hi = (scaling.POSITION_SHIFTS - 1) * step, 60 * T
+    with torch.no_grad():
+        logp = torch.log_softmax(model.table.double(), -1)
+    prev, nxt = torch.from_numpy(val[lo:hi].astype(np.int64)), torch.from_numpy(val[lo + 1:hi + 1].astype(np.int64))
+    assert bins[0] == pytest.approx(-logp[prev, nxt].mean().item(), rel=1e-6)
+    # one pass over evenly spaced windows (as evaluate's val loss): its bins hold different text, and differ
+    starts = np.linspace(0, len(val) - T - 1, 60).astype(np.int64)
+    single = scaling._window_losses(model, val, starts, T, torch.device("cpu"), False).mean(0).numpy()
+    assert np.ptp(single.reshape(scaling.POSITION_SHIFTS, step).mean(1)) > 0.05
+    with pytest.raises(ValueError, match="not a multiple of 8"):
+        scaling.position_balanced_losses(model, val, 60, 4, torch.device("cpu"), False)
