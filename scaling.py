@@ -16,7 +16,10 @@ Each run is `train.train(TrainConfig(...))` in-process (under torchrun for the p
 under the cache directory (default <out>/cache/<key>/), then an evaluation on the held-out split: val loss
 and perplexity over `eval_tokens` tokens of fixed, evenly spaced, non-overlapping windows of the run's own
 context length (the same windows for every model), and the per-position loss (the mean loss at each
-position inside the context over those windows; it shows whether a model uses its long context).
+position inside the context; it shows whether a model uses its long context), position-balanced: scored over
+8 shifted tilings of the val text so that every bin of 1/8 of the window holds the same tokens
+(`position_balanced_losses`; the single-pass curve over the val-loss windows, kept as `per_position`, compares
+different text at each position, which moves its bins as much as a model's use of context does).
 
 Grids (`GRIDS`; every run of a grid trains on the same number of tokens, which is the fair comparison:
 the Miras models are several times slower than the Transformer on a CPU, and at a fixed token budget the
@@ -45,7 +48,7 @@ training FLOPs differ only by the models' FLOPs per token):
 Outputs in <out>/<grid>/: results.json (one record per run: model, size, sweeps, n_params,
 n_params_non_embedding, flops_per_token, block_size, tokens_trained, train_flops, val_loss, val_ppl,
 wall_s, ..., key and config; failed runs under "failed" with their error), per_position.json (key -> the
-per-position losses), and the plots scaling_params.png (val loss vs non-embedding parameters, log-log, with
+per-position losses, single-pass and balanced), and the plots scaling_params.png (val loss vs non-embedding parameters, log-log, with
 a fitted power law L = a N^-b per model), scaling_flops.png, scaling_context.png, per_position.png (and
 ablation.png for the ablation grid).
 
