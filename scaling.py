@@ -48,9 +48,9 @@ training FLOPs differ only by the models' FLOPs per token):
 Outputs in <out>/<grid>/: results.json (one record per run: model, size, sweeps, n_params,
 n_params_non_embedding, flops_per_token, block_size, tokens_trained, train_flops, val_loss, val_ppl,
 wall_s, ..., key and config; failed runs under "failed" with their error), per_position.json (key -> the
-per-position losses, single-pass and balanced), and the plots scaling_params.png (val loss vs non-embedding parameters, log-log, with
-a fitted power law L = a N^-b per model), scaling_flops.png, scaling_context.png, per_position.png (and
-ablation.png for the ablation grid).
+per-position losses, single-pass and balanced), and the plots scaling_params.png (val loss vs non-embedding
+parameters, log-log, with a fitted power law L = a N^-b per model), scaling_flops.png, scaling_context.png,
+per_position.png (and ablation.png for the ablation grid).
 
 Resumable: a finished run is cached as <cache>/<key>.json (written atomically), the key being a hash of
 the run's full config (model, sizes, context, data, optimizer, steps, seed, evaluation) and of the resolved
