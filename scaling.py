@@ -4,7 +4,7 @@
     python scaling.py --grid=ablation                 # Moneta's p and q: ~8 minutes (9 new runs + 2 of the cpu grid)
     python scaling.py --grid=seeds                    # seed noise of one grid point: ~4 minutes
     python scaling.py --grid=context_check            # does the data carry usable long context? (2 new runs)
-    python scaling.py --grid=bpe                      # the cpu grid on BPE Shakespeare (+ bpe_ablation, bpe_seeds)
+    python scaling.py --grid=bpe                      # the cpu grid on BPE Shakespeare (+ bpe_ablation, bpe_seeds, bpe_4x)
     python scaling.py --grid=code                     # ... on source code, characters (+ code_ablation, code_seeds)
     python scaling.py --grid=micro --out=/tmp/s       # 2 sizes x 2 contexts x 2 models, seconds (the CI test)
     python scaling.py --grid=paper                    # prints the torchrun commands of the paper-scale grid
@@ -37,7 +37,9 @@ training FLOPs differ only by the models' FLOPs per token):
             keeps falling past a few hundred tokens.
   bpe       GPT-2 BPE Shakespeare with the vocabulary compacted to the 18.7K ids that occur
             (data/shakespeare_compact; whole plays as documents): contexts 128-1,024 at size s, then 4 sizes at
-            context 512. bpe_ablation: Moneta's p and q at contexts 128 and 1,024; bpe_seeds: 3 seeds at s / 512.
+            context 512. bpe_ablation: Moneta's p and q at contexts 128 and 1,024; bpe_seeds: 3 seeds at s / 512;
+            bpe_4x: the 4 contexts at size s at 4x the budget (1,024 steps), where context_check's Transformer++
+            still gains past a few hundred tokens.
             The LM head over 18.7K ids makes these runs ~8x slower than the character ones on a CPU.
   code      the same three grids (code, code_ablation, code_seeds) on torch 2.13.0's Python source at character
             level (data/torch_code; one document per file), at 4x the budget (1,024 steps = 2.1M tokens).
@@ -141,6 +143,10 @@ ALL_MODELS = ["moneta", "yaad", "memora", "transformer"]
 LONG_CONTEXTS = [128, 256, 512, 1024]
 BPE = dict(CPU, dataset="shakespeare_compact")
 
+# The BPE context sweep at 4x the budget (1,024 steps = 2.1M tokens): there the Transformer++'s position-balanced
+# loss still falls past a few hundred tokens (context_check), which a context sweep needs to measure anything.
+BPE_4X = dict(BPE, max_iters=1024)
+
 # The Python source of torch 2.13.0 at character level (data/torch_code): code repeats its identifiers across
 # a whole file. 4x the character grids' budget (1,024 steps = 2.1M tokens), and 4x their evaluation windows: the
 # loss of code varies more from file to file than Shakespeare's from play to play.
@@ -207,6 +213,12 @@ def long_context_grid(common, model_list):
     return first + sorted(rest, key=lambda spec: spec["size"] != "s")  # stable: the context sweep first
 
 
+def context_sweep(common, model_list):
+    """The 4 contexts at size s, the longest first (its Transformer run is context_check's)."""
+    return [run_spec(m, "s", CPU_SIZES["s"], T, sweeps=["context"], **common)
+            for T in LONG_CONTEXTS[::-1] for m in model_list]
+
+
 def long_context_ablation(common, model_list):
     """Moneta's p (at q = 4) and q (at p = 3), size s, at contexts 128 and 1024."""
     runs = []
@@ -261,12 +273,13 @@ GRIDS = {"cpu": grid_cpu, "ablation": grid_ablation, "seeds": grid_seeds, "conte
          "bpe": functools.partial(long_context_grid, BPE),
          "bpe_ablation": functools.partial(long_context_ablation, BPE),
          "bpe_seeds": functools.partial(long_context_seeds, BPE),
+         "bpe_4x": functools.partial(context_sweep, BPE_4X),
          "code": functools.partial(long_context_grid, CODE),
          "code_ablation": functools.partial(long_context_ablation, CODE),
          "code_seeds": functools.partial(long_context_seeds, CODE),
          "micro": grid_micro, "paper": grid_paper}
 DEFAULT_MODELS = {"cpu": ALL_MODELS, "ablation": ["moneta"], "seeds": ALL_MODELS, "context_check": ["transformer"],
-                  "bpe": ALL_MODELS, "bpe_ablation": ["moneta"], "bpe_seeds": ALL_MODELS,
+                  "bpe": ALL_MODELS, "bpe_ablation": ["moneta"], "bpe_seeds": ALL_MODELS, "bpe_4x": ALL_MODELS,
                   "code": ALL_MODELS, "code_ablation": ["moneta"], "code_seeds": ALL_MODELS,
                   "micro": ["moneta", "transformer"], "paper": ALL_MODELS}
 

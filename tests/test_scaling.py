@@ -146,6 +146,11 @@ def test_power_law_fit_and_grids():
         assert sum(scaling.cache_key(s["config"]) in grid_keys for s in seeds) == len(scaling.ALL_MODELS)
         shared_with_check += len(check_keys & set(grid_keys))
     assert len(check_keys & keys) + shared_with_check == 3  # the 1x runs are the grids'
+    bpe_4x = scaling.GRIDS["bpe_4x"](scaling.ALL_MODELS)  # the BPE context sweep at the check's 4x budget
+    assert len(bpe_4x) == 16 and {s["config"]["max_iters"] for s in bpe_4x} == {1024}
+    assert sorted({s["config"]["block_size"] for s in bpe_4x}) == [128, 256, 512, 1024]
+    assert bpe_4x[0]["config"]["block_size"] == 1024 and all(s["size"] == "s" for s in bpe_4x)
+    assert len(check_keys & {scaling.cache_key(s["config"]) for s in bpe_4x}) == 1  # the BPE Transformer++ at 4x
     paper = scaling.grid_paper(scaling.ALL_MODELS)
     cmd = scaling.torchrun_command(scaling.train_config(paper[0]["config"], "out-x"), 8)
     assert cmd[:4] == ["torchrun", "--standalone", "--nproc_per_node=8", "train.py"]
