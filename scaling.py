@@ -635,9 +635,11 @@ def plot(records, out_dir, grid, summary):
             if name == "all runs":
                 lab = f"{r['model']} {r['size']} T={r['block_size']}" + (f" {r['label']}" if r.get("label") else "")
             ax.plot(xs, ys, "-", color=cmap(i / max(1, len(rs) - 1)), label=lab)
-        ax.set_xscale("log"); ax.set_title(name, fontsize=9); ax.set_xlabel("position in context")
+        single = sum(not position_curve(r)[1] for r in rs)
+        ax.set_xscale("log"); ax.set_xlabel("position in context")
+        ax.set_title(name + (f" ({single} of {len(rs)} single-pass)" if single else " (position-balanced)"), fontsize=9)
         ax.grid(True, which="both", alpha=0.3); ax.legend(fontsize=7)
-    axes[0][0].set_ylabel("val loss at position (nats; position-balanced where recorded)")
+    axes[0][0].set_ylabel("val loss at position (nats)")
     fig.tight_layout(); fig.savefig(out_dir / "per_position.png", dpi=120); plt.close(fig)
     written.append("per_position.png")
     ab = {axis: sorted([r for r in records if axis in r["sweeps"]], key=lambda r, a=axis: ablation_value(r, a))
