@@ -224,3 +224,7 @@ def test_position_balanced_losses_hold_the_same_text_in_every_bin():
     assert np.ptp(single.reshape(scaling.POSITION_SHIFTS, step).mean(1)) > 0.05
     with pytest.raises(ValueError, match="not a multiple of 8"):
         scaling.position_balanced_losses(model, val, 60, 4, torch.device("cpu"), False)
+    with pytest.raises(ValueError, match="too short"):  # one window plus 7/8 of another does not fit
+        scaling.position_balanced_losses(model, val[:T + 7 * step], T, 4, torch.device("cpu"), False)
+    fits, _ = scaling.position_balanced_losses(model, val[:T + 7 * step + 1], T, 4, torch.device("cpu"), False)
+    assert len(fits) == T
