@@ -4,7 +4,7 @@
     python scaling.py --grid=ablation                 # Moneta's p and q: ~8 minutes (9 new runs + 2 of the cpu grid)
     python scaling.py --grid=seeds                    # seed noise of one grid point: ~4 minutes
     python scaling.py --grid=context_check            # does the data carry usable long context? (2 new runs)
-    python scaling.py --grid=bpe                      # the cpu grid on BPE Shakespeare (+ bpe_ablation, bpe_seeds, bpe_4x)
+    python scaling.py --grid=bpe                      # the cpu grid on BPE Shakespeare (+ _ablation, _seeds, _4x)
     python scaling.py --grid=code                     # ... on source code, characters (+ code_ablation, code_seeds)
     python scaling.py --grid=micro --out=/tmp/s       # 2 sizes x 2 contexts x 2 models, seconds (the CI test)
     python scaling.py --grid=paper                    # prints the torchrun commands of the paper-scale grid
@@ -214,7 +214,7 @@ def long_context_grid(common, model_list):
 
 
 def context_sweep(common, model_list):
-    """The 4 contexts at size s, the longest first (its Transformer run is context_check's)."""
+    """The 4 contexts at size s, the longest first (its Transformer++ run at 1,024 is context_check's)."""
     return [run_spec(m, "s", CPU_SIZES["s"], T, sweeps=["context"], **common)
             for T in LONG_CONTEXTS[::-1] for m in model_list]
 
