@@ -345,6 +345,17 @@ def _window_losses(model, val, starts, T, dev, use_bf16):
     return torch.cat(out)
 
 
+def check_val_fits(val_tokens, T, shifts=POSITION_SHIFTS):
+    """The balanced per-position loss needs T to be a multiple of `shifts` and a val split of at least one window
+    plus the last tiling's offset (and its target): run_one checks it before training, not after."""
+    if T % shifts:
+        raise ValueError(f"context {T} is not a multiple of {shifts}: the balanced per-position loss needs one")
+    need = T + (shifts - 1) * (T // shifts) + 1
+    if val_tokens < need:
+        raise ValueError(f"the val split ({val_tokens} tokens) is too short for {shifts} shifted windows of {T}: "
+                         f"it needs {need}; use a shorter context or a larger val split")
+
+
 def position_balanced_losses(model, val, T, n_windows, dev, use_bf16, shifts=POSITION_SHIFTS):
     """Mean loss at each position of the window, with the same target tokens in every bin of T // shifts
     positions. One pass over fixed windows scores different text at each position (with 64 windows of 1,024
@@ -353,12 +364,9 @@ def position_balanced_losses(model, val, T, n_windows, dev, use_bf16, shifts=POS
     T // shifts tokens later than the one before, score every kept target once at a position in each such bin
     (kept: the targets that every tiling covers). Inside the first bin the finer positions are interleaved
     (every T // shifts-th token), not the same tokens."""
-    if T % shifts:
-        raise ValueError(f"context {T} is not a multiple of {shifts}: the balanced per-position loss needs one")
+    check_val_fits(len(val), T, shifts)
     step = T // shifts
     n_windows = min(n_windows, (len(val) - 1 - (shifts - 1) * step) // T)
-    if n_windows < 1:
-        raise ValueError(f"the val split ({len(val)} tokens) is too short for {shifts} shifted windows of {T}")
     total, count = torch.zeros(T, dtype=torch.float64), torch.zeros(T, dtype=torch.float64)
     lo, hi = (shifts - 1) * step, n_windows * T  # kept targets: val[lo + 1 : hi + 1], in every tiling
     for j in range(shifts):
@@ -426,6 +434,7 @@ def run_one(spec, cache_dir, device="auto", dataset=None, keep_ckpt=False, launc
     out_dir = cache_dir / key
     t0 = time.time()
     cfg = train_config(spec["config"], out_dir, device, dataset)
+    check_val_fits(len(load_split(train_mod.resolve_dataset(cfg.dataset), "val")), spec["config"]["block_size"])
     result = None
     if launch is not None:
         launch(cfg)

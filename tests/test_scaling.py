@@ -228,3 +228,18 @@ def test_position_balanced_losses_hold_the_same_text_in_every_bin():
         scaling.position_balanced_losses(model, val[:T + 7 * step], T, 4, torch.device("cpu"), False)
     fits, _ = scaling.position_balanced_losses(model, val[:T + 7 * step + 1], T, 4, torch.device("cpu"), False)
     assert len(fits) == T
+
+
+def test_a_val_split_too_short_for_the_balanced_curve_fails_before_training(tmp_path, dataset, monkeypatch):
+    """run_one checks the val split against the balanced per-position loss's need before it trains (a run that
+    trained for hours must not fail at its evaluation)."""
+    monkeypatch.setattr(scaling.train_mod, "train", _no_training)
+    spec = scaling.GRIDS["micro"](["transformer"])[0]
+    T = spec["config"]["block_size"]
+    need = T + 7 * (T // 8) + 1
+    monkeypatch.setattr(scaling, "load_split", lambda path, split: np.zeros(need - 1, dtype=np.uint16))
+    with pytest.raises(ValueError, match=f"too short for 8 shifted windows of {T}: it needs {need}"):
+        scaling.run_one(spec, tmp_path, dataset=dataset)
+    monkeypatch.setattr(scaling, "load_split", lambda path, split: np.zeros(need, dtype=np.uint16))
+    with pytest.raises(AssertionError, match="training must not run"):  # it fits: on to training
+        scaling.run_one(spec, tmp_path, dataset=dataset)
