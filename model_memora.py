@@ -29,16 +29,14 @@ class MemoraConfig(MirasConfig):
     eta_gate: str = "normalized"  # the bounded, scale-aware step (memory_core.normalized_eta); the kl lag
                                   # step scales it for the simplex (c / row length)
     # sized by the step's own output change: sized by the gain along g ("gain", Yaad's) a trained Memora's
-    # outer gradient turned chaotic (norms 10-150 for 30 steps at 512 tokens) where this one stayed below 1;
-    # the ceiling 2 from 1.0 writes as much as "gain" in one chunk and learned 4-pair MQAR in 3 of 3 seeds
-    # (the ceiling 1, with the previous decay range: 1 of 3) (README, "Stability")
+    # outer gradient turned chaotic where this one stayed bounded; the ceiling 2 from 1.0 writes about as much
+    # as "gain" in one chunk and learns MQAR reliably (README, "Stability", has the runs)
     step_norm: str = "gauss_newton"
     eta_max: float = 2.0
     eta_init: float = 1.0
     # decay (alpha < 1 flattens each row toward uniform) is what lets the step's chain of softmaxes amplify in
-    # the backward pass: at init with alpha 0.98 everywhere the outer gradient reached 9e15 at 16,384 tokens
-    # (at 0.99: 2.6). With the generic floor 0.1 a trained Memora's alpha fell to 0.983 and training at 1,024
-    # tokens spiked (outer gradient 10-646). So the gate stays in [0.99, 1] (README, "Stability")
+    # the backward pass, and with the generic floor 0.1 a trained Memora's alpha drifted down until training
+    # spiked; so the gate stays in [0.99, 1] (README, "Stability", has the runs)
     alpha_init: float = 0.995
     alpha_min: float = 0.99
 

@@ -637,14 +637,16 @@ def plot(records, out_dir, grid, summary):
     fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.8), squeeze=False, sharey=True)
     for ax, (name, rs) in zip(axes[0], groups.items()):
         cmap = plt.get_cmap("viridis")
+        single = 0  # runs evaluated before the balanced curve existed
         for i, r in enumerate(rs):
-            xs, ys = _smooth_positions(position_curve(r)[0])
+            curve, balanced = position_curve(r)
+            single += not balanced
+            xs, ys = _smooth_positions(curve)
             lab = r.get("label") if name.startswith("moneta,") else f"T={r['block_size']} ({r['size']})" + (
                 f" {r['label']}" if r.get("label") else "")
             if name == "all runs":
                 lab = f"{r['model']} {r['size']} T={r['block_size']}" + (f" {r['label']}" if r.get("label") else "")
             ax.plot(xs, ys, "-", color=cmap(i / max(1, len(rs) - 1)), label=lab)
-        single = sum(not position_curve(r)[1] for r in rs)
         ax.set_xscale("log"); ax.set_xlabel("position in context")
         ax.set_title(name + (f" ({single} of {len(rs)} single-pass)" if single else " (position-balanced)"), fontsize=9)
         ax.grid(True, which="both", alpha=0.3); ax.legend(fontsize=7)
