@@ -15,7 +15,8 @@ The batch is tokens_per_step // seq_len so every length does the same work per s
 --interleave runs every model of one (length, mode) in one worker instead, the rounds taken in turns, so that
 the models compare on a machine whose speed drifts over minutes (a shared CPU); peak memory is then null.
 --compile (default None: on CUDA only) compiles the models for train and prefill, and sample.py's decode step.
-A run that runs out of memory is reported as OOM and the sweep goes on.
+A run that runs out of memory is reported as OOM and the sweep goes on. --profile adds each cell's `profile`:
+one warm call under torch.profiler (profile_call: on CUDA whether the GPU is busy or waits on the host).
 
 The keys that the --preset sets take its values unless given. A bad key or value (unknown name,
 non-integer, a length < 1, --repeats < 1, ...) is a one-line error on stderr (`bench.py: error: ...`, exit
@@ -81,6 +82,7 @@ class BenchConfig:
     compile: Optional[bool] = None  # torch.compile the models (train, prefill) and the decode step; None: on CUDA only
     interleave: bool = False      # every model in one worker per (length, mode), timed in turns: comparable
                                   # on a machine whose speed drifts; no per-model peak memory (null)
+    profile: bool = False         # also profile one warm call of each cell (profile_call): where its time goes
     mem_limit_gb: float = 0.0     # >0: cap each worker's memory (exercises the OOM path)
     json: str = "bench.json"
     plot: str = ""                # PNG path (needs matplotlib); "" = next to the JSON
@@ -188,6 +190,37 @@ def timed(fn, device, repeats, warmup):
     return statistics.median(seconds(fn, device) for _ in range(repeats))
 
 
+def profile_call(fn, device, top=12):
+    """One warm call under torch.profiler: its wall time; the host's op count and the CUDA kernels launched
+    (host `*LaunchKernel*` calls) and run, with their summed device time: busy_fraction = kernel time / wall far
+    below 1 means the GPU waits on the host (launch- or Python-bound, not kernel-bound); memory_op: the time of
+    the Miras memory operator and its backward (miras::chunk_loop*, children included); top: the ops of most
+    self time (device time on CUDA, CPU time on a CPU) as [name, calls, seconds]."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    cuda = device.startswith("cuda")
+    sync(device)
+    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as prof:
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        wall = time.perf_counter() - t0
+    events, stats = prof.events(), prof.key_averages()
+    self_time = "self_device_time_total" if cuda else "self_cpu_time_total"
+    memory = [a for a in stats if a.key.startswith("miras::chunk_loop")]
+    out = dict(wall_s=wall, host_ops=sum(e.device_type == DeviceType.CPU for e in events),
+               memory_op=dict(calls=sum(a.count for a in memory), cpu_s=sum(a.cpu_time_total for a in memory) / 1e6),
+               top=[[a.key, a.count, getattr(a, self_time) / 1e6]
+                    for a in sorted(stats, key=lambda a: getattr(a, self_time), reverse=True)[:top]])
+    if cuda:
+        kernel_s = sum(a.self_device_time_total for a in stats) / 1e6
+        out["memory_op"]["device_s"] = sum(a.device_time_total for a in memory) / 1e6
+        out.update(launches=sum("LaunchKernel" in e.name for e in events if e.device_type == DeviceType.CPU),
+                   kernels=sum(e.device_type == DeviceType.CUDA for e in events), kernel_s=kernel_s,
+                   busy_fraction=kernel_s / wall)
+    return out
+
+
 def rss_bytes():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -218,7 +251,7 @@ def _worker(job, cfg, conn):
     cuda = cfg.device.startswith("cuda")
     try:
         if cuda:  # a fresh (spawned) process: make cfg.device current and initialize CUDA before any cuda call
-            torch.cuda.set_device(torch.device(cfg.device))
+            torch.cuda.set_device(torch.device(cfg.device).index or 0)  # set_device refuses a bare "cuda"
             torch.cuda.init()
         cli.fast_float32(cfg.device)  # as train.py and sample.py run
         if cfg.mem_limit_gb > 0:
@@ -316,11 +349,13 @@ def prepare_cell(cfg, name, seq_len, mode):
         first = seconds(call, device)  # one of the warm-up calls
         for _ in range(max(0, cfg.warmup - 1)):
             call()
+        profiled = dict(profile=profile_call(call, device)) if cfg.profile else {}
 
         def result(times):
             sec = statistics.median(times)
             return dict(batch_size=batch, tokens_per_s=batch * seq_len / sec, ms_per_step=1e3 * sec,
-                        first_call_s=first, **achieved_flops(model, seq_len, batch * seq_len / sec, training))
+                        first_call_s=first, **achieved_flops(model, seq_len, batch * seq_len / sec, training),
+                        **profiled)
         return lambda: [seconds(call, device)], result
     # decode: one sequence, prefilled to seq_len, then single-token steps of sample.py's step; every round
     # starts from a fresh prefill, so that each times positions seq_len to seq_len + decode_tokens and the
@@ -345,6 +380,7 @@ def prepare_cell(cfg, name, seq_len, mode):
         first = seconds(one_step, device)  # compiles the step under --compile
         for _ in range(max(0, cfg.warmup - 1)):  # untimed steps at position seq_len
             one_step()
+        profiled = dict(profile=profile_call(one_step, device)) if cfg.profile else {}
 
     def run():
         prefill()
@@ -355,7 +391,7 @@ def prepare_cell(cfg, name, seq_len, mode):
     def result(times):
         sec = statistics.median(times)
         return dict(batch_size=1, tokens_per_s=1.0 / sec, ms_per_token=1e3 * sec, first_call_s=first,
-                    state_bytes=model_common.state_bytes(at["cache"])["total"])
+                    state_bytes=model_common.state_bytes(at["cache"])["total"], **profiled)
     return run, result
 
 

@@ -957,9 +957,9 @@ def miras_memory(q, k, v, eta, alpha, state, ln_weight, ln_bias, *, objective="l
     _check(q, k, v, eta, alpha, state, ln_weight, ln_bias, rule, delta, momentum, check_values)
     ret = rule["retention"]
     carried = isinstance(state, MemoryState)
-    if carried and bool(normalize_step) != bool(state.grad_sum):
+    if carried and bool(normalize_step) != (len(state.grad_sum) > 0):
         raise ValueError("the MemoryState was built for normalize_step="
-                         f"{bool(state.grad_sum)}: pass the same normalize_step as the call that made it")
+                         f"{len(state.grad_sum) > 0}: pass the same normalize_step as the call that made it")
     if not carried:
         state = MemoryState.start(state, momentum is not None, retention)
     B, H, T, d = q.shape
@@ -1016,9 +1016,10 @@ def miras_memory_step(q, k, v, eta, alpha, state, ln_weight, ln_bias, *, objecti
     rule = _rule(objective, retention, chunk_size, p, q_norm, sharpness, eps, simplex_scale, memory, normalize_step,
                  link)
     _check(q, k, v, eta, alpha, state, ln_weight, ln_bias, rule, delta, momentum, check_values)
-    if bool(normalize_step) != bool(state.grad_sum):
+    # len(), not bool(): torch 2.11's dynamo cannot trace bool() of a tuple (the compiled decode step broke there)
+    if bool(normalize_step) != (len(state.grad_sum) > 0):
         raise ValueError("the MemoryState was built for normalize_step="
-                         f"{bool(state.grad_sum)}: pass the same normalize_step as the call that made it")
+                         f"{len(state.grad_sum) > 0}: pass the same normalize_step as the call that made it")
     B, H, _, d = q.shape
     ret = rule["retention"]
     with torch.autocast(q.device.type, enabled=False):

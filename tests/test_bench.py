@@ -67,6 +67,23 @@ def test_interleave_times_every_model_in_one_worker(tmp_path):
     assert decode["moneta"]["state_bytes"] > 0 and decode["transformer"]["state_bytes"] > 0
 
 
+def test_profile_counts_the_memory_operator_once_forward_and_once_backward_per_layer(tmp_path):
+    """--profile: one warm call per cell under torch.profiler. A training step of a 4-layer Moneta calls the
+    memory operator 8 times (each layer's forward, then its backward), an attention model never; a decode step
+    runs no chunk loop at all; the top ops are named, counted and timed."""
+    report = run_bench(tmp_path, "--models=moneta,transformer", "--seq_lens=16", "--modes=train,decode",
+                       "--model_preset=tiny", "--profile=true")
+    prof = {(r["model"], r["mode"]): r["profile"] for r in report["records"]}
+    assert prof["moneta", "train"]["memory_op"]["calls"] == 2 * 4
+    assert 0 < prof["moneta", "train"]["memory_op"]["cpu_s"] < prof["moneta", "train"]["wall_s"]
+    assert prof["moneta", "decode"]["memory_op"]["calls"] == prof["transformer", "train"]["memory_op"]["calls"] == 0
+    for p in prof.values():
+        assert p["wall_s"] > 0 and p["host_ops"] > 0 and "kernels" not in p  # kernel counts: CUDA only
+        assert p["top"] and all(isinstance(name, str) and calls >= 1 and sec >= 0 for name, calls, sec in p["top"])
+    # the chunked memory runs more host ops per step than attention: what a GPU launches from Python
+    assert prof["moneta", "train"]["host_ops"] > prof["transformer", "train"]["host_ops"]
+
+
 def test_decode_rounds_restart_from_the_prefill():
     """Every decode round starts from a fresh prefill of seq_len tokens: more rounds time the same positions
     with the same KV cache (a full-attention step reads its whole preallocated cache, so a cache sized for all

@@ -116,7 +116,8 @@ def test_train_py_bf16_compiled_and_resumed(tmp_path, capsys):
     data = write_word_dataset(tmp_path / "data", 1500)
     out = tmp_path / "out"
     common = [f"--dataset={data}", f"--out_dir={out}", "--n_layer=2", "--n_embd=64", "--n_head=2", "--block_size=64",
-              "--batch_size=8", "--eval_interval=10", "--eval_iters=2", "--learning_rate=3e-3", "--lr_decay_iters=30"]
+              "--batch_size=8", "--eval_interval=10", "--eval_iters=2", "--log_interval=5", "--learning_rate=3e-3",
+              "--lr_decay_iters=30"]
     assert train.main([*common, "--max_iters=20"]) == 0
     assert "device cuda:0, dtype bfloat16, compile True (auto)" in capsys.readouterr().out
     log = [json.loads(line) for line in open(out / "log.jsonl")]
@@ -129,7 +130,7 @@ def test_train_py_bf16_compiled_and_resumed(tmp_path, capsys):
 def test_bench_spawned_cuda_workers(tmp_path):
     out = tmp_path / "bench.json"
     assert bench.main(["--models=moneta,transformer", "--seq_lens=128", "--model_preset=tiny", "--vocab_size=256",
-                       "--tokens_per_step=512", "--decode_tokens=4", "--repeats=1", "--warmup=1",
+                       "--tokens_per_step=512", "--decode_tokens=4", "--repeats=1", "--warmup=1", "--profile=true",
                        f"--json={out}"]) == 0
     records = json.loads(out.read_text())["records"]
     assert {(r["model"], r["mode"]) for r in records} == {(m, x) for m in ("moneta", "transformer")
@@ -137,6 +138,10 @@ def test_bench_spawned_cuda_workers(tmp_path):
     for r in records:
         assert "error" not in r and "oom" not in r, r
         assert r["tokens_per_s"] > 0 and r["peak_mem_bytes"] > 0, r
+        p = r["profile"]  # the kernels a warm call ran on the GPU, and the host calls that launched them
+        assert p["kernels"] > 0 and p["launches"] > 0 and 0 < p["kernel_s"] and 0 < p["busy_fraction"], p
+        if r["model"] == "moneta" and r["mode"] == "train":
+            assert p["memory_op"]["calls"] == 2 * 4 and p["memory_op"]["device_s"] > 0, p
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
