@@ -615,11 +615,12 @@ def _pad(x, size):
             for t, f in zip(x, fill)]
 
 
-def _run_piece(kind, x, st, ln_w, ln_b, rule, fns):
+def _run_piece(kind, x, st, ln_w, ln_b, rule, fns, last_row=None):
     """One piece: a fresh chunk ("refresh"), a lag rule's fresh chunk ("lag_chunk": its exact first step, then
     the rest), a lone lag token ("lag": a call that ends after it) or the rest of a chunk in progress
     ("continue"). st = (weights, anchor, norm, mom, grad_sum) before it; returns (y [N, n, d], st after it).
-    With fns' pad_to set (compiled chunks), a short piece is padded to a whole chunk: one graph for every length."""
+    With fns' pad_to set (compiled chunks), a short piece is padded to a whole chunk: one graph for every length;
+    last_row (a 1-element tensor) says where a piece that its caller padded really ends."""
     segment, lag_segment, lag_step, fresh_segment, track, pad_to = fns
     if pad_to:  # compiled: contiguous pieces, so that strides (which depend on T) never force a new graph
         x = [None if t is None else t.contiguous() for t in x]
@@ -630,11 +631,12 @@ def _run_piece(kind, x, st, ln_w, ln_b, rule, fns):
         y, weights = lag_step(q_c, k_c, v_c, eta_c[:, 0], la_c[:, 0].exp(), delta_c, weights, ln_w, ln_b, rule)
         grad_sum = _new_grad_sum(weights, track)
         return y, (list(weights), list(weights), norm, mom, grad_sum)
-    n, last_row = x[0].shape[1], None
+    n = x[0].shape[1]
     if pad_to:  # every piece the same length and the same graph inputs, padded or not
         if n < pad_to:
             x = _pad(x, pad_to)
-        last_row = torch.full((1,), n - 1, device=x[0].device)  # a fill, not a host-to-device copy
+        if last_row is None:
+            last_row = torch.full((1,), n - 1, device=x[0].device)  # a fill, not a host-to-device copy
     if kind == "lag_chunk":
         y, weights, anchor, mom, grad_sum = lag_segment(*x, weights, norm, mom, track, ln_w, ln_b, rule, last_row)
     elif kind == "refresh" and ret.has_norm:  # a new chunk: gradients are taken at its refreshed start
@@ -701,10 +703,18 @@ def _spec(rule, compile_chunks, track):
     return names, ints, floats
 
 
+def _chunk_key(inputs, state, names, ints, floats):
+    """The cache key of a call's compiled chunk functions: the rule, every shape but T's (head size, expansion,
+    which gates and state parts are there), dtype and device."""
+    shapes = (*[None if t is None else (t.shape[0], *t.shape[2:]) for t in inputs], *[t.shape for t in state])
+    return names, tuple(ints), tuple(floats), shapes, inputs[0].dtype, inputs[0].device
+
+
 def _loop_setup(inputs, state, names, ints, floats, pos, kernels=True):
-    """What the op's arguments stand for: (plan, rule, fns). state: the flattened start state. kernels=False
-    (the fake implementation, whose shapes may be symbolic under a whole-model compile): the plan and rule only,
-    no compiled chunk functions (their cache key needs concrete shapes)."""
+    """What the op's arguments stand for: (plan, rule, fns). state: the flattened start state. kernels=False:
+    the chunk functions uncompiled (still padded under compile_chunks): for the fake implementation, whose
+    shapes may be symbolic under a whole-model compile (a compiled function's key needs concrete shapes), and
+    for the backward, which compiles each piece's recompute and vjp whole (_piece_grads)."""
     objective, retention, memory, link, _ = names.split(",")
     chunk_size, normalize_step, compile_chunks, track = ints
     p, q_norm, sharpness, eps, simplex = floats
@@ -714,9 +724,7 @@ def _loop_setup(inputs, state, names, ints, floats, pos, kernels=True):
     segment, lag_step, fresh_segment = _segment, ret.lag_step, _fresh_segment
     lag_segment = lag_step and _lag_segment
     if compile_chunks and kernels:
-        # every shape but T's (head size, expansion, which gates and state parts are there), dtype and device
-        shapes = (*[None if t is None else (t.shape[0], *t.shape[2:]) for t in inputs], *[t.shape for t in state])
-        key = (names, tuple(ints), tuple(floats), shapes, inputs[0].dtype, inputs[0].device)
+        key = _chunk_key(inputs, state, names, ints, floats)
         segment = _compiled(_segment, key)
         lag_step, lag_segment = lag_step and _compiled(lag_step, key), lag_step and _compiled(_lag_segment, key)
         fresh_segment = _compiled(_fresh_segment, key) if ret.has_norm else None
@@ -821,17 +829,44 @@ def _autograd_inside_op():
     return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude)
 
 
+def _piece_grads(kind, x, start, ln_w, ln_b, dy, d_state, rule, fns, like, last_row=None):
+    """One piece's backward: (d ln_w, d ln_b, [d of its present inputs], [d of its start state]) from the
+    gradients of its output and end state (d_state: every slot's, full-sized), through its recompute.
+    Compiled (compile_chunks), by torch.func.vjp: the recompute and its backward are one graph, and no autograd
+    graph is built and replayed between them, which cuts the host's work per chunk (what a GPU waits on at
+    small chunks; README, "A GPU, once"). Eager, by autograd (torch.func's eager transforms cost more per op)."""
+    present = [t is not None for t in x]
+    xp = [t for t in x if t is not None]
+
+    def piece(ln_w, ln_b, xs, start):
+        y, st = _run_piece(kind, _with_absent(xs, present), _unflatten_state(start, like), ln_w, ln_b, rule, fns,
+                           last_row)
+        return y, _flatten_state(st)
+
+    if torch.compiler.is_compiling():
+        _, vjp = torch.func.vjp(piece, ln_w, ln_b, xp, start)
+        return vjp((dy, d_state))
+    leaves = [t.detach().requires_grad_(True) for t in (ln_w, ln_b, *xp, *start)]
+    y, outs = piece(leaves[0], leaves[1], leaves[2:2 + len(xp)], leaves[2 + len(xp):])
+    used = [(o, g) for o, g in zip((y, *outs), (dy, *d_state)) if o.requires_grad]  # kl's lag: a fresh grad_sum
+    grads = torch.autograd.grad([o for o, _ in used], leaves, [g for _, g in used], allow_unused=True)
+    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads)]
+    return grads[0], grads[1], grads[2:2 + len(xp)], grads[2 + len(xp):]
+
+
 @torch.library.custom_op("miras::chunk_loop_backward", mutates_args=())
 def _chunk_loop_backward(xs: list[torch.Tensor], present: list[bool], starts: list[torch.Tensor],
                          ln_w: torch.Tensor, ln_b: torch.Tensor, grads_out: list[Optional[torch.Tensor]], names: str,
                          ints: list[int], floats: list[float], pos: int, layout: list[int]) -> list[torch.Tensor]:
     """The loop's backward: walks the pieces in reverse, recomputes each from its saved start (activation
     checkpointing per piece: the forward kept no per-chunk activations of the E*d-wide memory MLP) and
-    differentiates it with autograd. starts: the start state and the forward's stacked saved starts (one tensor
+    differentiates it (_piece_grads). starts: the start state and the forward's stacked saved starts (one tensor
     per slot); grads_out: the gradients of [y, *state after]. Returns [d ln_w, d ln_b, *d xs, *d state]."""
     inputs = _with_absent(xs, present)
     like, n_st = _like(layout), sum(max(n, 0) for n in layout)
-    plan, rule, fns = _loop_setup(inputs, starts[:n_st], names, ints, floats, pos)
+    plan, rule, fns = _loop_setup(inputs, starts[:n_st], names, ints, floats, pos, kernels=False)
+    compiled = fns[5] is not None  # compile_chunks: pieces padded to a chunk, one graph per kind of piece
+    key = _chunk_key(inputs, starts[:n_st], names, ints, floats) if compiled else None
     if len(starts) != 2 * n_st:
         raise RuntimeError("miras::chunk_loop backward without the saved piece starts: the forward ran with "
                            "grad mode off; run it under torch.enable_grad() to differentiate it")
@@ -841,26 +876,27 @@ def _chunk_loop_backward(xs: list[torch.Tensor], present: list[bool], starts: li
     d_state = [torch.zeros_like(s) if g is None else g for s, g in zip(starts[-n_st:], grads_out[1:])]
     d_ln = [torch.zeros_like(ln_w), torch.zeros_like(ln_b)]
     d_pieces = [None] * len(pieces)
+    # a start slot not saved (_saved_slots) is not read by its piece: zeros of its size stand in for it and
+    # for its gradient, so that every piece of a kind has the same inputs (one graph)
+    zeros = [t.new_zeros(t.shape) for t in starts[:n_st]]
     for i in range(len(pieces) - 1, -1, -1):
+        kind, x, dy, start = plan[i][0], pieces[i], dys[i], starts[i * n_st:(i + 1) * n_st]
+        n, last_row, piece_grads = x[0].shape[1], None, _piece_grads
+        if compiled:  # one graph per kind of piece, whatever its length, strides and requires_grad
+            piece_grads = _compiled(_piece_grads, (kind, *key))
+            if kind != "lag" and n < fns[5]:  # padded here, so that the graph's inputs are a whole chunk
+                x, dy = _pad(x, fns[5]), torch.cat([dy, dy.new_zeros(dy.shape[0], fns[5] - n, *dy.shape[2:])], 1)
+            last_row = torch.full((1,), n - 1, device=dy.device)
+            x, dy = [None if t is None else t.detach().contiguous() for t in x], dy.detach().contiguous()
+        start, d_state = ([t.detach() if t.shape == z.shape else z for t, z in zip(ts, zeros)]
+                          for ts in (start, d_state))
         # recompute as the forward ran: with grad, and in the compute dtype whatever autocast is around
         with _autograd_inside_op(), torch.enable_grad(), torch.autocast(ln_w.device.type, enabled=False):
-            x = [None if t is None else t.detach().requires_grad_(True) for t in pieces[i]]
-            start = [t.detach().requires_grad_(True) for t in starts[i * n_st:(i + 1) * n_st]]
-            lw, lb = ln_w.detach().requires_grad_(True), ln_b.detach().requires_grad_(True)
-            st = _unflatten_state(start, like)
-            y, st = _run_piece(plan[i][0], x, st, lw, lb, rule, fns)
-            wrt = [lw, lb, *[t for t in x if t is not None], *start]
-            outs = [y, *_flatten_state(st)]
-            # a start slot not saved (_saved_slots) was not read: its gradient is zero
-            grads_out_i = [dys[i], *[g if g.shape == o.shape else torch.zeros_like(o) for o, g in zip(outs[1:], d_state)]]
-            used = [(o, g) for o, g in zip(outs, grads_out_i) if o.requires_grad]  # kl's lag: a fresh grad_sum
-            grads = torch.autograd.grad([o for o, _ in used], wrt, [g for _, g in used], allow_unused=True)
-        grads = [torch.zeros_like(w) if g is None else g for w, g in zip(wrt, grads)]
-        d_ln[0] += grads[0]
-        d_ln[1] += grads[1]
-        n_x = sum(t is not None for t in x)
-        d_pieces[i] = grads[2:2 + n_x]
-        d_state = grads[2 + n_x:]
+            d_lw, d_lb, d_x, d_state = piece_grads(kind, x, start, ln_w.detach(), ln_b.detach(), dy, d_state, rule,
+                                                   fns, like, last_row)
+        d_pieces[i] = [g[:, :n] for g in d_x]
+        d_ln[0] += d_lw
+        d_ln[1] += d_lb
     d_inputs = [torch.cat(parts, dim=1) for parts in zip(*d_pieces)]
     return _fresh([*d_ln, *d_inputs, *d_state], {id(t) for t in (*xs, ln_w, ln_b, *grads_out)})
 

@@ -152,10 +152,10 @@ def test_compiled_chunks_with_the_gauss_newton_step():
 
 
 def test_compiled_chunks_graph_count_is_bounded_per_rule_without_a_recompile_limit_patch():
-    """Each (rule, shapes but T's, dtype) gets its own compiled copy of the chunk function with at most two graphs
-    (forward; the backward's recompute) at a chunk start, so a process that trains and evaluates several
-    rules stays within dynamo's default budget of 8 per function (fullgraph makes running past it an error),
-    and a new length compiles nothing."""
+    """Each (rule, shapes but T's, dtype) gets its own compiled copy of each chunk function (the forward's) and
+    of each kind of piece's backward (its recompute and vjp, memory_core._piece_grads), with at most two graphs
+    each, so a process that trains and evaluates several rules stays within dynamo's default budget of 8 per
+    function (fullgraph makes running past it an error), and a new length compiles nothing."""
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
     memory_core._COMPILED.clear()
@@ -176,9 +176,10 @@ def test_compiled_chunks_graph_count_is_bounded_per_rule_without_a_recompile_lim
     n_graphs = counters["stats"]["unique_graphs"]
     assert n_graphs > 8  # more than one function's default budget in this process, and no error
     assert n_graphs <= 2 * len(memory_core._COMPILED), (n_graphs, len(memory_core._COMPILED))
-    # (train, eval batch) x (each rule's chunk; kl's chunk from its lag token and its lone lag step; lq's chunk from
-    # its start, refresh included)
-    assert len(memory_core._COMPILED) == 2 * len(rules) + 6
+    # forward: (train, eval batch) x (each rule's chunk; kl's chunk from its lag token and its lone lag step; lq's
+    # chunk from its start, refresh included); backward: one per kind of piece of the 9 tokens in chunks of 4
+    # (l2, dot, lq: chunk starts; kl: chunks from their lag token, and the lone lag token)
+    assert len(memory_core._COMPILED) == 2 * len(rules) + 6 + 5
     run_all(14)
     assert counters["stats"]["unique_graphs"] == n_graphs, "a new length compiled a new graph"
 
