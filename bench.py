@@ -67,6 +67,7 @@ class BenchConfig:
     preset: str = "cpu"
     op: bool = False              # benchmark memory_core.miras_memory alone instead of the models
     op_impls: str = "eager,compiled_chunks,reference"  # also: compiled (whole call; slow to compile on CPU)
+    op_shape: str = "1,4,64,4"    # --op: B,H,d,E (chunk 64); e.g. 1,1,4,2, where compute is nil: the host's cost
     # a key that the preset sets (PRESETS) and the command line does not give takes the preset's value
     models: str = ""              # comma-separated
     seq_lens: str = ""            # comma-separated; --op: 512,2048,8192
@@ -124,6 +125,7 @@ def validate(cfg):
     models = _names(cfg, "models", list(MODELS))
     modes = _names(cfg, "modes", MODES)
     _names(cfg, "op_impls", OP_IMPLS)
+    op_shape(cfg)
     try:
         seq_lens = [int(s) for s in cfg.seq_lens.split(",")]
     except ValueError:
@@ -415,21 +417,31 @@ def bench_interleaved(cfg, names, seq_len, mode):
 
 
 # ----------------------------------------------------------------------------------------------
-# Op-level benchmark: miras_memory at B=1, H=4, d=64, E=4, chunk 64
+# Op-level benchmark: miras_memory at B=1, H=4, d=64, E=4, chunk 64 by default (--op_shape)
 
-OP_SHAPE = dict(B=1, H=4, d=64, E=4, chunk=64)
+OP_SHAPE = dict(B=1, H=4, d=64, E=4, chunk=64)  # the default --op_shape
 OP_MODELS = {"l2": ("huber", "yaad"), "lq": ("lp", "moneta"), "kl": ("l2", "memora")}  # retention -> objective
 
 
-def op_flops_per_token(d, E, b):
+def op_shape(cfg):
+    """--op_shape as OP_SHAPE's dict (chunk 64), or a one-line BenchError."""
+    try:
+        B, H, d, E = (int(x) for x in cfg.op_shape.split(","))
+    except ValueError:
+        B = 0
+    if B < 1 or min(H, d, E) < 1:
+        raise BenchError(f"--op_shape must be four positive integers B,H,d,E (e.g. 1,4,64,4), got {cfg.op_shape!r}")
+    return dict(B=B, H=H, d=d, E=E, chunk=OP_SHAPE["chunk"])
+
+
+def op_flops_per_token(H, d, E, b):
     """Forward FLOPs per token and head of the chunked MLP memory (model_common.memory_flops; backward ~2x)."""
-    H = OP_SHAPE["H"]
     return model_common.memory_flops(model_common.MirasConfig(n_embd=H * d, n_head=H, expansion=E, memory="mlp",
                                                               momentum=False), b)
 
 
-def op_inputs(T, retention, requires_grad, device="cpu"):
-    B, H, d, E = OP_SHAPE["B"], OP_SHAPE["H"], OP_SHAPE["d"], OP_SHAPE["E"]
+def op_inputs(T, retention, requires_grad, device="cpu", shape=OP_SHAPE):
+    B, H, d, E = shape["B"], shape["H"], shape["d"], shape["E"]
     g = torch.Generator().manual_seed(0)
     nrm = torch.nn.functional.normalize
     q = nrm(torch.randn(B, H, T, d, generator=g), dim=-1)
@@ -461,8 +473,9 @@ def run_op(cfg):
         cli.fast_float32(device)
     peak = gemm_gflops(device)
     print(f"float32 GEMM (2048^3; TF32 on CUDA) on {device}: {peak:.1f} GFLOP/s")
-    b = OP_SHAPE["chunk"]
-    flops_tok = OP_SHAPE["H"] * op_flops_per_token(OP_SHAPE["d"], OP_SHAPE["E"], b)
+    shape = op_shape(cfg)
+    b = shape["chunk"]
+    flops_tok = shape["H"] * op_flops_per_token(shape["H"], shape["d"], shape["E"], b)
     op = functools.partial(memory_core.miras_memory, check_values=False)  # as the models call it: no host syncs
     available = {
         "eager": op,
@@ -483,7 +496,7 @@ def run_op(cfg):
                 if impl == "reference" and T > min(seq_lens):
                     continue  # the token-by-token oracle: one length is enough to show the gap
                 for mode in ("fwd", "fwd+bwd"):
-                    args, kw = op_inputs(T, retention, mode == "fwd+bwd", device)
+                    args, kw = op_inputs(T, retention, mode == "fwd+bwd", device, shape)
                     kw = kw if objective == "huber" else {}
                     call = dict(objective=objective, retention=retention, chunk_size=b, **kw)
 
@@ -497,25 +510,25 @@ def run_op(cfg):
                     sync(device)
                     first_s = time.perf_counter() - t0
                     sec = first_s if impl == "reference" else timed(run, device, cfg.repeats, max(0, cfg.warmup - 1))
-                    fl = flops_tok * T * (3 if mode == "fwd+bwd" else 1)
+                    fl = flops_tok * shape["B"] * T * (3 if mode == "fwd+bwd" else 1)
                     rec = dict(kind="op", impl=impl, model=model, objective=objective, retention=retention,
-                               seq_len=T, mode=mode, tokens_per_s=OP_SHAPE["B"] * T / sec,
+                               seq_len=T, mode=mode, tokens_per_s=shape["B"] * T / sec,
                                gflops=fl / sec / 1e9, pct_of_gemm=100 * fl / sec / 1e9 / peak, first_call_s=first_s,
                                device=device,
-                               compile=impl == "compiled", dtype="float32", **OP_SHAPE)
+                               compile=impl == "compiled", dtype="float32", **shape)
                     records.append(rec)
                     print(f"{impl:>9} {retention:>2}/{objective:<5} T={T:<6} {mode:<8} {rec['tokens_per_s']:>10.0f} tok/s "
                           f"{rec['gflops']:>7.1f} GFLOP/s ({rec['pct_of_gemm']:.0f}% of GEMM)")
     return records, dict(gemm_gflops=peak)
 
 
-def titans_memory(device="cpu"):
+def titans_memory(device="cpu", shape=OP_SHAPE):
     """titans-pytorch's NeuralMemory at our op's shape: H heads of width d (dim_head=d; its default is the full
     model width, H*d per head), chunk b, and the same memory model: a 2-layer MLP d -> E*d -> d per head
     (its default MemoryMLP, depth 2, expansion_factor 4.0, passed explicitly) inside a LayerNorm + residual
     (its default ResidualNorm; gamma [H, d]), as ours. Checked on the memory weights' shapes."""
     from titans_pytorch import NeuralMemory
-    H, d, E, b = OP_SHAPE["H"], OP_SHAPE["d"], OP_SHAPE["E"], OP_SHAPE["chunk"]
+    H, d, E, b = shape["H"], shape["d"], shape["E"], shape["chunk"]
     mem = NeuralMemory(dim=H * d, dim_head=d, heads=H, chunk_size=b,
                        default_model_kwargs=dict(depth=2, expansion_factor=float(E)))
     shapes = [tuple(s) for s in mem.init_weight_shape]
@@ -528,17 +541,17 @@ def titans_baseline(cfg):
     """A function T -> records timing titans_memory at length T (fwd, fwd+bwd); None without titans-pytorch."""
     try:
         from importlib.metadata import version
-        mem = titans_memory(cfg.device)
+        mem = titans_memory(cfg.device, op_shape(cfg))
     except ImportError:
         print("titans-pytorch not installed (pip install titans-pytorch): comparison skipped")
         return None
-    H, d, E, b = OP_SHAPE["H"], OP_SHAPE["d"], OP_SHAPE["E"], OP_SHAPE["chunk"]
+    B, H, d, E, b = (op_shape(cfg)[k] for k in ("B", "H", "d", "E", "chunk"))
     desc = f"NeuralMemory(dim={H * d}, dim_head={d}, heads={H}, chunk_size={b}, depth=2, expansion_factor={E})"
 
     def measure(T):
         records = []
         for mode in ("fwd", "fwd+bwd"):
-            x = torch.randn(1, T, H * d, device=cfg.device, requires_grad=mode == "fwd+bwd")
+            x = torch.randn(B, T, H * d, device=cfg.device, requires_grad=mode == "fwd+bwd")
 
             def run():
                 y, _ = mem(x)
@@ -546,10 +559,10 @@ def titans_baseline(cfg):
                     y.square().sum().backward()
             sec = timed(run, cfg.device, cfg.repeats, cfg.warmup)
             records.append(dict(kind="op", impl="titans-pytorch", model="titans-NeuralMemory", seq_len=T, mode=mode,
-                                tokens_per_s=T / sec, device=cfg.device, compile=False, dtype="float32",
+                                tokens_per_s=B * T / sec, device=cfg.device, compile=False, dtype="float32",
                                 titans_pytorch=version("titans-pytorch"), titans_module=desc,
                                 memory_weight_shapes=[list(s) for s in mem.init_weight_shape]))
-            print(f"titans-pytorch {desc} T={T:<6} {mode:<8} {T / sec:>10.0f} tok/s")
+            print(f"titans-pytorch {desc} T={T:<6} {mode:<8} {B * T / sec:>10.0f} tok/s")
         return records
     return measure
 

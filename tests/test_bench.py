@@ -124,6 +124,24 @@ def test_a_failed_interleaved_worker_fails_every_model_of_it(tmp_path):
         assert "oom" in rec and rec["tokens_per_s"] is None and rec["peak_mem_bytes"] is None
 
 
+def test_op_shape_sets_the_ops_inputs_and_its_flop_count(tmp_path):
+    """--op_shape=B,H,d,E: the op runs at that shape (here one 4-wide head, where compute is nil and the time is
+    the host's), records it, and counts its FLOPs for it, per token of the batch: a quarter of the heads, a
+    quarter of the FLOPs per token."""
+    small = run_bench(tmp_path, "--op", "--seq_lens=64", "--op_impls=eager", "--op_shape=2,1,4,2")
+    (tmp_path / "bench.json").unlink()
+    wide = run_bench(tmp_path, "--op", "--seq_lens=64", "--op_impls=eager", "--op_shape=2,4,4,2")
+    for report, H in ((small, 1), (wide, 4)):
+        ours = [r for r in report["records"] if r["impl"] == "eager"]
+        assert ours and all((r["B"], r["H"], r["d"], r["E"], r["chunk"]) == (2, H, 4, 2, 64) for r in ours)
+    x, _ = bench.op_inputs(64, "l2", False, shape=bench.op_shape(bench.parse_args(["--op_shape=2,1,4,2"])))
+    assert x[0].shape == (2, 1, 64, 4) and x[5][0].shape == (2, 1, 8, 4)  # q; the memory's first layer
+    gflops = {H: {(r["retention"], r["mode"]): r["gflops"] / r["tokens_per_s"]
+                  for r in rep["records"] if r["impl"] == "eager"} for H, rep in ((1, small), (4, wide))}
+    for key, per_token in gflops[1].items():
+        assert gflops[4][key] == pytest.approx(4 * per_token)
+
+
 def test_op_mode_measures_fast_path_and_reference(tmp_path):
     report = run_bench(tmp_path, "--op", "--seq_lens=64", "--op_impls=eager,reference")
     impls = {(r["impl"], r["retention"], r["mode"]) for r in report["records"] if r["impl"] != "titans-pytorch"}
@@ -171,6 +189,9 @@ TINY = ["--models=transformer", "--seq_lens=16", "--modes=prefill", "--model_pre
     (["--modes=train,eval"], "--modes"),
     (["--modes=train,"], "--modes"),
     (["--op", "--op_impls=eager,fast"], "--op_impls"),
+    (["--op", "--op_shape=1,4,64"], "--op_shape"),
+    (["--op", "--op_shape=1,0,64,4"], "--op_shape"),
+    (["--op", "--op_shape=1,4,x,4"], "--op_shape"),
     (["--model_preset=huge"], "--model_preset"),
     (["--preset=tpu"], "--preset"),
     (["--dtype=float16"], "dtype"),
