@@ -539,13 +539,14 @@ def titans_memory(device="cpu", shape=OP_SHAPE):
 
 def titans_baseline(cfg):
     """A function T -> records timing titans_memory at length T (fwd, fwd+bwd); None without titans-pytorch."""
+    shape = op_shape(cfg)
     try:
         from importlib.metadata import version
-        mem = titans_memory(cfg.device, op_shape(cfg))
+        mem = titans_memory(cfg.device, shape)
     except ImportError:
         print("titans-pytorch not installed (pip install titans-pytorch): comparison skipped")
         return None
-    B, H, d, E, b = (op_shape(cfg)[k] for k in ("B", "H", "d", "E", "chunk"))
+    B, H, d, E, b = (shape[k] for k in ("B", "H", "d", "E", "chunk"))
     desc = f"NeuralMemory(dim={H * d}, dim_head={d}, heads={H}, chunk_size={b}, depth=2, expansion_factor={E})"
 
     def measure(T):
