@@ -966,6 +966,14 @@ def _run_loop(inputs, st, ln_w, ln_b, spec, pos):
 # ----------------------------------------------------------------------------------------------
 # The public ops
 
+def _check_state_step_norm(state, normalize_step):
+    """A carried MemoryState holds a grad_sum exactly when it was built for a normalized step."""
+    built_for = len(state.grad_sum) > 0  # len(), not bool(): torch 2.11's dynamo cannot trace bool() of a tuple
+    if bool(normalize_step) != built_for:
+        raise ValueError(f"the MemoryState was built for normalize_step={built_for}: pass the same normalize_step "
+                         "as the call that made it")
+
+
 def miras_memory(q, k, v, eta, alpha, state, ln_weight, ln_bias, *, objective="l2", retention="l2",
                  chunk_size=64, delta=None, p=3.0, q_norm=4.0, sharpness=10.0, eps=1e-6, simplex_scale=None,
                  memory="mlp", momentum=None, normalize_step=False, link="printed", check_values=True,
@@ -993,9 +1001,8 @@ def miras_memory(q, k, v, eta, alpha, state, ln_weight, ln_bias, *, objective="l
     _check(q, k, v, eta, alpha, state, ln_weight, ln_bias, rule, delta, momentum, check_values)
     ret = rule["retention"]
     carried = isinstance(state, MemoryState)
-    if carried and bool(normalize_step) != (len(state.grad_sum) > 0):
-        raise ValueError("the MemoryState was built for normalize_step="
-                         f"{len(state.grad_sum) > 0}: pass the same normalize_step as the call that made it")
+    if carried:
+        _check_state_step_norm(state, normalize_step)
     if not carried:
         state = MemoryState.start(state, momentum is not None, retention)
     B, H, T, d = q.shape
@@ -1052,10 +1059,7 @@ def miras_memory_step(q, k, v, eta, alpha, state, ln_weight, ln_bias, *, objecti
     rule = _rule(objective, retention, chunk_size, p, q_norm, sharpness, eps, simplex_scale, memory, normalize_step,
                  link)
     _check(q, k, v, eta, alpha, state, ln_weight, ln_bias, rule, delta, momentum, check_values)
-    # len(), not bool(): torch 2.11's dynamo cannot trace bool() of a tuple (the compiled decode step broke there)
-    if bool(normalize_step) != (len(state.grad_sum) > 0):
-        raise ValueError("the MemoryState was built for normalize_step="
-                         f"{len(state.grad_sum) > 0}: pass the same normalize_step as the call that made it")
+    _check_state_step_norm(state, normalize_step)
     B, H, _, d = q.shape
     ret = rule["retention"]
     with torch.autocast(q.device.type, enabled=False):
