@@ -510,6 +510,12 @@ def _fmt_bytes(n):
         n /= 1024
 
 
+def _fmt_rate(r):
+    """A rate for the summary line: whole numbers, but a slow one (a first call that compiles or warms up the
+    device) keeps two significant digits instead of printing as 0."""
+    return f"{r:,.0f}" if r >= 10 else f"{r:.2g}"
+
+
 # ----------------------------------------------------------------------------------------------
 # CLI
 
@@ -579,8 +585,8 @@ def run(cfg, out=None, err=None):
         what = "KV caches" + (f" (full attention: {len(prompt) + cfg.max_new_tokens} slots)" if "A" in kinds else
                               f" (sliding window: {loaded.config.window} slots)")
         parts.append(f"attention {what}: {_fmt_bytes(sb['attention'])}")
-    print(f"prefill: {totals.prefill_tokens_per_s:,.0f} tokens/s ({totals.prompt_tokens} tokens) | decode: "
-          f"{totals.decode_tokens_per_s:,.0f} tokens/s ({totals.new_tokens} tokens"
+    print(f"prefill: {_fmt_rate(totals.prefill_tokens_per_s)} tokens/s ({totals.prompt_tokens} tokens) | decode: "
+          f"{_fmt_rate(totals.decode_tokens_per_s)} tokens/s ({totals.new_tokens} tokens"
           f"{', compiled' if compile else ''}) | state per sequence: {sb['total']:,} bytes ({_fmt_bytes(sb['total'])}"
           f"{'; ' + ', '.join(parts) if parts else ''})", file=err, flush=True)
     return totals

@@ -501,3 +501,12 @@ def test_kv_cache_in_the_autocast_dtype(transformer_dir, moneta_dir):
             else:
                 tensors = list(iter_tensors(layer.mem))
                 assert tensors and all(t.dtype == torch.float32 for t in tensors if t.is_floating_point())
+
+
+def test_summary_rates_keep_slow_rates_visible():
+    """A first call that compiles or warms a GPU up can take seconds for a 3-token prompt: its rate prints as
+    0.88, not 0; fast rates print as whole numbers with thousands separators."""
+    assert sample._fmt_rate(3 / 3.4) == "0.88"
+    assert sample._fmt_rate(9.96) == "10"
+    assert sample._fmt_rate(12345.6) == "12,346"
+    assert sample._fmt_rate(float("nan")) == "nan"
