@@ -257,14 +257,25 @@ def _write_back(before):
     Every new tensor is taken (cloned; in a compiled graph a clone of an intermediate costs nothing) before any
     buffer is written: a new state may hold an old buffer itself (l2's anchor, refreshed at a chunk's first
     token to the weights the token started from). A tensor the step returned as it was (the buffer itself: an
-    anchor inside its chunk) is neither cloned nor copied."""
-    new = [[None if t is buf else t.clone() for t, buf in zip(iter_tensors(getattr(owner, name)), iter_tensors(old))]
-           for owner, name, old in before]
+    anchor inside its chunk) is neither cloned nor copied.
+    Returns the copies of the new anchors, for a compiled step to return as outputs: Inductor drops a copy of a
+    graph input that the graph overwrites later unless the copy is an output (pytorch/pytorch#198131, open in
+    torch 2.11-2.14), and then wrote the new weights into a refreshed l2 anchor as well (tests/test_sample.py)."""
+    new, anchors = [], []
+    for owner, name, old in before:
+        value = getattr(owner, name)
+        fresh_anchor = getattr(value, "anchor", ())
+        new.append([])
+        for t, buf in zip(iter_tensors(value), iter_tensors(old)):
+            new[-1].append(None if t is buf else t.clone())
+            if new[-1][-1] is not None and any(t is a for a in fresh_anchor):
+                anchors.append(new[-1][-1])
     for (owner, name, old), values in zip(before, new):
         for buf, value in zip(iter_tensors(old), values):
             if value is not None:
                 buf.copy_(value)
         setattr(owner, name, old)
+    return anchors
 
 
 def _dense(t):
@@ -312,8 +323,7 @@ def make_step(model, autocast=None, compile=False, compile_mode="default", sampl
     def step_in_place(idx, cache, noise=None):
         before = [(owner, name, getattr(owner, name)) for owner, name in _state_slots(cache)]
         out = step(idx, cache, noise)
-        _write_back(before)
-        return out
+        return out, _write_back(before)  # the anchors' copies: outputs, so that Inductor keeps them
 
     mode = None if compile_mode == "default" else compile_mode
     # one compiled copy of step_in_place, with its own code object, per (chunk start or not, decode-state
@@ -383,9 +393,9 @@ def make_step(model, autocast=None, compile=False, compile_mode="default", sampl
         try:
             if sig in checked["guarded"]:
                 with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
-                    out = fn(idx, cache, noise)
+                    out, _ = fn(idx, cache, noise)
             else:
-                out = fn(idx, cache, noise)
+                out, _ = fn(idx, cache, noise)
                 checked["guarded"].add(sig)
         finally:  # an eager step reads the position from the state
             for layer in layers:

@@ -392,6 +392,32 @@ def test_compiled_step_writes_the_state_in_place(name, preset):
     assert counter.frame_count == graphs, f"{counter.frame_count} graphs, not {graphs}"
 
 
+
+def test_inductor_step_keeps_the_refreshed_l2_anchor():
+    """Yaad's l2 retention refreshes its anchor at a chunk's first token to the weights that token starts from:
+    the new state holds the old weights buffer, which the same step overwrites. Inductor (not aot_eager, which the
+    other compiled-step tests use) dropped the copy of that buffer (pytorch/pytorch#198131) and wrote the new
+    weights into the anchor, so every later token of the chunk read wrong weights (found on an H200:
+    tests/test_cuda.py). Inductor-compiled steps across a chunk boundary equal the eager steps (float64)."""
+    from models import build_model
+    torch.manual_seed(0)
+    model = build_model("yaad", "tiny", n_layer=1, n_embd=32, n_head=2, vocab_size=32, block_size=64,
+                        chunk_size=8).double().eval()
+    torch._dynamo.reset()
+    eager, compiled = sample.make_step(model), sample.make_step(model, compile=True, backend="inductor")
+    caches = [model.init_cache(1, 64), model.init_cache(1, 64)]
+    with torch.no_grad():
+        prompt = torch.randint(32, (1, 13))
+        tok = [model.prefill(prompt, c)[0][:, -1:].argmax(-1) for c in caches]
+        for i in range(5):  # positions 13-17: the chunk's last tokens, its successor's first (16) and second
+            (t_e, l_e), (_, l_c) = eager(tok[0], caches[0]), compiled(tok[1], caches[1])
+            torch.testing.assert_close(l_c, l_e, rtol=1e-12, atol=1e-12, msg=f"logits at position {13 + i}")
+            mem_e, mem_c = caches[0].layers[0].mem, caches[1].layers[0].mem
+            for field in ("weights", "anchor", "grad_sum"):
+                for a, b in zip(getattr(mem_c, field), getattr(mem_e, field), strict=True):
+                    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=f"{field} after {13 + i}")
+            tok = [t_e, t_e]
+
 @pytest.mark.parametrize("name", ["moneta", "memora"])
 def test_compiled_step_copies_back_only_the_state_that_changed(name):
     """Inside a chunk a step leaves the anchor and lq's normalizers as they are (miras_memory_step returns the
