@@ -81,6 +81,7 @@ class BenchConfig:
     device: str = "auto"          # auto | cpu | cuda | cuda:N
     dtype: str = "auto"           # float32 | bfloat16 (autocast) | auto: bfloat16 on CUDA, float32 on CPU
     compile: Optional[bool] = None  # torch.compile the models (train, prefill) and the decode step; None: on CUDA only
+    compile_mode: str = "default"   # torch.compile mode (cli.COMPILE_MODES); reduce-overhead: CUDA graphs (CUDA only)
     interleave: bool = False      # every model in one worker per (length, mode), timed in turns: comparable
                                   # on a machine whose speed drifts; no per-model peak memory (null)
     profile: bool = False         # also profile one warm call of each cell (profile_call): where its time goes
@@ -167,6 +168,7 @@ def validate(cfg):
         raise BenchError(f"--device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
     cfg.device = str(device)
     cfg.compile = cli.resolve_compile(cfg.compile, device)
+    cli.check_compile_mode(cfg.compile_mode, cfg.compile, device, BenchError)
     cfg.dtype = cli.resolve_dtype(cfg.dtype, device, BenchError)
     if cfg.dtype not in ("float32", "bfloat16"):
         raise BenchError(f"--dtype must be auto, float32 or bfloat16, got {cfg.dtype!r}")
@@ -334,11 +336,15 @@ def prepare_cell(cfg, name, seq_len, mode):
     if mode in ("train", "prefill"):
         training = mode == "train"
         model.train(training)
-        fwd = torch.compile(model) if cfg.compile else model
+        fwd = torch.compile(model, mode=None if cfg.compile_mode == "default" else cfg.compile_mode) \
+            if cfg.compile else model
+        graphs = cfg.compile and cfg.compile_mode in cli.CUDA_GRAPH_MODES
         if training:
             optimizer = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device.split(":")[0])
 
             def call():
+                if graphs:  # a new replay (as train.py's steps)
+                    torch.compiler.cudagraph_mark_step_begin()
                 with autocast:
                     _, loss = fwd(idx, targets=idx)
                 loss.backward()
@@ -346,6 +352,8 @@ def prepare_cell(cfg, name, seq_len, mode):
                 optimizer.zero_grad(set_to_none=True)
         else:
             def call():
+                if graphs:
+                    torch.compiler.cudagraph_mark_step_begin()
                 with torch.no_grad(), autocast:
                     fwd(idx)
         first = seconds(call, device)  # one of the warm-up calls
@@ -364,7 +372,7 @@ def prepare_cell(cfg, name, seq_len, mode):
     # KV cache holds only those (a full-attention step reads its whole preallocated cache)
     model.eval()
     prompt = idx[:1]
-    step_fn = sample.make_step(model, autocast, cfg.compile)
+    step_fn = sample.make_step(model, autocast, cfg.compile, cfg.compile_mode)
     at = {}  # the cache in use and the next input token
 
     def prefill():
@@ -574,7 +582,7 @@ def header(cfg):
     cuda = cfg.device.startswith("cuda")
     dev = torch.cuda.get_device_name(cfg.device) if cuda else (platform.processor() or platform.machine())
     info = dict(device_name=dev, torch=torch.__version__, threads=torch.get_num_threads(), compile=cfg.compile,
-                dtype=cfg.dtype, python=platform.python_version(),
+                compile_mode=cfg.compile_mode, dtype=cfg.dtype, python=platform.python_version(),
                 peak_mem_measure="cuda max_memory_allocated" if cuda
                 else "worker peak RSS above its size at its start (ru_maxrss delta)",
                 workers=worker_start_method(cfg.device))
@@ -602,8 +610,8 @@ def run_models(cfg):
             cells = [(names[0], out, peak)]
         for name, out, peak in cells:
             rec = dict(kind="model", model=name, seq_len=seq_len, mode=mode, device=cfg.device,
-                       compile=cfg.compile, dtype=cfg.dtype, model_preset=cfg.model_preset, vocab_size=cfg.vocab_size,
-                       tokens_per_s=None, peak_mem_bytes=peak)
+                       compile=cfg.compile, compile_mode=cfg.compile_mode, dtype=cfg.dtype,
+                       model_preset=cfg.model_preset, vocab_size=cfg.vocab_size, tokens_per_s=None, peak_mem_bytes=peak)
             rec.update(out)
             records.append(rec)
             if "oom" in out or "error" in out:

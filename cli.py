@@ -219,6 +219,22 @@ def resolve_compile(value, device):
     return torch.device(device).type == "cuda" if value is None else bool(value)
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # these capture CUDA graphs: CUDA only
+
+
+def check_compile_mode(mode, compile, device, error=ConfigError):
+    """--compile_mode of train.py, sample.py and bench.py: a torch.compile mode, given only with compiling on, and
+    a CUDA-graph mode only on CUDA (raises `error`)."""
+    if mode not in COMPILE_MODES:
+        raise error(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
+    if mode != "default" and not compile:
+        raise error(f"compile_mode={mode} is a mode of torch.compile: add --compile=true")
+    if mode in CUDA_GRAPH_MODES and torch.device(device).type != "cuda":
+        raise error(f"compile_mode={mode} captures CUDA graphs: use it with --device=cuda, or "
+                    f"compile_mode=default on {torch.device(device).type}")
+
+
 def cpu_compile_problem():
     """Why Inductor cannot build and run its C++ kernels in this process (no C++ compiler, no OpenMP, ...), as
     one line, or None if it can: compiles a one-op function (a few seconds on a cold cache)."""

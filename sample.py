@@ -79,8 +79,6 @@ class SampleError(cli.ConfigError):
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 def parse_args(argv=None):
@@ -100,8 +98,8 @@ def validate(cfg):
         (cfg.top_k >= 0, "top_k must be >= 0 (0: off)"),
         (0 < cfg.top_p <= 1, "top_p must lie in (0, 1] (1: off)"),
         (cfg.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}"),
-        (cfg.compile_mode in COMPILE_MODES, f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got "
-                                            f"{cfg.compile_mode!r}"),
+        (cfg.compile_mode in cli.COMPILE_MODES, f"compile_mode must be one of {', '.join(cli.COMPILE_MODES)}, "
+                                                f"got {cfg.compile_mode!r}"),
     ]
     for ok, msg in checks:
         if not ok:
@@ -289,14 +287,6 @@ def _dense(t):
     return t if t.stride() == tuple(stride) else _fresh(t)
 
 
-def check_compile_mode(mode, compile, device):
-    if mode != "default" and not compile:
-        raise SampleError(f"compile_mode={mode} is a mode of the compiled step: add --compile=true")
-    if mode in CUDA_GRAPH_MODES and torch.device(device).type != "cuda":
-        raise SampleError(f"compile_mode={mode} captures CUDA graphs: use it with --device=cuda, or "
-                          f"compile_mode=default on {torch.device(device).type}")
-
-
 def make_step(model, autocast=None, compile=False, compile_mode="default", sampling=Sampling(temperature=0.0),
               backend="inductor"):
     """step(idx [B, 1], cache, noise=None) -> (next ids [B, 1], last logits [B, V] float32): one decoding step and
@@ -307,7 +297,7 @@ def make_step(model, autocast=None, compile=False, compile_mode="default", sampl
     owns the cache's state buffers (copied once per cache) and writes every new state into them, so the
     CUDA-graph modes can replay it; it evaluates torch.compile's guards once per cache and graph: the next
     steps on the same cache, with the same input shapes and buffers, skip them."""
-    check_compile_mode(compile_mode, compile, model.lm_head.weight.device)
+    cli.check_compile_mode(compile_mode, compile, model.lm_head.weight.device, SampleError)
     autocast = autocast or contextlib.nullcontext()
 
     def step(idx, cache, noise=None):
@@ -318,7 +308,7 @@ def make_step(model, autocast=None, compile=False, compile_mode="default", sampl
     if not compile:
         step.sampling = sampling
         return step
-    graphs = compile_mode in CUDA_GRAPH_MODES
+    graphs = compile_mode in cli.CUDA_GRAPH_MODES
 
     def step_in_place(idx, cache, noise=None):
         before = [(owner, name, getattr(owner, name)) for owner, name in _state_slots(cache)]
@@ -536,7 +526,7 @@ def run(cfg, out=None, err=None):
     err = err or sys.stderr
     device = cli.resolve_device(cfg.device, SampleError)
     dtype = cli.resolve_dtype(cfg.dtype, device, SampleError)
-    check_compile_mode(cfg.compile_mode, cli.resolve_compile(cfg.compile, device), device)
+    cli.check_compile_mode(cfg.compile_mode, cli.resolve_compile(cfg.compile, device), device, SampleError)
     loaded = load_model(cfg.out_dir, cfg.ckpt, device, dtype)
     model, tok = loaded.model, loaded.tokenizer
     cli.fast_float32(device)

@@ -103,6 +103,8 @@ class TrainConfig:
     device: str = "auto"                        # auto (cuda if available, else cpu) | cpu | cuda | cuda:N | mps
     dtype: str = "auto"                         # auto (bfloat16 on CUDA if supported, else float32) | float32 | bfloat16 | float16
     compile: Optional[bool] = None              # torch.compile the model; None: CUDA, or a CPU that can (cli)
+    compile_mode: str = "default"               # torch.compile mode (cli.COMPILE_MODES); reduce-overhead: the
+                                                # steps replayed as CUDA graphs (CUDA only)
 
 
 class TrainingDiverged(RuntimeError):
@@ -133,6 +135,8 @@ def validate(cfg):
         (cfg.warmup_iters >= 0 and cfg.grad_clip >= 0 and cfg.weight_decay >= 0,
          "warmup_iters, grad_clip and weight_decay must be >= 0"),
         (cfg.learning_rate is None or cfg.learning_rate > 0, "learning_rate must be > 0"),
+        (cfg.compile_mode in cli.COMPILE_MODES,
+         f"compile_mode must be one of {', '.join(cli.COMPILE_MODES)}, got {cfg.compile_mode!r}"),
     ]
     for ok, msg in checks:
         if not ok:
@@ -587,7 +591,9 @@ def setup(cfg, device, ddp, rank, world, batches=None):
         del ckpt
     run.scaler = torch.amp.GradScaler("cuda") if dtype == "float16" else None
     run.compile, run.compile_why = cli.resolve_train_compile(cfg.compile, device)
-    run.fwd_model = run.model = torch.compile(raw_model) if run.compile else raw_model
+    cli.check_compile_mode(cfg.compile_mode, run.compile, device)
+    mode = None if cfg.compile_mode == "default" else cfg.compile_mode
+    run.fwd_model = run.model = torch.compile(raw_model, mode=mode) if run.compile else raw_model
     if ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
         run.model = DDP(run.fwd_model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -632,7 +638,8 @@ def start_outputs(run):
     run.log(f"global batch: {run.n_micro * cfg.batch_size:,} sequences x {T:,} tokens = {run.tokens_per_iter:,} "
             f"tokens per step ({run.split_how})")
     run.log(f"device {run.device}, dtype {run.dtype}, compile {run.compile}"
-            f"{f' ({run.compile_why})' if run.compile_why else ''}, lr {run.resolved.learning_rate:g} -> "
+            f"{f' ({run.compile_why})' if run.compile_why else ''}"
+            f"{f', mode {cfg.compile_mode}' if cfg.compile_mode != 'default' else ''}, lr {run.resolved.learning_rate:g} -> "
             f"{run.resolved.min_lr:g}, {'resuming at' if run.iter_num else 'starting at'} iteration {run.iter_num} "
             f"of {cfg.max_iters}")
 
@@ -641,6 +648,13 @@ def write_log(run, record):
     if run.master:
         with open(run.log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def cuda_graph_step_begin(cfg):
+    """Under a CUDA-graph compile mode, each forward starts a new replay: the previous one's outputs (already
+    read: the loss is accumulated right after its backward) may be overwritten."""
+    if cfg.compile_mode in cli.CUDA_GRAPH_MODES:
+        torch.compiler.cudagraph_mark_step_begin()
 
 
 def step(run, lr):
@@ -654,6 +668,7 @@ def step(run, lr):
         x, y = (t.to(run.device) for t in run.batches.train_batch(run.iter_num, micro, first, end))
         sync = not run.ddp or i == len(run.share) - 1  # DDP all-reduces gradients on the last micro-step only
         with (contextlib.nullcontext() if sync else model.no_sync()):
+            cuda_graph_step_begin(cfg)
             with run.autocast:
                 _, loss = model(x, y)
             loss = loss / divisor
@@ -696,6 +711,7 @@ def evaluate(run):
         total = torch.zeros(2, device=run.device, dtype=torch.float64)
         for k in range(run.rank, run.cfg.eval_iters, run.world):
             x, y = (t.to(run.device) for t in run.batches.eval_batch(split, k))
+            cuda_graph_step_begin(run.cfg)
             with run.autocast:
                 _, loss = run.fwd_model(x, y)
             total += torch.stack([loss.double(), torch.ones((), device=run.device, dtype=torch.float64)])

@@ -202,6 +202,9 @@ TINY = ["--models=transformer", "--seq_lens=16", "--modes=prefill", "--model_pre
     (["--mem_limit_gb=-1"], "--mem_limit_gb"),
     (["--mem_limit_gb=nan"], "--mem_limit_gb"),
     (["--compile=yes"], "--compile"),
+    (["--compile_mode=fast"], "compile_mode must be one of"),
+    (["--device=cpu", "--compile=true", "--compile_mode=reduce-overhead"], "captures CUDA graphs"),
+    (["--compile=false", "--compile_mode=max-autotune-no-cudagraphs"], "add --compile=true"),
     (["--json="], "--json"),
     (["--op", "--interleave=true"], "--interleave"),
 ])

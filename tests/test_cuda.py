@@ -127,6 +127,28 @@ def test_train_py_bf16_compiled_and_resumed(tmp_path, capsys):
     assert train.load_checkpoint(out / "ckpt.pt")["iter_num"] == 30
 
 
+
+def test_train_py_cuda_graphs_give_the_default_modes_losses(tmp_path, capsys):
+    """--compile_mode=reduce-overhead (the compiled forward and backward replayed as CUDA graphs, the Miras chunk
+    loop's kernels included) trains as the default mode does: the same kernels, so the same losses up to
+    float32 reduction order, with two micro-steps per step and an evaluation (each a new replay)."""
+    from torch._dynamo.utils import counters
+    data = write_word_dataset(tmp_path / "data", 1500)
+    losses = {}
+    for mode in ("default", "reduce-overhead"):
+        counters.clear()
+        out = tmp_path / mode
+        assert train.main([f"--dataset={data}", f"--out_dir={out}", "--n_layer=2", "--n_embd=64", "--n_head=2",
+                           "--block_size=64", "--batch_size=4", "--gradient_accumulation_steps=2", "--dtype=float32",
+                           "--max_iters=8", "--eval_interval=8", "--eval_iters=2", "--log_interval=1",
+                           "--compile=true", f"--compile_mode={mode}"]) == 0
+        assert (f", mode {mode}," in capsys.readouterr().out) == (mode != "default")
+        log = [json.loads(line) for line in open(out / "log.jsonl")]
+        losses[mode] = [r["loss"] for r in log if "loss" in r] + [r["val_loss"] for r in log if "val_loss" in r]
+    assert counters["inductor"]["cudagraph_skips"] == 0  # the graphs were captured, not skipped
+    assert len(losses["default"]) == 9
+    torch.testing.assert_close(losses["reduce-overhead"], losses["default"], rtol=1e-4, atol=0)
+
 def test_bench_spawned_cuda_workers(tmp_path):
     out = tmp_path / "bench.json"
     assert bench.main(["--models=moneta,transformer", "--seq_lens=128", "--model_preset=tiny", "--vocab_size=256",

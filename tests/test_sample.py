@@ -279,7 +279,7 @@ def test_errors(moneta_dir, tmp_path, capsys):
     msg = _error(capsys, "--compile_mode=fast")
     assert "compile_mode must be one of default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs" in msg
     msg = _error(capsys, f"--out_dir={moneta_dir}", "--compile_mode=reduce-overhead")
-    assert "compile_mode=reduce-overhead is a mode of the compiled step: add --compile=true" in msg
+    assert "compile_mode=reduce-overhead is a mode of torch.compile: add --compile=true" in msg
     msg = _error(capsys, f"--out_dir={moneta_dir}", "--compile=true", "--compile_mode=reduce-overhead")
     assert "compile_mode=reduce-overhead captures CUDA graphs: use it with --device=cuda" in msg
     assert "prompt file" in _error(capsys, f"--out_dir={moneta_dir}", f"--start=FILE:{tmp_path / 'missing.txt'}")

@@ -80,6 +80,7 @@ def test_compile_defaults_to_the_device(monkeypatch):
     (["--max_iters"], "must look like --key=value"),
     (["--model=gpt"], "model must be one of moneta, yaad, memora, transformer"),
     (["--init_from=gpt2"], "init_from must be scratch or resume"),
+    (["--compile_mode=fast"], "compile_mode must be one of default, reduce-overhead, max-autotune"),
 ])
 def test_bad_keys_and_types(args, expect, capsys):
     with pytest.raises(ConfigError, match=expect):
@@ -89,6 +90,19 @@ def test_bad_keys_and_types(args, expect, capsys):
     assert err.count("\n") == 1 and expect in err  # one line
     if "key" in expect:
         assert "valid keys: model:str, preset:str" in err and "learning_rate:float|None" in err
+
+
+def test_compile_mode_needs_compiling_and_cuda_graphs_need_cuda():
+    """cli.check_compile_mode, which train.py, sample.py and bench.py run once the device and --compile are known:
+    a mode without compiling, or a CUDA-graph mode on a CPU, is a one-line error that says what to pass."""
+    import cli
+    with pytest.raises(ConfigError, match="compile_mode=reduce-overhead is a mode of torch.compile: add --compile=true"):
+        cli.check_compile_mode("reduce-overhead", False, "cuda")
+    with pytest.raises(ConfigError, match="captures CUDA graphs: use it with --device=cuda, or compile_mode=default"):
+        cli.check_compile_mode("max-autotune", True, "cpu")
+    cli.check_compile_mode("reduce-overhead", True, "cuda")
+    cli.check_compile_mode("max-autotune-no-cudagraphs", True, "cpu")
+    cli.check_compile_mode("default", False, "cpu")
 
 
 def test_config_files(tmp_path):
