@@ -68,7 +68,7 @@ class SampleConfig:
     device: str = "auto"           # auto (cuda if available, else cpu) | cpu | cuda | cuda:N | mps
     dtype: str = "auto"            # auto (bfloat16 on CUDA if supported, else float32) | float32 | bfloat16 | float16 | float64
     compile: Optional[bool] = None  # torch.compile the decode step (static shapes: graphs for every position);
-                                   # None: on CUDA only (cli.resolve_compile)
+                                   # None: on CUDA when the run generates enough tokens to pay (resolve_compile)
     compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead | max-autotune |
                                    # max-autotune-no-cudagraphs (the middle two capture CUDA graphs: CUDA only)
 
@@ -520,13 +520,34 @@ def _fmt_rate(r):
 # CLI
 
 
+# Compiling a decode step costs as much time as thousands of eager steps, whatever the depth (both grow with the
+# layers; README, Sampling), and a Miras model compiles two graphs: --compile's default compiles only a run that
+# generates at least this many tokens in all
+AUTO_COMPILE_MIN_TOKENS = 4096
+
+
+def resolve_compile(cfg, device):
+    """--compile: (compile, why). None compiles on CUDA a run of at least AUTO_COMPILE_MIN_TOKENS new tokens (all
+    samples together) or one given a --compile_mode; elsewhere cli.resolve_compile's rule (not on a CPU). why: ""
+    unless None decided on CUDA."""
+    if cfg.compile is not None or torch.device(device).type != "cuda":
+        return cli.resolve_compile(cfg.compile, device), ""
+    if cfg.compile_mode != "default":
+        return True, f"auto: --compile_mode={cfg.compile_mode}"
+    total = cfg.num_samples * cfg.max_new_tokens
+    on = total >= AUTO_COMPILE_MIN_TOKENS
+    return on, (f"auto: {total:,} new tokens {'>=' if on else '<'} {AUTO_COMPILE_MIN_TOKENS:,}"
+                f"{'' if on else ', where compiling costs more than it saves; --compile=true compiles'}")
+
+
 def run(cfg, out=None, err=None):
     """Sample as configured: samples to `out` (stdout), everything else to `err` (stderr)."""
     out = out or sys.stdout
     err = err or sys.stderr
     device = cli.resolve_device(cfg.device, SampleError)
     dtype = cli.resolve_dtype(cfg.dtype, device, SampleError)
-    cli.check_compile_mode(cfg.compile_mode, cli.resolve_compile(cfg.compile, device), device, SampleError)
+    compile, compile_why = resolve_compile(cfg, device)
+    cli.check_compile_mode(cfg.compile_mode, compile, device, SampleError)
     loaded = load_model(cfg.out_dir, cfg.ckpt, device, dtype)
     model, tok = loaded.model, loaded.tokenizer
     cli.fast_float32(device)
@@ -543,8 +564,9 @@ def run(cfg, out=None, err=None):
     note = length_note(loaded, len(prompt) + cfg.max_new_tokens)
     if note:
         print(note, file=err, flush=True)
+    if compile_why:
+        print(f"decode step: {'compiled' if compile else 'eager'} ({compile_why})", file=err, flush=True)
 
-    compile = cli.resolve_compile(cfg.compile, device)
     step = make_step(model, autocast, compile, cfg.compile_mode,
                      Sampling(cfg.temperature, cfg.top_k, cfg.top_p, tok.vocab_size))
     if compile and cfg.max_new_tokens > 1:  # compile outside the timings: prefill + 3 steps on a scratch run

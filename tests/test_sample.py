@@ -536,3 +536,22 @@ def test_summary_rates_keep_slow_rates_visible():
     assert sample._fmt_rate(9.96) == "10"
     assert sample._fmt_rate(12345.6) == "12,346"
     assert sample._fmt_rate(float("nan")) == "nan"
+
+
+def test_compile_default_on_cuda_only_where_it_pays():
+    """--compile's default (None) compiles the decode step on CUDA only for a run of at least
+    AUTO_COMPILE_MIN_TOKENS new tokens in all (compiling costs more than thousands of eager steps), or one that
+    names a --compile_mode; on a CPU it does not compile; an explicit --compile wins. The reason is printed."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    n = sample.AUTO_COMPILE_MIN_TOKENS
+    short = sample.parse_args(["--num_samples=3", "--max_new_tokens=500"])
+    on, why = sample.resolve_compile(short, cuda)
+    assert not on and why == f"auto: 1,500 new tokens < {n:,}, where compiling costs more than it saves; " \
+                             "--compile=true compiles"
+    assert sample.resolve_compile(sample.parse_args([f"--max_new_tokens={n}", "--num_samples=1"]), cuda) == \
+        (True, f"auto: {n:,} new tokens >= {n:,}")
+    assert sample.resolve_compile(sample.parse_args(["--compile_mode=reduce-overhead"]), cuda) == \
+        (True, "auto: --compile_mode=reduce-overhead")
+    assert sample.resolve_compile(sample.parse_args(["--compile=true"]), cuda) == (True, "")
+    assert sample.resolve_compile(sample.parse_args([f"--max_new_tokens={n}", "--compile=false"]), cuda) == (False, "")
+    assert sample.resolve_compile(sample.parse_args([f"--max_new_tokens={n}"]), cpu) == (False, "")
