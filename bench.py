@@ -336,11 +336,13 @@ def prepare_cell(cfg, name, seq_len, mode):
     if mode in ("train", "prefill"):
         training = mode == "train"
         model.train(training)
-        fwd = torch.compile(model, mode=None if cfg.compile_mode == "default" else cfg.compile_mode) \
-            if cfg.compile else model
+        fwd = torch.compile(model, mode=cli.torch_compile_mode(cfg.compile_mode)) if cfg.compile else model
         graphs = cfg.compile and cfg.compile_mode in cli.CUDA_GRAPH_MODES
         if training:
             optimizer = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device.split(":")[0])
+            if graphs:  # as train.py: gradients in buffers of their own, not a CUDA graph's outputs
+                for p in model.parameters():
+                    p.grad = torch.zeros_like(p)
 
             def call():
                 if graphs:  # a new replay (as train.py's steps)
@@ -349,7 +351,7 @@ def prepare_cell(cfg, name, seq_len, mode):
                     _, loss = fwd(idx, targets=idx)
                 loss.backward()
                 optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                optimizer.zero_grad(set_to_none=not graphs)
         else:
             def call():
                 if graphs:

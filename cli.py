@@ -235,6 +235,11 @@ def check_compile_mode(mode, compile, device, error=ConfigError):
                     f"compile_mode=default on {torch.device(device).type}")
 
 
+def torch_compile_mode(mode):
+    """torch.compile's mode argument for a --compile_mode (None: its default)."""
+    return None if mode == "default" else mode
+
+
 def cpu_compile_problem():
     """Why Inductor cannot build and run its C++ kernels in this process (no C++ compiler, no OpenMP, ...), as
     one line, or None if it can: compiles a one-op function (a few seconds on a cold cache)."""

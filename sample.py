@@ -315,7 +315,7 @@ def make_step(model, autocast=None, compile=False, compile_mode="default", sampl
         out = step(idx, cache, noise)
         return out, _write_back(before)  # the anchors' copies: outputs, so that Inductor keeps them
 
-    mode = None if compile_mode == "default" else compile_mode
+    mode = cli.torch_compile_mode(compile_mode)
     # one compiled copy of step_in_place, with its own code object, per (chunk start or not, decode-state
     # geometry): a Miras chunk's first token (anchor refresh, kl's exact step) and its other tokens, which skip
     # that work (MirasCache.chunk_start, set on the host around the call), each hold one graph; and

@@ -592,8 +592,14 @@ def setup(cfg, device, ddp, rank, world, batches=None):
     run.scaler = torch.amp.GradScaler("cuda") if dtype == "float16" else None
     run.compile, run.compile_why = cli.resolve_train_compile(cfg.compile, device)
     cli.check_compile_mode(cfg.compile_mode, run.compile, device)
-    mode = None if cfg.compile_mode == "default" else cfg.compile_mode
+    mode = cli.torch_compile_mode(cfg.compile_mode)
     run.fwd_model = run.model = torch.compile(raw_model, mode=mode) if run.compile else raw_model
+    if cfg.compile_mode in cli.CUDA_GRAPH_MODES:
+        # gradients in buffers of their own, added to in place: a .grad that autograd took over from a CUDA graph's
+        # output would be overwritten by the next micro-step's replay (pytorch/pytorch#169545, #96693)
+        for p in raw_model.parameters():
+            if p.requires_grad:
+                p.grad = torch.zeros_like(p)
     if ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
         run.model = DDP(run.fwd_model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -696,7 +702,7 @@ def step(run, lr):
         scaler.update()
     else:
         run.optimizer.step()
-    run.optimizer.zero_grad(set_to_none=True)
+    run.optimizer.zero_grad(set_to_none=cfg.compile_mode not in cli.CUDA_GRAPH_MODES)  # kept: see setup
     run.iter_num += 1
     return loss_val, gn_val
 
