@@ -606,21 +606,59 @@ def _split(inputs, plan):
     return list(zip(*(x.split(sizes, dim=1) if x is not None else [None] * len(plan) for x in inputs)))
 
 
+# the values of a no-op token, per input (q, k, v, eta, log alpha, log mu, delta): zero keys (so a zero inner
+# gradient), eta 0, alpha 1, delta 1
+_NO_OP = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0)
+
+
+def _pad_to(t, size, fill):
+    """t [N, n, ...] padded along time to `size` rows of `fill`."""
+    if t.shape[1] == size:
+        return t
+    return torch.cat([t, t.new_full((t.shape[0], size - t.shape[1], *t.shape[2:]), fill)], dim=1)
+
+
 def _pad(x, size):
-    """Per-token inputs (q, k, v, eta, log alpha, log mu, delta) padded to `size` tokens with no-op tokens:
-    zero keys (so a zero inner gradient), eta 0, alpha 1, delta 1."""
-    fill = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0)
-    n = x[0].shape[1]
-    return [None if t is None else torch.cat([t, t.new_full((t.shape[0], size - n, *t.shape[2:]), f)], dim=1)
-            for t, f in zip(x, fill)]
+    """Per-token inputs padded to `size` tokens with no-op tokens."""
+    return [None if t is None else _pad_to(t, size, f) for t, f in zip(x, _NO_OP)]
 
 
-def _run_piece(kind, x, st, ln_w, ln_b, rule, fns, last_row=None):
+def _chunked_split(tensors, plan, chunk, fills):
+    """_split for compiled chunks: contiguous pieces, each a whole chunk (the last one padded with `fills`) cut
+    from one chunk-major copy of each tensor made once per call, so that the loop copies and pads nothing per
+    chunk (on a GPU, each copy is a kernel launched from Python). Two exceptions: a first piece that continues a
+    chunk is a contiguous copy of its own (padded where it runs), and a lone lag token is its chunk's first row."""
+    head = plan[0][1] if plan[0][0] == "continue" else 0
+    n_rest = len(plan) - (head > 0)
+    columns = []
+    for t, fill in zip(tensors, fills):
+        if t is None:
+            columns.append([None] * len(plan))
+            continue
+        rest = _pad_to(t[:, head:], n_rest * chunk, fill) if n_rest else None
+        chunks = list(rest.unflatten(1, (n_rest, chunk)).movedim(1, 0).contiguous().unbind(0)) if n_rest else []
+        columns.append(([t[:, :head].contiguous()] if head else []) + chunks)
+    pieces = list(zip(*columns))
+    return [tuple(None if t is None else t[:, :1] for t in x) if kind == "lag" else x
+            for (kind, _), x in zip(plan, pieces)]
+
+
+def _last_rows(plan, device):
+    """The 1-element index tensor of each piece's last real row (a fill per distinct length, not a host-to-device
+    copy; whole chunks share one)."""
+    made = {}
+    for _, n in plan:
+        if n not in made:
+            made[n] = torch.full((1,), n - 1, device=device)
+    return [made[n] for _, n in plan]
+
+
+def _run_piece(kind, x, st, ln_w, ln_b, rule, fns, last_row=None, n=None):
     """One piece: a fresh chunk ("refresh"), a lag rule's fresh chunk ("lag_chunk": its exact first step, then
     the rest), a lone lag token ("lag": a call that ends after it) or the rest of a chunk in progress
     ("continue"). st = (weights, anchor, norm, mom, grad_sum) before it; returns (y [N, n, d], st after it).
     With fns' pad_to set (compiled chunks), a short piece is padded to a whole chunk: one graph for every length;
-    last_row (a 1-element tensor) says where a piece that its caller padded really ends."""
+    last_row (a 1-element tensor) says where a piece that its caller padded really ends, n its real length."""
     segment, lag_segment, lag_step, fresh_segment, track, pad_to = fns
     if pad_to:  # compiled: contiguous pieces, so that strides (which depend on T) never force a new graph
         x = [None if t is None else t.contiguous() for t in x]
@@ -631,9 +669,9 @@ def _run_piece(kind, x, st, ln_w, ln_b, rule, fns, last_row=None):
         y, weights = lag_step(q_c, k_c, v_c, eta_c[:, 0], la_c[:, 0].exp(), delta_c, weights, ln_w, ln_b, rule)
         grad_sum = _new_grad_sum(weights, track)
         return y, (list(weights), list(weights), norm, mom, grad_sum)
-    n = x[0].shape[1]
+    n = n or x[0].shape[1]
     if pad_to:  # every piece the same length and the same graph inputs, padded or not
-        if n < pad_to:
+        if x[0].shape[1] < pad_to:
             x = _pad(x, pad_to)
         if last_row is None:
             last_row = torch.full((1,), n - 1, device=x[0].device)  # a fill, not a host-to-device copy
@@ -799,17 +837,20 @@ def _chunk_loop(xs: list[torch.Tensor], present: list[bool], state: list[torch.T
     slots = _saved_slots(plan, layout) if save_starts else []
     stacked = [t.new_empty(shape) for t, shape in zip(state, _stacked_shapes(state, slots))] if save_starts else []
     used, ys = [0] * len(state), []
+    compiled = fns[5] is not None
+    pieces = _chunked_split(inputs, plan, fns[5], _NO_OP) if compiled else _split(inputs, plan)
+    last_rows = _last_rows(plan, xs[0].device) if compiled else [None] * len(plan)
     # below ADInplaceOrView, as the op's autograd kernel calls it: a whole-model compile's first call ran it with
     # that key excluded and its later calls did not, and compiled chunks guard on it (one more graph, compiled
     # on the second training step)
     with torch.no_grad(), torch._C._AutoDispatchBelowADInplaceOrView():
-        for i, ((kind, _), x) in enumerate(zip(plan, _split(inputs, plan))):
+        for i, ((kind, n), x) in enumerate(zip(plan, pieces)):
             if save_starts and i > 0:
                 for j, t in enumerate(_flatten_state(st)):
                     if slots[i - 1][j]:
                         stacked[j][used[j]].copy_(t)
                         used[j] += 1
-            y, st = _run_piece(kind, x, st, ln_w, ln_b, rule, fns)
+            y, st = _run_piece(kind, x, st, ln_w, ln_b, rule, fns, last_rows[i], n)
             ys.append(y)
     return _fresh([torch.cat(ys, dim=1), *_flatten_state(st), *stacked], {id(t) for t in (*xs, *state)})
 
@@ -871,23 +912,26 @@ def _chunk_loop_backward(xs: list[torch.Tensor], present: list[bool], starts: li
         raise RuntimeError("miras::chunk_loop backward without the saved piece starts: the forward ran with "
                            "grad mode off; run it under torch.enable_grad() to differentiate it")
     starts = _unstack_starts(starts[:n_st], starts[n_st:], _saved_slots(plan, layout))
-    pieces = _split(inputs, plan)
-    dys = grads_out[0].split([n for _, n in plan], dim=1)
+    if compiled:  # whole chunks, padded once per call (_chunked_split), dy with zeros
+        both = _chunked_split([*inputs, grads_out[0]], plan, fns[5], (*_NO_OP, 0.0))
+        pieces, dys = [x[:-1] for x in both], [x[-1] for x in both]
+        last_rows = _last_rows(plan, grads_out[0].device)
+    else:
+        pieces, dys = _split(inputs, plan), grads_out[0].split([n for _, n in plan], dim=1)
     d_state = [torch.zeros_like(s) if g is None else g for s, g in zip(starts[-n_st:], grads_out[1:])]
-    d_ln = [torch.zeros_like(ln_w), torch.zeros_like(ln_b)]
-    d_pieces = [None] * len(pieces)
+    d_lws, d_lbs = [], []
+    d_pieces = [None] * len(plan)
     # a start slot not saved (_saved_slots) is not read by its piece: zeros of its size stand in for it and
     # for its gradient, so that every piece of a kind has the same inputs (one graph)
     zeros = [t.new_zeros(t.shape) for t in starts[:n_st]]
-    for i in range(len(pieces) - 1, -1, -1):
-        kind, x, dy, start = plan[i][0], pieces[i], dys[i], starts[i * n_st:(i + 1) * n_st]
-        n, last_row, piece_grads = x[0].shape[1], None, _piece_grads
+    for i in range(len(plan) - 1, -1, -1):
+        (kind, n), x, dy, start = plan[i], pieces[i], dys[i], starts[i * n_st:(i + 1) * n_st]
+        last_row, piece_grads = None, _piece_grads
         if compiled:  # one graph per kind of piece, whatever its length, strides and requires_grad
-            piece_grads = _compiled(_piece_grads, (kind, *key))
-            if kind != "lag" and n < fns[5]:  # padded here, so that the graph's inputs are a whole chunk
-                x, dy = _pad(x, fns[5]), torch.cat([dy, dy.new_zeros(dy.shape[0], fns[5] - n, *dy.shape[2:])], 1)
-            last_row = torch.full((1,), n - 1, device=dy.device)
-            x, dy = [None if t is None else t.detach().contiguous() for t in x], dy.detach().contiguous()
+            piece_grads, last_row = _compiled(_piece_grads, (kind, *key)), last_rows[i]
+            if kind != "lag" and dy.shape[1] < fns[5]:  # a first piece continuing a chunk: padded to a whole one
+                x, dy = _pad(x, fns[5]), _pad_to(dy, fns[5], 0.0)
+            x, dy = [None if t is None else t.detach() for t in x], dy.detach()  # whatever requires_grad
         start, d_state = ([t.detach() if t.shape == z.shape else z for t, z in zip(ts, zeros)]
                           for ts in (start, d_state))
         # recompute as the forward ran: with grad, and in the compute dtype whatever autocast is around
@@ -895,8 +939,9 @@ def _chunk_loop_backward(xs: list[torch.Tensor], present: list[bool], starts: li
             d_lw, d_lb, d_x, d_state = piece_grads(kind, x, start, ln_w.detach(), ln_b.detach(), dy, d_state, rule,
                                                    fns, like, last_row)
         d_pieces[i] = [g[:, :n] for g in d_x]
-        d_ln[0] += d_lw
-        d_ln[1] += d_lb
+        d_lws.append(d_lw)
+        d_lbs.append(d_lb)
+    d_ln = [torch.stack(d_lws).sum(0), torch.stack(d_lbs).sum(0)]  # two kernels, not two per piece
     d_inputs = [torch.cat(parts, dim=1) for parts in zip(*d_pieces)]
     return _fresh([*d_ln, *d_inputs, *d_state], {id(t) for t in (*xs, ln_w, ln_b, *grads_out)})
 

@@ -113,6 +113,25 @@ def test_compiled_chunks_one_graph_for_every_length():
     assert counters["stats"]["unique_graphs"] == n_graphs, "a new length compiled a new graph"
 
 
+
+@pytest.mark.parametrize("objective,retention,extra", [("huber", "l2", {}), ("lp", "lq", dict(momentum=True)),
+                                                       ("l2", "kl", dict(normalize_step="gain"))])
+def test_compiled_chunks_from_a_carried_state_equal_eager(objective, retention, extra):
+    """Compiled chunks cut their inputs once per call into whole chunks (memory_core._chunked_split): a first piece
+    that continues the carried state's chunk, whole chunks, a padded last one, and for kl a lone lag token at the
+    end (T = 10 after 3 carried tokens of a chunk of 4: 1 + 4 + 4 + 1) or a padded lag chunk (T = 12), with
+    momentum and the normalized step, over several memories (B = H = 2): outputs and gradients equal eager's
+    (float64), forward and recomputing backward."""
+    torch._dynamo.reset()
+    kw = dict(objective=objective, retention=retention, chunk_size=4, **extra)
+    for T in (10, 12):
+        x, leaves = grad_inputs(make_inputs(28, B=2, T=T, retention=retention), objective, "momentum" in extra)
+        y, g = grads(x, leaves, True, True, **kw)
+        y_c, g_c = grads(x, leaves, True, True, compile_chunks=True, **kw)
+        assert_close(y_c, y, rtol=1e-10, atol=1e-11, what=f"compiled y at T={T}")
+        for name in g:
+            assert_close(g_c[name], g[name], rtol=1e-9, atol=1e-10, what=f"compiled d/d{name} at T={T}")
+
 def test_compiled_chunks_inside_a_compiled_model_compile_on_the_first_step_only():
     """A whole-model compile (compile_memory None: its chunks compiled too) builds every chunk graph in the first
     training step: the forward and the backward's recompute. Later steps reuse them (the forward kernel used to
