@@ -127,7 +127,6 @@ def test_train_py_bf16_compiled_and_resumed(tmp_path, capsys):
     assert train.load_checkpoint(out / "ckpt.pt")["iter_num"] == 30
 
 
-
 def test_train_py_cuda_graphs_give_the_default_modes_losses(tmp_path, capsys):
     """--compile_mode=reduce-overhead (the compiled forward and backward replayed as CUDA graphs, the Miras chunk
     loop's kernels included) trains as the default mode does: the same kernels, so the same losses up to
@@ -148,6 +147,7 @@ def test_train_py_cuda_graphs_give_the_default_modes_losses(tmp_path, capsys):
     assert counters["inductor"]["cudagraph_skips"] == 0  # the graphs were captured, not skipped
     assert len(losses["default"]) == 9
     torch.testing.assert_close(losses["reduce-overhead"], losses["default"], rtol=1e-4, atol=0)
+
 
 def test_bench_spawned_cuda_workers(tmp_path):
     out = tmp_path / "bench.json"
