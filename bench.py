@@ -16,7 +16,8 @@ The batch is tokens_per_step // seq_len so every length does the same work per s
 the models compare on a machine whose speed drifts over minutes (a shared CPU); peak memory is then null.
 --compile (default None: on CUDA only) compiles the models for train and prefill, and sample.py's decode step.
 A run that runs out of memory is reported as OOM and the sweep goes on. --profile adds each cell's `profile`:
-one warm call under torch.profiler (profile_call: on CUDA whether the GPU is busy or waits on the host).
+one warm call under torch.profiler (profile_call: on CUDA whether the GPU is busy or waits on the host); with
+--op also per chunk (host_ops_per_chunk, and kernels_per_chunk on CUDA: what a GPU launches or replays per chunk).
 
 The keys that the --preset sets take its values unless given. A bad key or value (unknown name,
 non-integer, a length < 1, --repeats < 1, ...) is a one-line error on stderr (`bench.py: error: ...`, exit
@@ -84,7 +85,8 @@ class BenchConfig:
     compile_mode: str = "default"   # torch.compile mode (cli.COMPILE_MODES); reduce-overhead: CUDA graphs (CUDA only)
     interleave: bool = False      # every model in one worker per (length, mode), timed in turns: comparable
                                   # on a machine whose speed drifts; no per-model peak memory (null)
-    profile: bool = False         # also profile one warm call of each cell (profile_call): where its time goes
+    profile: bool = False         # also profile one warm call of each cell (profile_call): where its time goes;
+                                  # --op: also per chunk (host ops; CUDA kernels)
     mem_limit_gb: float = 0.0     # >0: cap each worker's memory (exercises the OOM path)
     json: str = "bench.json"
     plot: str = ""                # PNG path (needs matplotlib); "" = next to the JSON
@@ -526,6 +528,12 @@ def run_op(cfg):
                                gflops=fl / sec / 1e9, pct_of_gemm=100 * fl / sec / 1e9 / peak, first_call_s=first_s,
                                device=device,
                                compile=impl == "compiled", dtype="float32", **shape)
+                    if cfg.profile and impl != "reference":  # per chunk: what a GPU launches (or replays) per chunk
+                        p = rec["profile"] = profile_call(run, device)
+                        chunks = -(-T // b)
+                        p["host_ops_per_chunk"] = p["host_ops"] / chunks
+                        if "kernels" in p:
+                            p["kernels_per_chunk"] = p["kernels"] / chunks
                     records.append(rec)
                     print(f"{impl:>9} {retention:>2}/{objective:<5} T={T:<6} {mode:<8} {rec['tokens_per_s']:>10.0f} tok/s "
                           f"{rec['gflops']:>7.1f} GFLOP/s ({rec['pct_of_gemm']:.0f}% of GEMM)")

@@ -142,6 +142,27 @@ def test_op_shape_sets_the_ops_inputs_and_its_flop_count(tmp_path):
         assert gflops[4][key] == pytest.approx(4 * per_token)
 
 
+def test_op_profile_counts_host_ops_per_chunk(tmp_path):
+    """--op --profile: each fast path's row has a profile of one warm call and its host ops per chunk (the
+    reference, token by token, is not profiled); compiled chunks run fewer host ops per chunk than eager ones (one
+    compiled graph per chunk and direction instead of every op of it), and per chunk the count does not grow with T
+    (each call's fixed work spread over more chunks)."""
+    report = run_bench(tmp_path, "--op", "--seq_lens=128,512", "--op_impls=eager,compiled_chunks,reference",
+                       "--op_shape=1,1,4,2", "--profile=true")
+    per_chunk = {}
+    for r in report["records"]:
+        if r["impl"] == "reference":
+            assert "profile" not in r
+        elif r["impl"] != "titans-pytorch":
+            p = r["profile"]
+            assert p["host_ops"] > 0 and p["host_ops_per_chunk"] == p["host_ops"] / (r["seq_len"] // 64)
+            per_chunk[r["impl"], r["retention"], r["mode"], r["seq_len"]] = p["host_ops_per_chunk"]
+    for retention in ("l2", "lq", "kl"):
+        for mode in ("fwd", "fwd+bwd"):
+            assert per_chunk["compiled_chunks", retention, mode, 512] < per_chunk["eager", retention, mode, 512]
+            assert per_chunk["compiled_chunks", retention, mode, 512] <= per_chunk["compiled_chunks", retention, mode, 128]
+
+
 def test_op_mode_measures_fast_path_and_reference(tmp_path):
     report = run_bench(tmp_path, "--op", "--seq_lens=64", "--op_impls=eager,reference")
     impls = {(r["impl"], r["retention"], r["mode"]) for r in report["records"] if r["impl"] != "titans-pytorch"}
