@@ -535,8 +535,11 @@ def run_op(cfg):
                         if "kernels" in p:
                             p["kernels_per_chunk"] = p["kernels"] / chunks
                     records.append(rec)
+                    per_chunk = "".join(f", {rec['profile'][k]:.0f} {what} per chunk" for k, what in
+                                        (("host_ops_per_chunk", "host ops"), ("kernels_per_chunk", "kernels"))
+                                        if k in rec.get("profile", {}))
                     print(f"{impl:>9} {retention:>2}/{objective:<5} T={T:<6} {mode:<8} {rec['tokens_per_s']:>10.0f} tok/s "
-                          f"{rec['gflops']:>7.1f} GFLOP/s ({rec['pct_of_gemm']:.0f}% of GEMM)")
+                          f"{rec['gflops']:>7.1f} GFLOP/s ({rec['pct_of_gemm']:.0f}% of GEMM{per_chunk})")
     return records, dict(gemm_gflops=peak)
 
 
