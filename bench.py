@@ -163,6 +163,9 @@ def validate(cfg):
         raise BenchError(f"--mem_limit_gb must be a finite number >= 0 (0 = no limit), got {cfg.mem_limit_gb}")
     if cfg.op and cfg.interleave:
         raise BenchError("--interleave times the models in turns; --op has no models: drop one of the two")
+    if cfg.op and cfg.compile_mode != "default":
+        raise BenchError("--compile_mode compiles the models; --op times the implementations --op_impls names: "
+                         "drop one of the two")
     if not cfg.json:
         raise BenchError("--json needs a file path (e.g. --json=out/bench.json)")
     device = cli.resolve_device(cfg.device, BenchError)

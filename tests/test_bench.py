@@ -228,6 +228,7 @@ TINY = ["--models=transformer", "--seq_lens=16", "--modes=prefill", "--model_pre
     (["--compile=false", "--compile_mode=max-autotune-no-cudagraphs"], "add --compile=true"),
     (["--json="], "--json"),
     (["--op", "--interleave=true"], "--interleave"),
+    (["--op", "--compile=true", "--compile_mode=max-autotune-no-cudagraphs"], "--op_impls names"),
 ])
 def test_impossible_argument_is_a_one_line_error(tmp_path, capsys, args, key):
     out = tmp_path / "bench.json"
