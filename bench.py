@@ -345,13 +345,11 @@ def prepare_cell(cfg, name, seq_len, mode):
         graphs = cfg.compile and cfg.compile_mode in cli.CUDA_GRAPH_MODES
         if training:
             optimizer = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device.split(":")[0])
-            if graphs:  # as train.py: gradients in buffers of their own, not a CUDA graph's outputs
-                for p in model.parameters():
-                    p.grad = torch.zeros_like(p)
+            if graphs:
+                cli.keep_grad_buffers(model.parameters())
 
             def call():
-                if graphs:  # a new replay (as train.py's steps)
-                    torch.compiler.cudagraph_mark_step_begin()
+                cli.cuda_graph_step_begin(cfg.compile_mode)
                 with autocast:
                     _, loss = fwd(idx, targets=idx)
                 loss.backward()
@@ -359,8 +357,7 @@ def prepare_cell(cfg, name, seq_len, mode):
                 optimizer.zero_grad(set_to_none=not graphs)
         else:
             def call():
-                if graphs:
-                    torch.compiler.cudagraph_mark_step_begin()
+                cli.cuda_graph_step_begin(cfg.compile_mode)
                 with torch.no_grad(), autocast:
                     fwd(idx)
         first = seconds(call, device)  # one of the warm-up calls

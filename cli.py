@@ -240,6 +240,22 @@ def torch_compile_mode(mode):
     return None if mode == "default" else mode
 
 
+def cuda_graph_step_begin(mode):
+    """Under a CUDA-graph compile mode, each call of the compiled model starts a new replay, which may overwrite
+    the previous one's outputs (read them before)."""
+    if mode in CUDA_GRAPH_MODES:
+        torch.compiler.cudagraph_mark_step_begin()
+
+
+def keep_grad_buffers(params):
+    """CUDA-graph training: every trainable parameter gets a zeroed .grad of its own, which each backward adds
+    into in place; a .grad that autograd took over from a graph's output would be overwritten by the next
+    micro-step's replay (pytorch/pytorch#169545). The optimizer then zeroes them (set_to_none=False)."""
+    for p in params:
+        if p.requires_grad:
+            p.grad = torch.zeros_like(p)
+
+
 def cpu_compile_problem():
     """Why Inductor cannot build and run its C++ kernels in this process (no C++ compiler, no OpenMP, ...), as
     one line, or None if it can: compiles a one-op function (a few seconds on a cold cache)."""

@@ -1048,7 +1048,7 @@ def miras_memory(q, k, v, eta, alpha, state, ln_weight, ln_bias, *, objective="l
     carried = isinstance(state, MemoryState)
     if carried:
         _check_state_step_norm(state, normalize_step)
-    if not carried:
+    else:
         state = MemoryState.start(state, momentum is not None, retention)
     B, H, T, d = q.shape
     with torch.autocast(q.device.type, enabled=False):

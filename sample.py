@@ -375,8 +375,7 @@ def make_step(model, autocast=None, compile=False, compile_mode="default", sampl
         # guards: ~0.6 ms per token on a CPU). After one guarded call, the same cache with the same buffers and
         # shapes selects the same graph (static shapes, the position a tensor), so the next calls skip them
         sig = (start, tuple(idx.shape), idx.dtype, idx.device, noise is None, model.training, torch.is_grad_enabled())
-        if graphs:
-            torch.compiler.cudagraph_mark_step_begin()
+        cli.cuda_graph_step_begin(compile_mode)
         layers = [layer for layer in cache.layers if isinstance(layer, MirasCache)]
         for layer in layers:
             layer.chunk_start = start

@@ -595,11 +595,7 @@ def setup(cfg, device, ddp, rank, world, batches=None):
     mode = cli.torch_compile_mode(cfg.compile_mode)
     run.fwd_model = run.model = torch.compile(raw_model, mode=mode) if run.compile else raw_model
     if cfg.compile_mode in cli.CUDA_GRAPH_MODES:
-        # gradients in buffers of their own, added to in place: a .grad that autograd took over from a CUDA graph's
-        # output would be overwritten by the next micro-step's replay (pytorch/pytorch#169545, #96693)
-        for p in raw_model.parameters():
-            if p.requires_grad:
-                p.grad = torch.zeros_like(p)
+        cli.keep_grad_buffers(raw_model.parameters())
     if ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
         run.model = DDP(run.fwd_model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -656,13 +652,6 @@ def write_log(run, record):
             f.write(json.dumps(record) + "\n")
 
 
-def cuda_graph_step_begin(cfg):
-    """Under a CUDA-graph compile mode, each forward starts a new replay: the previous one's outputs (already
-    read: the loss is accumulated right after its backward) may be overwritten."""
-    if cfg.compile_mode in cli.CUDA_GRAPH_MODES:
-        torch.compiler.cudagraph_mark_step_begin()
-
-
 def step(run, lr):
     """One optimizer step at learning rate lr over this rank's share of the step's windows: (loss, grad norm),
     averaged over the processes. Raises TrainingDiverged, before stepping, on a non-finite loss or norm."""
@@ -674,7 +663,7 @@ def step(run, lr):
         x, y = (t.to(run.device) for t in run.batches.train_batch(run.iter_num, micro, first, end))
         sync = not run.ddp or i == len(run.share) - 1  # DDP all-reduces gradients on the last micro-step only
         with (contextlib.nullcontext() if sync else model.no_sync()):
-            cuda_graph_step_begin(cfg)
+            cli.cuda_graph_step_begin(cfg.compile_mode)  # the loss is read right after its backward
             with run.autocast:
                 _, loss = model(x, y)
             loss = loss / divisor
@@ -702,7 +691,7 @@ def step(run, lr):
         scaler.update()
     else:
         run.optimizer.step()
-    run.optimizer.zero_grad(set_to_none=cfg.compile_mode not in cli.CUDA_GRAPH_MODES)  # kept: see setup
+    run.optimizer.zero_grad(set_to_none=cfg.compile_mode not in cli.CUDA_GRAPH_MODES)  # cli.keep_grad_buffers
     run.iter_num += 1
     return loss_val, gn_val
 
@@ -717,7 +706,7 @@ def evaluate(run):
         total = torch.zeros(2, device=run.device, dtype=torch.float64)
         for k in range(run.rank, run.cfg.eval_iters, run.world):
             x, y = (t.to(run.device) for t in run.batches.eval_batch(split, k))
-            cuda_graph_step_begin(run.cfg)
+            cli.cuda_graph_step_begin(run.cfg.compile_mode)
             with run.autocast:
                 _, loss = run.fwd_model(x, y)
             total += torch.stack([loss.double(), torch.ones((), device=run.device, dtype=torch.float64)])
