@@ -179,6 +179,74 @@ class MemoryState(NamedTuple):
 
 
 # ----------------------------------------------------------------------------------------------
+# Products whose gradients keep their operands' layouts
+
+class _MatmulNT(torch.autograd.Function):
+    """a @ b^T [N, m, p] for a [N, m, k], b [N, p, k]. Autograd's own matmul returns b's gradient as the
+    transpose of a [N, k, p] product; the weights' gradients then sum row-major and transposed terms, and
+    Inductor's CPU code runs such a fused elementwise kernel without SIMD (its non-contiguous-read heuristic).
+    Here both gradients are row-major products: g b and g^T a."""
+    @staticmethod
+    def forward(a, b):
+        return a @ b.transpose(-1, -2)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, g):
+        a, b = ctx.saved_tensors
+        return g @ b, g.transpose(-1, -2) @ a  # unused ones are dead code in the compiled graph
+
+
+class _MatmulTN(torch.autograd.Function):
+    """a^T @ b [N, p, k] for a [N, m, p], b [N, m, k] (a sum of outer products over m, e.g. a weight update
+    dz^T a), with row-major gradients b g^T and a g (as _MatmulNT)."""
+    @staticmethod
+    def forward(a, b):
+        return a.transpose(-1, -2) @ b
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, g):
+        a, b = ctx.saved_tensors
+        return b @ g.transpose(-1, -2), a @ g
+
+
+class _Gram(torch.autograd.Function):
+    """a @ a^T with the row-major gradient (g + g^T) a (dynamo traces no Function given one tensor twice)."""
+    @staticmethod
+    def forward(a):
+        return a @ a.transpose(-1, -2)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, g):
+        (a,) = ctx.saved_tensors
+        return (g + g.transpose(-1, -2)) @ a
+
+
+def _mm_nt(a, b):
+    """a @ b^T: under torch.compile through _MatmulNT (_Gram for b = a); eager (and under forward-mode AD,
+    which the Functions do not define) the plain product, whose gradient layouts cost nothing there."""
+    if not torch.compiler.is_compiling():
+        return a @ b.transpose(-1, -2)
+    return _Gram.apply(a) if a is b else _MatmulNT.apply(a, b)
+
+
+def _mm_tn(a, b):
+    """a^T @ b, as _mm_nt (_MatmulTN)."""
+    return _MatmulTN.apply(a, b) if torch.compiler.is_compiling() else a.transpose(-1, -2) @ b
+
+
+# ----------------------------------------------------------------------------------------------
 # The memory MLP, its LayerNorm and the hand-derived inner gradient
 
 def _layer_norm(z, w, b):
@@ -208,7 +276,7 @@ def inner_grad(k, v, delta, weights, ln_w, ln_b, rule):
     step_response."""
     acts, pre = [k], []
     for i, w in enumerate(weights):
-        z = acts[-1] @ w.transpose(-1, -2)
+        z = _mm_nt(acts[-1], w)
         pre.append(z)
         if i < len(weights) - 1:
             acts.append(F.gelu(z))
@@ -249,7 +317,7 @@ def normalized_eta(eta_hat, g, curvature, acts, dz, scale, grad_sum, response=No
     prev = 0.0
     for i, (a, d) in enumerate(zip(acts, dz)):
         s_i = 1.0 if scale is None else scale[i]
-        gram = gram + s_i * (d @ d.transpose(-1, -2)) * (a @ a.transpose(-1, -2))
+        gram = gram + s_i * _mm_nt(d, d) * _mm_nt(a, a)
         if grad_sum is not None:
             s_row = s_i if not torch.is_tensor(s_i) else s_i.view(-1, 1)
             prev = prev + s_row * ((d @ grad_sum[i]) * a).sum(-1)
@@ -279,7 +347,7 @@ def step_response(grads, weights, ln_w, scale):
     for i, (a, d, w) in enumerate(zip(acts, dz, weights)):
         s_i = 1.0 if scale is None else scale[i]
         direct = (s_i * (a * a).sum(-1, keepdim=True)) * d  # the layer's own update, at its own input
-        tz = direct if tangent is None else tangent @ w.transpose(-1, -2) + direct
+        tz = direct if tangent is None else _mm_nt(tangent, w) + direct
         if i < len(weights) - 1:
             tangent = _gelu_vjp(tz, hidden_pre[i])
     return ln_w * rstd * (tz - tz.mean(-1, keepdim=True) - zhat * (tz * zhat).mean(-1, keepdim=True))
@@ -303,7 +371,7 @@ def _layer_output(z, h, i, n_layers, scale, offset):
     if scale is not None:
         z = z * scale[i]
     if offset is not None:
-        z = z + h @ offset[i].transpose(-1, -2)
+        z = z + _mm_nt(h, offset[i])
     return F.gelu(z) if i < n_layers - 1 else z
 
 
@@ -312,7 +380,7 @@ def read(x, weights, ln_w, ln_b, scale=None, offset=None):
     O_l (lq) layer l reads as W_l s_l + O_l."""
     h = x
     for i, w in enumerate(weights):
-        h = _layer_output(h @ w.transpose(-1, -2), h, i, len(weights), scale, offset)
+        h = _layer_output(_mm_nt(h, w), h, i, len(weights), scale, offset)
     return x + _layer_norm(h, ln_w, ln_b)[0]
 
 
@@ -332,7 +400,7 @@ def _step_sizes(eta, grads, delta, anchor, ln_w, inv_norm, grad_sum, rule):
     eta = step_sizes(eta, grads, delta, anchor, ln_w, inv_norm, grad_sum, rule)
     if rule["normalize_step"] and grad_sum is not None:
         acts, dz = grads[:2]
-        grad_sum = [s + d.transpose(-1, -2) @ a for s, a, d in zip(grad_sum, acts, dz)]
+        grad_sum = [s + _mm_tn(d, a) for s, a, d in zip(grad_sum, acts, dz)]
     return eta, grad_sum
 
 
@@ -363,9 +431,9 @@ def _segment(q, k, v, eta, log_alpha, log_mu, delta, start, anchor, inv_norm, of
     h = q
     n_layers = len(start)
     for i in range(n_layers):
-        z = beta * (h @ start[i].transpose(-1, -2)) - ((h @ acts[i].transpose(-1, -2)) * step) @ dz[i]
+        z = beta * _mm_nt(h, start[i]) - (_mm_nt(h, acts[i]) * step) @ dz[i]
         if mom is not None:
-            z = z + carry * (h @ mom[i].transpose(-1, -2))
+            z = z + carry * _mm_nt(h, mom[i])
         h = _layer_output(z, h, i, n_layers, inv_norm, offset)
     y = q + _layer_norm(h, ln_w, ln_b)[0]
 
@@ -379,13 +447,13 @@ def _segment(q, k, v, eta, log_alpha, log_mu, delta, start, anchor, inv_norm, of
         return (x * pick.view(1, -1, *([1] * (x.dim() - 2)))).sum(1, keepdim=True)
     last = end(step).transpose(-1, -2)  # Gamma[end, i] eta_i: [N, n, 1]
     beta_end = end(beta)
-    new = [beta_end * start[i] - (dz[i] * last).transpose(-1, -2) @ acts[i] for i in range(n_layers)]
+    new = [beta_end * start[i] - _mm_tn(dz[i] * last, acts[i]) for i in range(n_layers)]
     new_mom = None
     if mom is not None:
         new = [new[i] + end(carry) * mom[i] for i in range(n_layers)]
         mu_last = (torch.exp(end(cum_mu) - cum_mu) * eta).unsqueeze(-1)  # (m_end / m_i) eta_i
         m_end = torch.exp(end(cum_mu)).unsqueeze(-1)
-        new_mom = [m_end * mom[i] - (dz[i] * mu_last).transpose(-1, -2) @ acts[i] for i in range(n_layers)]
+        new_mom = [m_end * mom[i] - _mm_tn(dz[i] * mu_last, acts[i]) for i in range(n_layers)]
     return y, new, new_mom, grad_sum
 
 
@@ -439,7 +507,7 @@ def _token_step(q, eta, log_alpha, log_mu, delta, start, anchor, inv_norm, offse
     mu = log_mu.exp().unsqueeze(-1) if mom is not None else None
     new, new_mom = [], [] if mom is not None else None
     for i in range(len(start)):
-        update = -(eta * dz[i]).transpose(-1, -2) @ acts[i]  # -eta G_l: [N, out, in]
+        update = -_mm_tn(eta * dz[i], acts[i])  # -eta G_l: [N, out, in]
         if mom is not None:
             update = mu * mom[i] + update
             new_mom.append(update)

@@ -319,3 +319,36 @@ def test_traced_operator_with_a_new_batch_size_or_length(compile_chunks):
         assert_close(y_c, y, rtol=1e-10, atol=1e-11, what=f"traced y at B={B}, T={T}")
         for name in g:
             assert_close(g_c[name], g[name], rtol=1e-9, atol=1e-10, what=f"traced d/d{name} at B={B}, T={T}")
+
+
+@pytest.mark.parametrize("product", ["nt", "tn", "gram"])
+def test_layout_keeping_products_equal_matmul_with_row_major_gradients(product):
+    """The compiled chunks' products (memory_core._mm_nt, _mm_tn) go through autograd Functions whose gradients
+    are row-major: the same values as autograd through the plain matmul (float64, awkward shapes), eager and
+    under torch.compile through torch.func.vjp, as the compiled backward runs them."""
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(3, 5, 7, generator=g, dtype=torch.float64)
+    b = {"nt": (3, 6, 7), "tn": (3, 5, 6), "gram": None}[product]
+    leaves = (a,) if b is None else (a, torch.randn(*b, generator=g, dtype=torch.float64))
+    plain = {"nt": lambda a, b: a @ b.transpose(-1, -2), "tn": lambda a, b: a.transpose(-1, -2) @ b,
+             "gram": lambda a: a @ a.transpose(-1, -2)}[product]
+    fast = {"nt": memory_core._mm_nt, "tn": memory_core._mm_tn, "gram": lambda a: memory_core._mm_nt(a, a)}[product]
+    function = {"nt": memory_core._MatmulNT, "tn": memory_core._MatmulTN, "gram": memory_core._Gram}[product]
+    cotangent = torch.randn(plain(*leaves).shape, generator=g, dtype=torch.float64)
+
+    def vjp_of(fn):
+        def run(*xs):
+            out, pull = torch.func.vjp(fn, *xs)
+            return out, pull(cotangent)
+        return run
+    want_y, want_g = vjp_of(plain)(*leaves)
+    xs = [t.clone().requires_grad_(True) for t in leaves]
+    y = function.apply(*xs)
+    assert_close(y, want_y, rtol=1e-13, atol=1e-13, what="eager y")
+    for got, want in zip(torch.autograd.grad(y, xs, cotangent), want_g):
+        assert got.is_contiguous(), "a gradient in a transposed layout"
+        assert_close(got, want, rtol=1e-13, atol=1e-13, what="eager gradient")
+    y_c, g_c = torch.compile(vjp_of(fast), fullgraph=True, dynamic=False)(*leaves)
+    assert_close(y_c, want_y, rtol=1e-13, atol=1e-13, what="compiled y")
+    for got, want in zip(g_c, want_g):
+        assert_close(got, want, rtol=1e-13, atol=1e-13, what="compiled gradient")
