@@ -986,7 +986,9 @@ def _chunk_loop_backward(xs: list[torch.Tensor], present: list[bool], starts: li
         last_rows = _last_rows(plan, grads_out[0].device)
     else:
         pieces, dys = _split(inputs, plan), grads_out[0].split([n for _, n in plan], dim=1)
-    d_state = [torch.zeros_like(s) if g is None else g for s, g in zip(starts[-n_st:], grads_out[1:])]
+    # the state after the call, where unused: zeros of the full start's shapes (distinct from `zeros` below, as
+    # the compiled vjp guards on its inputs' aliasing)
+    d_state = [s.new_zeros(s.shape) if g is None else g for s, g in zip(starts[:n_st], grads_out[1:])]
     d_lws, d_lbs = [], []
     d_pieces = [None] * len(plan)
     # a start slot not saved (_saved_slots) is not read by its piece: zeros of its size stand in for it and
@@ -1026,13 +1028,16 @@ def _loop_setup_context(ctx, inputs, output):
     ctx.save_for_backward(ln_w, ln_b, *xs, *state, *output[1 + n_state:])
     ctx.present, ctx.spec, ctx.pos, ctx.layout = present, (names, ints, floats), pos, layout
     ctx.n_x, ctx.n_state = len(xs), n_state
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the saved starts (outputs nothing reads)
 
 
 def _loop_backward(ctx, grads):
     saved = ctx.saved_tensors
     ln_w, ln_b, xs, starts = saved[0], saved[1], list(saved[2:2 + ctx.n_x]), list(saved[2 + ctx.n_x:])
-    out = _chunk_loop_backward(xs, ctx.present, starts, ln_w, ln_b, list(grads[:1 + ctx.n_state]), *ctx.spec,
-                               ctx.pos, ctx.layout)
+    grads_out = list(grads[:1 + ctx.n_state])
+    if grads_out[0] is None:  # only the state after the call is used
+        grads_out[0] = xs[0].new_zeros(xs[0].shape)
+    out = _chunk_loop_backward(xs, ctx.present, starts, ln_w, ln_b, grads_out, *ctx.spec, ctx.pos, ctx.layout)
     return (list(out[2:2 + ctx.n_x]), None, list(out[2 + ctx.n_x:]), out[0], out[1], None, None, None, None, None,
             None)
 

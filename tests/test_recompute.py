@@ -321,6 +321,29 @@ def test_traced_operator_with_a_new_batch_size_or_length(compile_chunks):
             assert_close(g_c[name], g[name], rtol=1e-9, atol=1e-10, what=f"traced d/d{name} at B={B}, T={T}")
 
 
+
+@pytest.mark.parametrize("compile_chunks", [False, True])
+def test_recomputing_backward_through_the_state_alone(compile_chunks):
+    """A loss on the state after the call only (y unused: its gradient is None, and so are the saved piece
+    starts', which autograd no longer fills with zeros): the recomputing backward equals plain autograd
+    (float64, lq with momentum, eager and compiled chunks)."""
+    kw = dict(objective="lp", retention="lq", chunk_size=4, compile_chunks=compile_chunks)
+    results = []
+    for recompute in (True, False):
+        memory_core.RECOMPUTE_BACKWARD = recompute
+        try:
+            x, leaves = grad_inputs(make_inputs(29, T=10, retention="lq"), "lp", True)
+            _, out = _call(x, miras_memory, x["state"], momentum=True, **kw)
+            g = torch.Generator().manual_seed(1)
+            loss = sum((w * torch.randn(w.shape, generator=g, dtype=w.dtype)).sum() for w in out)
+            results.append(torch.autograd.grad(loss, list(leaves.values()), allow_unused=True))
+        finally:
+            memory_core.RECOMPUTE_BACKWARD = True
+    for (name, leaf), got, want in zip(leaves.items(), *results):  # q reads only: None from autograd, 0 from the op
+        zero = torch.zeros_like(leaf)
+        assert_close(zero if got is None else got, zero if want is None else want, rtol=1e-10, atol=1e-11,
+                     what=f"d/d{name}")
+
 @pytest.mark.parametrize("product", ["nt", "tn", "gram"])
 def test_layout_keeping_products_equal_matmul_with_row_major_gradients(product):
     """The compiled chunks' products (memory_core._mm_nt, _mm_tn) go through autograd Functions whose gradients
