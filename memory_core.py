@@ -181,7 +181,14 @@ class MemoryState(NamedTuple):
 # ----------------------------------------------------------------------------------------------
 # Products whose gradients keep their operands' layouts
 
-class _MatmulNT(torch.autograd.Function):
+class _SavedInputs(torch.autograd.Function):
+    """The products below: their backward reads their inputs."""
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+
+class _MatmulNT(_SavedInputs):
     """a @ b^T [N, m, p] for a [N, m, k], b [N, p, k]. Autograd's own matmul returns b's gradient as the
     transpose of a [N, k, p] product; the weights' gradients then sum row-major and transposed terms, and
     Inductor's CPU code runs such a fused elementwise kernel without SIMD (its non-contiguous-read heuristic).
@@ -191,16 +198,12 @@ class _MatmulNT(torch.autograd.Function):
         return a @ b.transpose(-1, -2)
 
     @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
-
-    @staticmethod
     def backward(ctx, g):
         a, b = ctx.saved_tensors
         return g @ b, g.transpose(-1, -2) @ a  # unused ones are dead code in the compiled graph
 
 
-class _MatmulTN(torch.autograd.Function):
+class _MatmulTN(_SavedInputs):
     """a^T @ b [N, p, k] for a [N, m, p], b [N, m, k] (a sum of outer products over m, e.g. a weight update
     dz^T a), with row-major gradients b g^T and a g (as _MatmulNT)."""
     @staticmethod
@@ -208,24 +211,16 @@ class _MatmulTN(torch.autograd.Function):
         return a.transpose(-1, -2) @ b
 
     @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
-
-    @staticmethod
     def backward(ctx, g):
         a, b = ctx.saved_tensors
         return b @ g.transpose(-1, -2), a @ g
 
 
-class _Gram(torch.autograd.Function):
+class _Gram(_SavedInputs):
     """a @ a^T with the row-major gradient (g + g^T) a (dynamo traces no Function given one tensor twice)."""
     @staticmethod
     def forward(a):
         return a @ a.transpose(-1, -2)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
 
     @staticmethod
     def backward(ctx, g):

@@ -321,7 +321,6 @@ def test_traced_operator_with_a_new_batch_size_or_length(compile_chunks):
             assert_close(g_c[name], g[name], rtol=1e-9, atol=1e-10, what=f"traced d/d{name} at B={B}, T={T}")
 
 
-
 @pytest.mark.parametrize("compile_chunks", [False, True])
 def test_recomputing_backward_through_the_state_alone(compile_chunks):
     """A loss on the state after the call only (y unused: its gradient is None, and so are the saved piece
@@ -343,6 +342,7 @@ def test_recomputing_backward_through_the_state_alone(compile_chunks):
         zero = torch.zeros_like(leaf)
         assert_close(zero if got is None else got, zero if want is None else want, rtol=1e-10, atol=1e-11,
                      what=f"d/d{name}")
+
 
 @pytest.mark.parametrize("product", ["nt", "tn", "gram"])
 def test_layout_keeping_products_equal_matmul_with_row_major_gradients(product):
