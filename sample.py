@@ -336,6 +336,10 @@ def make_step(model, autocast=None, compile=False, compile_mode="default", sampl
         # and the dense layers' one-row matmuls (x W^T of the projections, MLPs, gates and head) become reductions
         # fused with their neighbours instead of ~20 separate BLAS calls per token
         options["post_grad_fusion_options"] = {"decompose_mm_pass": {}}
+        # the step is then a few fused kernels over ~80 state buffers, and the generated Python wrapper that
+        # passes them (pointer by pointer, with its output allocations) cost about as much as the kernels: a C++
+        # wrapper, compiled once per graph (README, Benchmarks: decode)
+        options["cpp_wrapper"] = True
 
     def compiled_for(start, geometry):
         if (start, geometry) not in compiled:
