@@ -223,11 +223,17 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # these capture CUDA graphs: CUDA only
 
 
+def known_compile_mode(mode):
+    """(ok, message) for a --compile_mode's name, as the scripts' validate() checks lists take them."""
+    return mode in COMPILE_MODES, f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}"
+
+
 def check_compile_mode(mode, compile, device, error=ConfigError):
     """--compile_mode of train.py, sample.py and bench.py: a torch.compile mode, given only with compiling on, and
     a CUDA-graph mode only on CUDA (raises `error`)."""
-    if mode not in COMPILE_MODES:
-        raise error(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
+    known, message = known_compile_mode(mode)
+    if not known:
+        raise error(message)
     if mode != "default" and not compile:
         raise error(f"compile_mode={mode} is a mode of torch.compile: add --compile=true")
     if mode in CUDA_GRAPH_MODES and torch.device(device).type != "cuda":

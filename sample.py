@@ -98,8 +98,7 @@ def validate(cfg):
         (cfg.top_k >= 0, "top_k must be >= 0 (0: off)"),
         (0 < cfg.top_p <= 1, "top_p must lie in (0, 1] (1: off)"),
         (cfg.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}"),
-        (cfg.compile_mode in cli.COMPILE_MODES, f"compile_mode must be one of {', '.join(cli.COMPILE_MODES)}, "
-                                                f"got {cfg.compile_mode!r}"),
+        cli.known_compile_mode(cfg.compile_mode),
     ]
     for ok, msg in checks:
         if not ok:

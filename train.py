@@ -135,8 +135,7 @@ def validate(cfg):
         (cfg.warmup_iters >= 0 and cfg.grad_clip >= 0 and cfg.weight_decay >= 0,
          "warmup_iters, grad_clip and weight_decay must be >= 0"),
         (cfg.learning_rate is None or cfg.learning_rate > 0, "learning_rate must be > 0"),
-        (cfg.compile_mode in cli.COMPILE_MODES,
-         f"compile_mode must be one of {', '.join(cli.COMPILE_MODES)}, got {cfg.compile_mode!r}"),
+        cli.known_compile_mode(cfg.compile_mode),
     ]
     for ok, msg in checks:
         if not ok:
