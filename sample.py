@@ -339,6 +339,9 @@ def make_step(model, autocast=None, compile=False, compile_mode="default", sampl
         # passes them (pointer by pointer, with its output allocations) cost about as much as the kernels: a C++
         # wrapper, compiled once per graph (README, Benchmarks: decode)
         options["cpp_wrapper"] = True
+        # whose remaining cost was allocating the fused kernel's ~150 intermediate buffers one by one (a Miras
+        # step): Inductor's memory planning carves them out of one pooled allocation per call instead
+        options["memory_planning"] = True
 
     def compiled_for(start, geometry):
         if (start, geometry) not in compiled:
