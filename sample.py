@@ -330,8 +330,9 @@ def make_step(model, autocast=None, compile=False, compile_mode="default", sampl
         # a batch-1 step's per-head products are matrix-vector products, which Inductor's CPU lowering turns into
         # a broadcast multiply and a sum that inlines its inputs: the memory MLP's hidden gelu (erf) was then
         # recomputed once per output row (32x at head dim 32). Realizing every multi-use pointwise result of more
-        # than 4 ops stores such inputs once (README, Benchmarks: decode)
-        options["realize_opcount_threshold"] = 4
+        # than 8 ops stores such inputs once; the step time is not monotone in this threshold, and 8 was the
+        # fastest of those measured for every Miras model (README, Benchmarks: decode)
+        options["realize_opcount_threshold"] = 8
         # and the dense layers' one-row matmuls (x W^T of the projections, MLPs, gates and head) become reductions
         # fused with their neighbours instead of ~20 separate BLAS calls per token
         options["post_grad_fusion_options"] = {"decompose_mm_pass": {}}
