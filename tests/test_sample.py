@@ -355,15 +355,15 @@ def _eager_and_counted_steps(name, n_layer, preset="tiny", backend="aot_eager"):
                                           ("memora", "tiny+hybrid"), ("moneta", "tiny+titans_lmm"),
                                           ("transformer", "tiny")])
 def test_compiled_step_writes_the_state_in_place(name, preset, backend):
-    """After a prefill the compiled step (make_step, aot_eager, float64) copies the cache's state once into buffers
-    of its own and from then on writes every step's state into them: the cache holds the same tensors at every step,
-    none sharing storage with a parameter, and they hold what the eager step computes (position, short-conv tails,
-    every memory state tensor of both layers: lq's norms, the normalized step's gradient sum, kl's lag-step anchors,
-    momentum) over steps that cross a chunk boundary, with two graphs (a chunk's first token, the rest; one for the
-    Transformer++, whose state is its position and KV caches); attention layers write their KV caches in place
-    themselves. An eager step in between rebinds the cache's state; the next compiled step takes the new tensors as
-    its buffers and reads the chunk position from them. With inductor (opt-in), make_step's CPU options are in
-    play as well: the C++ wrapper and the pooled intermediate buffers of memory planning."""
+    """After a prefill the compiled step (make_step: aot_eager, inductor opt-in; float64) copies the cache's state once
+    into buffers of its own and from then on writes every step's state into them: the cache holds the same tensors
+    at every step, none sharing storage with a parameter, and they hold what the eager step computes (position,
+    short-conv tails, every memory state tensor of both layers: lq's norms, the normalized step's gradient sum, kl's
+    lag-step anchors, momentum) over steps that cross a chunk boundary, with two graphs (a chunk's first token, the
+    rest; one for the Transformer++, whose state is its position and KV caches); attention layers write their KV
+    caches in place themselves. An eager step in between rebinds the cache's state; the next compiled step takes the
+    new tensors as its buffers and reads the chunk position from them. With inductor (opt-in), make_step's CPU
+    options are in play as well: the C++ wrapper and the pooled intermediate buffers of memory planning."""
     model, eager, compiled, counter = _eager_and_counted_steps(name, n_layer=2, preset=preset, backend=backend)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     prompt = torch.randint(32, (1, 13))
