@@ -10,7 +10,8 @@ peak on GPU (spawned workers: CUDA cannot be used in a forked child); on CPU the
 size above its size at its start (ru_maxrss delta; workers forked from a fork server). Timings are medians
 over --repeats rounds after --warmup untimed runs (at least one: the first call, timed on its own as
 first_call_s, which includes compiling under --compile); a round is one training step or prefill, or
---decode_tokens decode steps after a fresh prefill of seq_len tokens (the decode median is over every step).
+--decode_tokens decode steps after a fresh prefill of seq_len tokens (the decode median is over every step; decode
+warms up with as many untimed steps as it takes to reach the positions of every graph the timed steps use).
 The batch is tokens_per_step // seq_len so every length does the same work per step.
 --interleave runs every model of one (length, mode) in one worker instead, the rounds taken in turns, so that
 the models compare on a machine whose speed drifts over minutes (a shared CPU); peak memory is then null.
@@ -390,9 +391,12 @@ def prepare_cell(cfg, name, seq_len, mode):
         at["tok"], _ = step_fn(at["tok"], at["cache"])  # greedy, drawn inside the step
 
     prefill()
+    # untimed steps from position seq_len on, so many that they reach the chunk start the timed ones reach (a
+    # Miras model's compiled step has a graph of its own there: its compile would land in a timed step)
+    warm_steps = max(cfg.warmup, sample.warmup_tokens(model.config, seq_len, cfg.decode_tokens + 2) - 1)
     with torch.no_grad():
         first = seconds(one_step, device)  # compiles the step under --compile
-        for _ in range(max(0, cfg.warmup - 1)):  # untimed steps at position seq_len
+        for _ in range(warm_steps - 1):
             one_step()
         profiled = dict(profile=profile_call(one_step, device)) if cfg.profile else {}
 
