@@ -331,10 +331,15 @@ def prepare_cell(cfg, name, seq_len, mode):
     Returns (run, result): run() times one round (a training step or a prefill: [seconds]; decode:
     decode_tokens single-token steps after a fresh prefill, [seconds per step]); result(times) gives the cell's
     fields from every round's times (their median)."""
-    from models import build_model  # the registry: every model at the same preset size
+    from models import build_model, make_config  # the registry: every model at the same preset size
     device = cfg.device
     batch = max(1, cfg.tokens_per_step // seq_len)
-    max_len = seq_len + (max(cfg.decode_tokens + 1, cfg.warmup) if mode == "decode" else 0)
+    # decode: untimed steps from position seq_len on, so many that they reach the chunk start the timed steps
+    # (seq_len to seq_len + decode_tokens) reach, if any: its graph's compile would otherwise land in a timed step
+    to_start = sample.steps_to_chunk_start(make_config(name, cfg.model_preset), seq_len)
+    warm_steps = max(cfg.warmup, 1, to_start + 1 if to_start is not None and to_start <= cfg.decode_tokens else 0)
+    # the cache holds a round's steps, or the warm-up's and the profiled one
+    max_len = seq_len + (max(cfg.decode_tokens + 1, warm_steps + (1 if cfg.profile else 0)) if mode == "decode" else 0)
     model = build_model(name, cfg.model_preset, block_size=max_len, vocab_size=cfg.vocab_size).to(device)
     autocast = cli.autocast_for(device, cfg.dtype)
     gen = torch.Generator().manual_seed(0)
@@ -391,9 +396,6 @@ def prepare_cell(cfg, name, seq_len, mode):
         at["tok"], _ = step_fn(at["tok"], at["cache"])  # greedy, drawn inside the step
 
     prefill()
-    # untimed steps from position seq_len on, so many that they reach the chunk start the timed ones reach (a
-    # Miras model's compiled step has a graph of its own there: its compile would land in a timed step)
-    warm_steps = max(cfg.warmup, sample.warmup_tokens(model.config, seq_len, cfg.decode_tokens + 2) - 1)
     with torch.no_grad():
         first = seconds(one_step, device)  # compiles the step under --compile
         for _ in range(warm_steps - 1):

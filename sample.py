@@ -546,15 +546,19 @@ def resolve_compile(cfg, device):
                 f"{'' if on else ', where compiling costs more than it saves; --compile=true compiles'}")
 
 
+def steps_to_chunk_start(config, pos):
+    """How many decode steps from position pos come before the first at a Miras chunk's first token (0: pos is
+    one), whose compiled step is a graph of its own (make_step); None for a model without Miras layers."""
+    return -pos % config.chunk_size if "M" in config.layers else None
+
+
 def warmup_tokens(config, prompt_len, max_new_tokens):
-    """Tokens of the scratch run that compiles a decode step before the timed samples: at least 4, and for a
-    model with Miras layers enough to reach a chunk's first token, whose step is a graph of its own (make_step),
-    where the samples reach one (max_new_tokens tokens make max_new_tokens - 1 steps, the first at position
-    prompt_len); else its compile would stall the first sample and count in its decode rate."""
-    n = 4
-    if "M" in config.layers:
-        n = max(n, -prompt_len % config.chunk_size + 2)
-    return min(max_new_tokens, n)
+    """Tokens of the scratch run that compiles a decode step before the timed samples: at least 4, and enough to
+    reach a chunk's first token where the samples reach one (max_new_tokens tokens make max_new_tokens - 1
+    steps, the first at position prompt_len); else its compile would stall the first sample and count in its
+    decode rate."""
+    k = steps_to_chunk_start(config, prompt_len)
+    return min(max_new_tokens, 4 if k is None else max(4, k + 2))
 
 
 def run(cfg, out=None, err=None):
