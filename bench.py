@@ -334,12 +334,14 @@ def prepare_cell(cfg, name, seq_len, mode):
     from models import build_model, make_config  # the registry: every model at the same preset size
     device = cfg.device
     batch = max(1, cfg.tokens_per_step // seq_len)
-    # decode: untimed steps from position seq_len on, so many that they reach the chunk start the timed steps
-    # (seq_len to seq_len + decode_tokens) reach, if any: its graph's compile would otherwise land in a timed step
-    to_start = sample.steps_to_chunk_start(make_config(name, cfg.model_preset), seq_len)
-    warm_steps = max(cfg.warmup, 1, to_start + 1 if to_start is not None and to_start <= cfg.decode_tokens else 0)
-    # the cache holds a round's steps, or the warm-up's and the profiled one
-    max_len = seq_len + (max(cfg.decode_tokens + 1, warm_steps + (1 if cfg.profile else 0)) if mode == "decode" else 0)
+    max_len = seq_len
+    if mode == "decode":
+        # untimed steps from position seq_len on, so many that they reach the chunk start the timed steps (seq_len
+        # to seq_len + decode_tokens) reach, if any: its graph's compile would otherwise land in a timed step
+        to_start = sample.steps_to_chunk_start(make_config(name, cfg.model_preset), seq_len)
+        warm_steps = max(cfg.warmup, 1, to_start + 1 if to_start is not None and to_start <= cfg.decode_tokens else 0)
+        # the cache holds a round's steps, or the warm-up's and the profiled one
+        max_len += max(cfg.decode_tokens + 1, warm_steps + (1 if cfg.profile else 0))
     model = build_model(name, cfg.model_preset, block_size=max_len, vocab_size=cfg.vocab_size).to(device)
     autocast = cli.autocast_for(device, cfg.dtype)
     gen = torch.Generator().manual_seed(0)
