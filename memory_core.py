@@ -938,7 +938,7 @@ def _piece_grads(kind, x, start, ln_w, ln_b, dy, d_state, rule, fns, like, last_
     gradients of its output and end state (d_state: every slot's, full-sized), through its recompute.
     Compiled (compile_chunks), by torch.func.vjp: the recompute and its backward are one graph, and no autograd
     graph is built and replayed between them, which cuts the host's work per chunk (what a GPU waits on at
-    small chunks; README, "A GPU, once"). Eager, by autograd (torch.func's eager transforms cost more per op)."""
+    small chunks; README, "A GPU, twice"). Eager, by autograd (torch.func's eager transforms cost more per op)."""
     present = [t is not None for t in x]
     xp = [t for t in x if t is not None]
 

@@ -527,8 +527,8 @@ def _fmt_rate(r):
 
 
 # Compiling a decode step costs as much time as thousands of eager steps, whatever the depth (both grow with the
-# layers; README, Sampling), and a Miras model compiles two graphs: --compile's default compiles only a run that
-# generates at least this many tokens in all
+# layers; README, "Training on GPUs"), and a Miras model compiles two graphs: --compile's default compiles only a
+# run that generates at least this many tokens in all
 AUTO_COMPILE_MIN_TOKENS = 4096
 
 
