@@ -511,7 +511,7 @@ class MirasLayer(nn.Module):
 
         As K shifted multiply-adds along time, y_t = sum_j w_j x_{t-K+1+j}, not F.conv1d (the reference in the
         tests): compiled, they and their backward fuse with the elementwise ops around them, where a depthwise
-        conv1d is a kernel of its own whose backward is slow on a CPU (README, Benchmarks)."""
+        conv1d is a kernel of its own whose backward is slow on a CPU (results/bench/HISTORY.md)."""
         K, T = self.conv_weight.shape[0], x.shape[1]
         xp = F.pad(x, (0, 0, K - 1, 0)) if prev is None else torch.cat([prev.to(x.dtype), x], dim=1)
         w = self.conv_weight.to(x.dtype)  # [K, 3C]

@@ -331,14 +331,14 @@ def make_step(model, autocast=None, compile=False, compile_mode="default", sampl
         # a broadcast multiply and a sum that inlines its inputs: the memory MLP's hidden gelu (erf) was then
         # recomputed once per output row (32x at head dim 32). Realizing every multi-use pointwise result of more
         # than 8 ops stores such inputs once; the step time is not monotone in this threshold, and 8 was the
-        # fastest of those measured for every Miras model (README, Benchmarks: decode)
+        # fastest of those measured for every Miras model (results/bench/HISTORY.md, decode)
         options["realize_opcount_threshold"] = 8
         # and the dense layers' one-row matmuls (x W^T of the projections, MLPs, gates and head) become reductions
         # fused with their neighbours instead of ~20 separate BLAS calls per token
         options["post_grad_fusion_options"] = {"decompose_mm_pass": {}}
         # the step is then a few fused kernels over ~80 state buffers, and the generated Python wrapper that
         # passes them (pointer by pointer, with its output allocations) cost about as much as the kernels: a C++
-        # wrapper, compiled once per graph (README, Benchmarks: decode)
+        # wrapper, compiled once per graph (results/bench/HISTORY.md, decode)
         options["cpp_wrapper"] = True
         # whose remaining cost was allocating the fused kernel's ~150 intermediate buffers one by one (a Miras
         # step): Inductor's memory planning carves them out of one pooled allocation per call instead
