@@ -1,14 +1,21 @@
 """The chunk loop's recomputing backward (the miras::chunk_loop operator, memory_core._chunk_loop) against plain autograd through the same
 eager pieces (memory_core.RECOMPUTE_BACKWARD = False), in float64: every objective x retention, T not a
-multiple of the chunk and T < chunk, a carried MemoryState in and out, momentum, normalize_step."""
+multiple of the chunk and T < chunk, a carried MemoryState in and out, momentum, normalize_step; its compiled
+chunks; and that a training step and a decode step never make the host wait on the device (CUDA-graph capture)."""
+import collections
 import itertools
+import os
+import traceback
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import memory_core
 from memory_core import OBJECTIVES, RETENTIONS, MemoryState, miras_memory
 from test_memory_core import assert_close, grad_inputs, make_inputs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def grads(inp, leaves, recompute, carried, fn=miras_memory, **kw):
@@ -375,3 +382,61 @@ def test_layout_keeping_products_equal_matmul_with_row_major_gradients(product):
     assert_close(y_c, want_y, rtol=1e-13, atol=1e-13, what="compiled y")
     for got, want in zip(g_c, want_g):
         assert_close(got, want, rtol=1e-13, atol=1e-13, what="compiled gradient")
+
+
+class _HostSyncSpy(TorchDispatchMode):
+    """Records the aten calls that make the host wait on the device (a tensor's value read on the host: .item(),
+    bool(), a data-dependent shape), including those inside the miras::chunk_loop operators, whose kernels it
+    runs under itself (a dispatch mode is off inside the ops it handles)."""
+    SYNCS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default,
+             torch.ops.aten.equal.default, torch.ops.aten.nonzero.default, torch.ops.aten.masked_select.default}
+
+    def __init__(self):
+        super().__init__()
+        self.syncs, self.inside_loop = collections.Counter(), 0  # (op, the repo's line that called it): count
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.SYNCS:
+            ours = [f for f in traceback.extract_stack() if "tests" not in f.filename.split(os.sep)
+                    and os.path.dirname(os.path.abspath(f.filename)) == ROOT]
+            self.syncs[func.__name__, f"{os.path.basename(ours[-1].filename)}:{ours[-1].lineno}" if ours else "?"] += 1
+        loop = {"chunk_loop": memory_core._chunk_loop, "chunk_loop_backward": memory_core._chunk_loop_backward}
+        if func.namespace == "miras" and func._opname in loop:
+            self.inside_loop += 1
+            with self:
+                return loop[func._opname]._init_fn(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("name", ["moneta", "yaad", "memora"])
+def test_training_step_and_decode_step_never_wait_on_the_device(name, padded, monkeypatch):
+    """The engine issue: no host synchronization inside the chunk loop, so that a GPU can capture a training step
+    (or a decode step) as CUDA graphs. A Miras LM's forward + backward (T = 150: two whole chunks and a partial
+    one) and eight decode steps across a chunk boundary read no tensor value on the host. padded: the compiled
+    chunks' host path (pieces cut once and padded to a chunk, end-row fills), with the chunk functions left eager
+    so that the spy sees into them."""
+    from models import build_model
+    import sample
+    if padded:
+        monkeypatch.setattr(memory_core, "_compiled", lambda fn, key: fn)
+    torch.manual_seed(0)
+    model = build_model(name, "tiny", vocab_size=64, block_size=300, compile_memory=padded)
+    idx = torch.randint(64, (2, 151))
+    spy = _HostSyncSpy()
+    with spy:
+        _, loss = model(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+    assert spy.inside_loop == 2 * model.config.n_layer, "the spy did not run the chunk loop's kernels"
+    assert not spy.syncs, f"host syncs in a training step: {dict(spy.syncs)}"
+    model.eval()
+    cache = model.init_cache(1, 300, "cpu", torch.float32)
+    step = sample.make_step(model)
+    with torch.no_grad():
+        model.prefill(idx[:1, :60], cache)
+        tok = idx[:1, 60:61]
+        with spy:
+            for _ in range(8):  # positions 60-67: a chunk's first token (64) among them
+                tok, _ = step(tok, cache)
+    assert not spy.syncs, f"host syncs in a decode step: {dict(spy.syncs)}"
