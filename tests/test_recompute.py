@@ -386,10 +386,12 @@ def test_layout_keeping_products_equal_matmul_with_row_major_gradients(product):
 
 class _HostSyncSpy(TorchDispatchMode):
     """Records the aten calls that make the host wait on the device (a tensor's value read on the host: .item(),
-    bool(), a data-dependent shape), including those inside the miras::chunk_loop operators, whose kernels it
-    runs under itself (a dispatch mode is off inside the ops it handles)."""
+    bool(), a data-dependent shape) or copy host data to it (torch.tensor / as_tensor of Python values), neither
+    of which a CUDA-graph capture allows, including those inside the miras::chunk_loop operators, whose kernels
+    it runs under itself (a dispatch mode is off inside the ops it handles)."""
     SYNCS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default,
-             torch.ops.aten.equal.default, torch.ops.aten.nonzero.default, torch.ops.aten.masked_select.default}
+             torch.ops.aten.equal.default, torch.ops.aten.nonzero.default, torch.ops.aten.masked_select.default,
+             torch.ops.aten.lift_fresh.default, torch.ops.aten.lift_fresh_copy.default}
 
     def __init__(self):
         super().__init__()
@@ -414,7 +416,8 @@ class _HostSyncSpy(TorchDispatchMode):
 def test_training_step_and_decode_step_never_wait_on_the_device(name, padded, monkeypatch):
     """The engine issue: no host synchronization inside the chunk loop, so that a GPU can capture a training step
     (or a decode step) as CUDA graphs. A Miras LM's forward + backward (T = 150: two whole chunks and a partial
-    one) and eight decode steps across a chunk boundary read no tensor value on the host. padded: the compiled
+    one) and eight decode steps across a chunk boundary read no tensor value on the host and make no tensor from
+    host data. padded: the compiled
     chunks' host path (pieces cut once and padded to a chunk, end-row fills), with the chunk functions left eager
     so that the spy sees into them."""
     from models import build_model
@@ -429,7 +432,7 @@ def test_training_step_and_decode_step_never_wait_on_the_device(name, padded, mo
         _, loss = model(idx[:, :-1], idx[:, 1:])
         loss.backward()
     assert spy.inside_loop == 2 * model.config.n_layer, "the spy did not run the chunk loop's kernels"
-    assert not spy.syncs, f"host syncs in a training step: {dict(spy.syncs)}"
+    assert not spy.syncs, f"host syncs or host data in a training step: {dict(spy.syncs)}"
     model.eval()
     cache = model.init_cache(1, 300, "cpu", torch.float32)
     step = sample.make_step(model)
@@ -439,4 +442,4 @@ def test_training_step_and_decode_step_never_wait_on_the_device(name, padded, mo
         with spy:
             for _ in range(8):  # positions 60-67: a chunk's first token (64) among them
                 tok, _ = step(tok, cache)
-    assert not spy.syncs, f"host syncs in a decode step: {dict(spy.syncs)}"
+    assert not spy.syncs, f"host syncs or host data in a decode step: {dict(spy.syncs)}"
