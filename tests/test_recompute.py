@@ -1,7 +1,8 @@
-"""The chunk loop's recomputing backward (the miras::chunk_loop operator, memory_core._chunk_loop) against plain autograd through the same
-eager pieces (memory_core.RECOMPUTE_BACKWARD = False), in float64: every objective x retention, T not a
-multiple of the chunk and T < chunk, a carried MemoryState in and out, momentum, normalize_step; its compiled
-chunks; and that a training step and a decode step never make the host wait on the device (CUDA-graph capture)."""
+"""The chunk loop's recomputing backward (the miras::chunk_loop operator, memory_core._chunk_loop) against plain
+autograd through the same eager pieces (memory_core.RECOMPUTE_BACKWARD = False), in float64: every objective x
+retention, T not a multiple of the chunk and T < chunk, a carried MemoryState in and out, momentum,
+normalize_step; its compiled chunks; and that a training step and a decode step never make the host wait on the
+device (CUDA-graph capture)."""
 import collections
 import itertools
 import os
