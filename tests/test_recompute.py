@@ -401,8 +401,7 @@ class _HostSyncSpy(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in self.SYNCS:
-            ours = [f for f in traceback.extract_stack() if "tests" not in f.filename.split(os.sep)
-                    and os.path.dirname(os.path.abspath(f.filename)) == ROOT]
+            ours = [f for f in traceback.extract_stack() if os.path.dirname(os.path.abspath(f.filename)) == ROOT]
             self.syncs[func.__name__, f"{os.path.basename(ours[-1].filename)}:{ours[-1].lineno}" if ours else "?"] += 1
         loop = {"chunk_loop": memory_core._chunk_loop, "chunk_loop_backward": memory_core._chunk_loop_backward}
         if func.namespace == "miras" and func._opname in loop:
@@ -418,9 +417,8 @@ def test_training_step_and_decode_step_never_wait_on_the_device(name, padded, mo
     """The engine issue: no host synchronization inside the chunk loop, so that a GPU can capture a training step
     (or a decode step) as CUDA graphs. A Miras LM's forward + backward (T = 150: two whole chunks and a partial
     one) and eight decode steps across a chunk boundary read no tensor value on the host and make no tensor from
-    host data. padded: the compiled
-    chunks' host path (pieces cut once and padded to a chunk, end-row fills), with the chunk functions left eager
-    so that the spy sees into them."""
+    host data. padded: the compiled chunks' host path (pieces cut once and padded to a chunk, end-row fills),
+    with the chunk functions left eager so that the spy sees into them."""
     from models import build_model
     import sample
     if padded:
