@@ -1,8 +1,8 @@
 """The CUDA paths, on an NVIDIA GPU (skipped without one; `.ci/gpu` runs them with the GPU benchmarks): the
 memory op in float32 on the GPU against float64 on the CPU, eager and with compiled chunks; a compiled bf16
-training step of every model that then evaluates at another batch size (as DDP ranks do); compiled decoding
-against eager; a short train.py run (bf16, compile, fused AdamW) and its resume; bench.py's spawned CUDA workers;
-torchrun with NCCL where there are two GPUs."""
+training step of every model that then evaluates at another batch size (as DDP ranks do); training and decode
+steps that never synchronize with the GPU; compiled decoding against eager; a short train.py run (bf16, compile,
+fused AdamW) and its resume; bench.py's spawned CUDA workers; torchrun with NCCL where there are two GPUs."""
 import json
 import os
 import subprocess
@@ -78,6 +78,52 @@ def test_compiled_bf16_train_step_then_eval_at_another_batch(name):
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         _, loss4 = compiled(idx[:, :-1], idx[:, 1:])
     assert torch.isfinite(loss4)
+
+
+@pytest.mark.parametrize("name", MODELS[:3])
+def test_train_and_decode_steps_never_synchronize(name):
+    """The engine issue's rule that nothing in the chunk loop makes the host wait on the GPU (what capturing it as
+    CUDA graphs needs), on the device itself: after warm-up calls that compile the memory's chunks (compile_memory
+    None: compiled on CUDA), a training step (forward + backward, T = 150: two whole chunks and a partial one) and
+    eight eager decode steps across a chunk boundary run under torch.cuda.set_sync_debug_mode("error"), which
+    raises at any call that synchronizes with the GPU. tests/test_recompute.py checks the same op by op on a CPU."""
+    torch.manual_seed(0)
+    model = build_model(name, "tiny", vocab_size=64, block_size=300).to(CUDA)
+    idx = torch.randint(64, (2, 151), device=CUDA)
+    step = sample.make_step(model)
+
+    def train_step():
+        model.train()
+        _, loss = model(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+
+    def prefilled():
+        model.eval()
+        cache = model.init_cache(1, 300)
+        with torch.no_grad():
+            model.prefill(idx[:1, :60], cache)
+        return cache
+
+    def decode(cache):
+        model.eval()
+        with torch.no_grad():
+            tok = idx[:1, 60:61]
+            for _ in range(8):  # positions 60-67: a chunk's first token (64) among them
+                tok, _ = step(tok, cache)
+
+    for _ in range(2):  # compiles every chunk graph these calls use
+        train_step()
+        decode(prefilled())
+    cache = prefilled()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        train_step()
+        decode(cache)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
 @pytest.mark.parametrize("name, mode", [(m, "default") for m in MODELS] + [("moneta", "reduce-overhead"),
