@@ -80,7 +80,7 @@ def test_compiled_bf16_train_step_then_eval_at_another_batch(name):
     assert torch.isfinite(loss4)
 
 
-@pytest.mark.parametrize("name", MODELS[:3])
+@pytest.mark.parametrize("name", ["moneta", "memora"])  # lq and kl (its exact first step); Yaad's l2 on the CPU
 def test_train_and_decode_steps_never_synchronize(name):
     """The engine issue's rule that nothing in the chunk loop makes the host wait on the GPU (what capturing it as
     CUDA graphs needs), on the device itself: after warm-up calls that compile the memory's chunks (compile_memory
