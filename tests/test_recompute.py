@@ -412,25 +412,26 @@ class _HostSyncSpy(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("padded", [False, True])
-@pytest.mark.parametrize("name", ["moneta", "yaad", "memora"])
-def test_training_step_and_decode_step_never_wait_on_the_device(name, padded, monkeypatch):
+@pytest.mark.parametrize("name, preset", [("moneta", "tiny"), ("yaad", "tiny"), ("memora", "tiny"),
+                                          ("moneta", "tiny+titans_lmm"), ("yaad", "tiny+hybrid")])
+def test_training_step_and_decode_step_never_wait_on_the_device(name, preset, padded, monkeypatch):
     """The engine issue: no host synchronization inside the chunk loop, so that a GPU can capture a training step
     (or a decode step) as CUDA graphs. A Miras LM's forward + backward (T = 150: two whole chunks and a partial
     one) and eight decode steps across a chunk boundary read no tensor value on the host and make no tensor from
-    host data. padded: the compiled chunks' host path (pieces cut once and padded to a chunk, end-row fills),
+    host data; also with momentum (titans_lmm) and in a hybrid with sliding-window attention. padded: the compiled chunks' host path (pieces cut once and padded to a chunk, end-row fills),
     with the chunk functions left eager so that the spy sees into them."""
     from models import build_model
     import sample
     if padded:
         monkeypatch.setattr(memory_core, "_compiled", lambda fn, key: fn)
     torch.manual_seed(0)
-    model = build_model(name, "tiny", vocab_size=64, block_size=300, compile_memory=padded)
+    model = build_model(name, preset, vocab_size=64, block_size=300, compile_memory=padded)
     idx = torch.randint(64, (2, 151))
     spy = _HostSyncSpy()
     with spy:
         _, loss = model(idx[:, :-1], idx[:, 1:])
         loss.backward()
-    assert spy.inside_loop == 2 * model.config.n_layer, "the spy did not run the chunk loop's kernels"
+    assert spy.inside_loop == 2 * model.config.layers.count("M"), "the spy did not run the chunk loop's kernels"
     assert not spy.syncs, f"host syncs or host data in a training step: {dict(spy.syncs)}"
     model.eval()
     cache = model.init_cache(1, 300, "cpu", torch.float32)
