@@ -418,8 +418,9 @@ def test_training_step_and_decode_step_never_wait_on_the_device(name, preset, pa
     """The engine issue: no host synchronization inside the chunk loop, so that a GPU can capture a training step
     (or a decode step) as CUDA graphs. A Miras LM's forward + backward (T = 150: two whole chunks and a partial
     one) and eight decode steps across a chunk boundary read no tensor value on the host and make no tensor from
-    host data; also with momentum (titans_lmm) and in a hybrid with sliding-window attention. padded: the compiled chunks' host path (pieces cut once and padded to a chunk, end-row fills),
-    with the chunk functions left eager so that the spy sees into them."""
+    host data; also with momentum (titans_lmm) and in a hybrid with sliding-window attention. padded: the compiled
+    chunks' host path (pieces cut once and padded to a chunk, end-row fills), with the chunk functions left eager
+    so that the spy sees into them."""
     from models import build_model
     import sample
     if padded:
