@@ -36,6 +36,18 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture
+def decode_graph_counter(monkeypatch):
+    """sample.make_step, wherever the code under test calls it, compiles with a counting aot_eager backend instead
+    of Inductor: the counter's frame_count is the number of decode graphs compiled (dynamo reset first)."""
+    import sample
+    from torch._dynamo.testing import CompileCounterWithBackend
+    counter, make_step = CompileCounterWithBackend("aot_eager"), sample.make_step
+    monkeypatch.setattr(sample, "make_step", lambda *a, **kw: make_step(*a, **kw, backend=counter))
+    torch._dynamo.reset()
+    return counter
+
+
 # Tolerances for comparisons that must run in float32 / bfloat16 (compile vs eager, autocast). Exactness checks
 # run in float64 instead: a float32 comparison with a hand-picked atol passes on one machine and fails on the
 # next, because thread count, vectorization and fusion change the reduction order and so the rounding.

@@ -95,15 +95,11 @@ def test_decode_rounds_restart_from_the_prefill():
     assert sizes[0] == sizes[1]
 
 
-def test_compiled_decode_warms_up_to_every_graph_the_timed_steps_use(monkeypatch):
+def test_compiled_decode_warms_up_to_every_graph_the_timed_steps_use(decode_graph_counter):
     """A compiled Miras decode step has a graph of its own for a chunk's first token. From a prefill of 62 tokens
     (chunks of 64) the timed steps cross position 64, so the untimed warm-up steps reach it too, whatever
     --warmup says: no timed step compiles (graphs counted with aot_eager instead of inductor)."""
-    import sample
-    from torch._dynamo.testing import CompileCounterWithBackend
-    counter, make_step = CompileCounterWithBackend("aot_eager"), sample.make_step
-    monkeypatch.setattr(sample, "make_step", lambda *a, **kw: make_step(*a, **kw, backend=counter))
-    torch._dynamo.reset()
+    counter = decode_graph_counter
     cfg = bench.parse_args([*TINY, "--models=moneta", "--modes=decode", "--decode_tokens=4", "--warmup=1",
                             "--compile=true", "--device=cpu"])
     run, _ = bench.prepare_cell(cfg, "moneta", 62, "decode")

@@ -397,17 +397,17 @@ class _HostSyncSpy(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.syncs, self.inside_loop = collections.Counter(), 0  # (op, the repo's line that called it): count
+        self.loop = {"chunk_loop": memory_core._chunk_loop, "chunk_loop_backward": memory_core._chunk_loop_backward}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in self.SYNCS:
             ours = [f for f in traceback.extract_stack() if os.path.dirname(os.path.abspath(f.filename)) == ROOT]
             self.syncs[func.__name__, f"{os.path.basename(ours[-1].filename)}:{ours[-1].lineno}" if ours else "?"] += 1
-        loop = {"chunk_loop": memory_core._chunk_loop, "chunk_loop_backward": memory_core._chunk_loop_backward}
-        if func.namespace == "miras" and func._opname in loop:
+        if func.namespace == "miras" and func._opname in self.loop:
             self.inside_loop += 1
             with self:
-                return loop[func._opname]._init_fn(*args, **kwargs)
+                return self.loop[func._opname]._init_fn(*args, **kwargs)
         return func(*args, **kwargs)
 
 

@@ -546,22 +546,20 @@ def test_summary_rates_keep_slow_rates_visible():
     assert sample._fmt_rate(float("nan")) == "nan"
 
 
-def test_compiling_sampler_warms_every_graph_before_the_timed_samples(moneta_dir, monkeypatch, capsys):
+def test_compiling_sampler_warms_every_graph_before_the_timed_samples(moneta_dir, monkeypatch, capsys,
+                                                                     decode_graph_counter):
     """sample.py --compile=true compiles the decode step on a scratch run before the samples it times: both of a
     Miras model's graphs (a chunk's first token, the rest) where the samples reach both, so that no sample stalls
     on a compile or counts one in its decode rate (the chunk-start graph used to compile inside the first sample:
     the main job's checkpoint then reported 38 tokens/s compiled against 431 eager). Graphs counted with aot_eager
     (chunks of 8; a 9-token prompt: the first chunk start is the eighth step)."""
-    from torch._dynamo.testing import CompileCounterWithBackend
-    counter, make_step, generate = CompileCounterWithBackend("aot_eager"), sample.make_step, sample.generate_stream
-    monkeypatch.setattr(sample, "make_step", lambda *a, **kw: make_step(*a, **kw, backend=counter))
+    counter, generate = decode_graph_counter, sample.generate_stream
     graphs_at_start = []  # graphs compiled when each generate_stream call starts: the scratch run, then 2 samples
 
     def counted(*a, **kw):
         graphs_at_start.append(counter.frame_count)
         yield from generate(*a, **kw)
     monkeypatch.setattr(sample, "generate_stream", counted)
-    torch._dynamo.reset()
     rc, out, err = run_cli(capsys, f"--out_dir={moneta_dir}", "--start=the quick", "--num_samples=2",
                            "--max_new_tokens=20", "--compile=true")
     assert rc == 0, err
