@@ -44,7 +44,7 @@ import cli
 import memory_core
 import models
 import train
-from model_common import AttnCache, MirasCache, Sampling, is_greedy, iter_tensors, state_bytes
+from model_common import AttnCache, MirasCache, MirasLayer, Sampling, is_greedy, iter_tensors, state_bytes
 from tokenizer import TokenizerError, get_tokenizer
 
 # ----------------------------------------------------------------------------------------------
@@ -286,6 +286,41 @@ def _dense(t):
     return t if t.stride() == tuple(stride) else _fresh(t)
 
 
+# Inductor's memory planning pools a graph's intermediate buffers in a tree that deepens with the buffers placed at
+# a pool's end (tens of levels per Miras layer in a CPU decode step) and recurses over it: a 12-layer Moneta's first
+# compiled step died of a RecursionError (Python 3.12's C recursion limit cannot be raised either). The pooled
+# allocation saves most where the step is tiny (a shallow model); deeper models compile without it.
+MEMORY_PLANNING_MAX_MIRAS_LAYERS = 4
+
+
+def decode_compile_options(model, backend="inductor", mode=None):
+    """Inductor's options for make_step's compiled step (None: torch.compile's defaults)."""
+    # the inputs of a call whose guards are skipped are the buffers and shapes its guarded call checked, so
+    # Inductor's assert of every input's size and stride on every call (~80 inputs for a Miras cache) is skipped
+    # too (an Inductor option, not settable beside a mode)
+    options = {"size_asserts": False} if backend == "inductor" and mode is None else None
+    if options is not None and model.lm_head.weight.device.type == "cpu":
+        # a batch-1 step's per-head products are matrix-vector products, which Inductor's CPU lowering turns into
+        # a broadcast multiply and a sum that inlines its inputs: the memory MLP's hidden gelu (erf) was then
+        # recomputed once per output row (32x at head dim 32). Realizing every multi-use pointwise result of more
+        # than 8 ops stores such inputs once; the step time is not monotone in this threshold, and 8 was the
+        # fastest of those measured for every Miras model (results/bench/HISTORY.md, decode)
+        options["realize_opcount_threshold"] = 8
+        # and the dense layers' one-row matmuls (x W^T of the projections, MLPs, gates and head) become reductions
+        # fused with their neighbours instead of ~20 separate BLAS calls per token
+        options["post_grad_fusion_options"] = {"decompose_mm_pass": {}}
+        # the step is then a few fused kernels over ~80 state buffers, and the generated Python wrapper that
+        # passes them (pointer by pointer, with its output allocations) cost about as much as the kernels: a C++
+        # wrapper, compiled once per graph (results/bench/HISTORY.md, decode)
+        options["cpp_wrapper"] = True
+        # whose remaining cost was allocating the fused kernel's ~150 intermediate buffers one by one (a Miras
+        # step): Inductor's memory planning carves them out of one pooled allocation per call instead, where
+        # its recursion stays bounded (MEMORY_PLANNING_MAX_MIRAS_LAYERS)
+        miras_layers = sum(isinstance(block.mixer, MirasLayer) for block in model.blocks)
+        options["memory_planning"] = miras_layers <= MEMORY_PLANNING_MAX_MIRAS_LAYERS
+    return options
+
+
 def make_step(model, autocast=None, compile=False, compile_mode="default", sampling=Sampling(temperature=0.0),
               backend="inductor"):
     """step(idx [B, 1], cache, noise=None) -> (next ids [B, 1], last logits [B, V] float32): one decoding step and
@@ -322,27 +357,7 @@ def make_step(model, autocast=None, compile=False, compile_mode="default", sampl
     # shape (a KV cache of another length, another batch size) a hard error in a process that decodes many prompts
     compiled = {}
 
-    # the inputs of a call whose guards are skipped are the buffers and shapes its guarded call checked, so
-    # Inductor's assert of every input's size and stride on every call (~80 inputs for a Miras cache) is skipped
-    # too (an Inductor option, not settable beside a mode)
-    options = {"size_asserts": False} if backend == "inductor" and mode is None else None
-    if options is not None and model.lm_head.weight.device.type == "cpu":
-        # a batch-1 step's per-head products are matrix-vector products, which Inductor's CPU lowering turns into
-        # a broadcast multiply and a sum that inlines its inputs: the memory MLP's hidden gelu (erf) was then
-        # recomputed once per output row (32x at head dim 32). Realizing every multi-use pointwise result of more
-        # than 8 ops stores such inputs once; the step time is not monotone in this threshold, and 8 was the
-        # fastest of those measured for every Miras model (results/bench/HISTORY.md, decode)
-        options["realize_opcount_threshold"] = 8
-        # and the dense layers' one-row matmuls (x W^T of the projections, MLPs, gates and head) become reductions
-        # fused with their neighbours instead of ~20 separate BLAS calls per token
-        options["post_grad_fusion_options"] = {"decompose_mm_pass": {}}
-        # the step is then a few fused kernels over ~80 state buffers, and the generated Python wrapper that
-        # passes them (pointer by pointer, with its output allocations) cost about as much as the kernels: a C++
-        # wrapper, compiled once per graph (results/bench/HISTORY.md, decode)
-        options["cpp_wrapper"] = True
-        # whose remaining cost was allocating the fused kernel's ~150 intermediate buffers one by one (a Miras
-        # step): Inductor's memory planning carves them out of one pooled allocation per call instead
-        options["memory_planning"] = True
+    options = decode_compile_options(model, backend, mode)
 
     def compiled_for(start, geometry):
         if (start, geometry) not in compiled:

@@ -350,6 +350,25 @@ def _eager_and_counted_steps(name, n_layer, preset="tiny", backend="aot_eager"):
     return model, sample.make_step(model), sample.make_step(model, compile=True, backend=counter or backend), counter
 
 
+def _assert_same_state(compiled, eager, chunk_size=8, exact_conv=False):
+    """A compiled step's cache holds what the eager step's holds (float64): the position, per attention layer its
+    KV cache, per Miras layer its chunk position, short-conv tail and every memory state tensor (lq's norms, the
+    normalized step's gradient sum, kl's lag-step anchors, momentum); chunk_size: the Miras layers'. The conv tail is the projection's output:
+    bit-exact through aot_eager (exact_conv), rounded otherwise by Inductor's one-row matmuls (reductions in
+    another order)."""
+    assert int(compiled.pos) == int(eager.pos)
+    for le, lc in zip(eager.layers, compiled.layers, strict=True):
+        if not hasattr(lc, "mem"):  # attention: its KV cache
+            torch.testing.assert_close((lc.k, lc.v), (le.k, le.v), rtol=1e-12, atol=1e-12)
+            continue
+        assert int(lc.mem.pos) == le.mem.pos % chunk_size
+        tol = 0 if exact_conv else 1e-12
+        torch.testing.assert_close(lc.conv, le.conv, rtol=tol, atol=tol)
+        for field in ("weights", "anchor", "norm", "momentum", "grad_sum"):
+            for a, b in zip(getattr(lc.mem, field), getattr(le.mem, field), strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=f"{field} differs")
+
+
 @pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=INDUCTOR_OPT_IN)])
 @pytest.mark.parametrize("name, preset", [("moneta", "tiny"), ("memora", "tiny"), ("yaad", "tiny"),
                                           ("memora", "tiny+hybrid"), ("moneta", "tiny+titans_lmm"),
@@ -383,22 +402,9 @@ def test_compiled_step_writes_the_state_in_place(name, preset, backend):
                 assert len(set(storages)) == len(storages) and not params & set(storages)
             elif i != 6:
                 assert all(a is b for a, b in zip(state, buffers, strict=True)), f"step {i} rebound the state"
-            assert int(caches[1].pos) == int(caches[0].pos)
-            for le, lc in zip(caches[0].layers, caches[1].layers):
-                if not hasattr(lc, "mem"):  # attention: its KV cache
-                    torch.testing.assert_close((lc.k, lc.v), (le.k, le.v), rtol=1e-12, atol=1e-12)
-                    continue
-                assert int(lc.mem.pos) == le.mem.pos % 8
-                # the conv tail is the projection's output: bit-exact through aot_eager, rounded otherwise by
-                # Inductor's one-row matmuls (reductions in another order)
-                exact = backend == "aot_eager"
-                torch.testing.assert_close(lc.conv, le.conv, rtol=0 if exact else 1e-12, atol=0 if exact else 1e-12)
-                for field in ("weights", "anchor", "norm", "momentum", "grad_sum"):
-                    for a, b in zip(getattr(lc.mem, field), getattr(le.mem, field), strict=True):
-                        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+            _assert_same_state(caches[1], caches[0], exact_conv=backend == "aot_eager")
     graphs = 2 if "M" in model.config.layers else 1  # Miras: a chunk's first token, the rest
     assert counter is None or counter.frame_count == graphs, f"{counter.frame_count} graphs, not {graphs}"
-
 
 
 def test_inductor_step_keeps_the_refreshed_l2_anchor():
@@ -425,6 +431,50 @@ def test_inductor_step_keeps_the_refreshed_l2_anchor():
                 for a, b in zip(getattr(mem_c, field), getattr(mem_e, field), strict=True):
                     torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=f"{field} after {13 + i}")
             tok = [t_e, t_e]
+
+
+def test_decode_compile_options_pool_buffers_only_in_shallow_models():
+    """make_step's Inductor options on a CPU: memory planning (one pooled allocation for a step's intermediate
+    buffers) for up to MEMORY_PLANNING_MAX_MIRAS_LAYERS Miras layers, off for more (its compile recursion grows with
+    them: a RecursionError at 12 Moneta layers, test below) whatever else the model holds, on for a Transformer++
+    of any depth; the other CPU options alike for all; a torch.compile mode or another backend gets none."""
+    from models import build_model
+    limit = sample.MEMORY_PLANNING_MAX_MIRAS_LAYERS
+
+    def options(name, n_layer, preset="tiny", **kw):
+        model = build_model(name, preset, n_layer=n_layer, n_embd=32, n_head=2, vocab_size=32, block_size=16)
+        return sample.decode_compile_options(model, **kw)
+
+    shallow, deep = options("moneta", limit), options("moneta", limit + 1)
+    assert shallow["memory_planning"] and not deep["memory_planning"]
+    assert {k: v for k, v in shallow.items() if k != "memory_planning"} == \
+        {k: v for k, v in deep.items() if k != "memory_planning"}
+    assert shallow["cpp_wrapper"] and not shallow["size_asserts"]
+    # a hybrid's attention layers do not count (its pattern "MS": one Miras layer in two)
+    assert options("memora", 2 * limit, "tiny+hybrid")["memory_planning"]
+    assert not options("memora", 2 * (limit + 1), "tiny+hybrid")["memory_planning"]
+    assert options("transformer", 3 * limit)["memory_planning"]
+    assert options("moneta", limit, mode="max-autotune") is None
+    assert options("moneta", limit, backend="aot_eager") is None
+
+
+@INDUCTOR_OPT_IN
+def test_inductor_step_of_a_deep_model():
+    """12 Moneta layers (the 120m preset's depth; narrow, float64): the first Inductor-compiled step with make_step's
+    CPU options compiles (Inductor's memory planning, on for every depth before, died of a RecursionError here)
+    and its logits and states equal the eager step's over three steps."""
+    model, eager, compiled, _ = _eager_and_counted_steps("moneta", n_layer=12, backend="inductor")
+    assert not sample.decode_compile_options(model)["memory_planning"]
+    caches = [model.init_cache(1, 64), model.init_cache(1, 64)]
+    with torch.no_grad():
+        prompt = torch.randint(32, (1, 13))
+        tok = [model.prefill(prompt, c)[0][:, -1:].argmax(-1) for c in caches]
+        for i in range(3):  # positions 13-15: inside a chunk (one graph)
+            (t_e, l_e), (_, l_c) = eager(tok[0], caches[0]), compiled(tok[1], caches[1])
+            torch.testing.assert_close(l_c, l_e, rtol=1e-12, atol=1e-12, msg=f"logits at position {13 + i}")
+            _assert_same_state(caches[1], caches[0])
+            tok = [t_e, t_e]
+
 
 @pytest.mark.parametrize("name", ["moneta", "memora"])
 def test_compiled_step_copies_back_only_the_state_that_changed(name):
