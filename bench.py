@@ -349,7 +349,8 @@ def prepare_cell(cfg, name, seq_len, mode):
     if mode in ("train", "prefill"):
         training = mode == "train"
         model.train(training)
-        fwd = torch.compile(model, mode=cli.torch_compile_mode(cfg.compile_mode)) if cfg.compile else model
+        if cfg.compile:  # as train.py compiles it: block by block
+            model.compile_regions(mode=cli.torch_compile_mode(cfg.compile_mode))
         graphs = cfg.compile and cfg.compile_mode in cli.CUDA_GRAPH_MODES
         if training:
             optimizer = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device.split(":")[0])
@@ -359,7 +360,7 @@ def prepare_cell(cfg, name, seq_len, mode):
             def call():
                 cli.cuda_graph_step_begin(cfg.compile_mode)
                 with autocast:
-                    _, loss = fwd(idx, targets=idx)
+                    _, loss = model(idx, targets=idx)
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=not graphs)
@@ -367,7 +368,7 @@ def prepare_cell(cfg, name, seq_len, mode):
             def call():
                 cli.cuda_graph_step_begin(cfg.compile_mode)
                 with torch.no_grad(), autocast:
-                    fwd(idx)
+                    model(idx)
         first = seconds(call, device)  # one of the warm-up calls
         for _ in range(max(0, cfg.warmup - 1)):
             call()

@@ -602,11 +602,27 @@ class Block(nn.Module):
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
+def call_block(block, x, rope, cache=None, pos=None):
+    """One block (what LM.compile_regions compiles once for all blocks)."""
+    return block(x, rope, cache, pos)
+
+
+def logits_and_loss(model, x, targets=None):
+    """The LM head on the final norm's output x: (logits [B, T, vocab], mean cross-entropy (-1 ignored) when
+    targets are given, else None)."""
+    logits = model.lm_head(x)
+    loss = None
+    if targets is not None:
+        loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-1)
+    return logits, loss
+
+
 class LM(nn.Module):
     """What every language model here shares: the token embedding, the final RMSNorm and the LM head tied
     to the embedding, RoPE angles, init, training forward, prefill / decode / generate, optimizer groups.
     A model file subclasses it, sets `config_class`, builds `self.blocks` and calls `init_weights()`."""
     config_class = LMConfig
+    _regions_made = 0  # compile_regions' count, naming each model's code copies
 
     def __init__(self, config):
         super().__init__()
@@ -623,6 +639,7 @@ class LM(nn.Module):
         needs_rope = (config.attention_rope and ("A" in config.layers or "S" in config.layers)) or getattr(
             config, "use_rope", False)
         self.rotary = Rotary(config.head_dim, config.rope_theta) if needs_rope else None
+        self.regions = None  # compile_regions: the compiled (call_block, logits_and_loss) of forward
 
     @torch.no_grad()
     def init_weights(self):
@@ -654,17 +671,29 @@ class LM(nn.Module):
         rope = None
         if self.rotary is not None:
             rope = self.rotary(pos.view(1) if pos is not None else torch.arange(T, device=idx.device))
+        run_block = self.regions[0] if self.regions is not None and cache is None else call_block
         for i, block in enumerate(self.blocks):
-            x = block(x, rope, None if cache is None else cache.layers[i], pos)
+            x = run_block(block, x, rope, None if cache is None else cache.layers[i], pos)
         return self.norm_f(x)
 
     def forward(self, idx, targets=None):
         """idx [B, T] -> logits [B, T, vocab]; loss (mean cross-entropy, -1 ignored) when targets are given."""
-        logits = self.lm_head(self._backbone(idx))
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+        head = self.regions[1] if self.regions is not None else logits_and_loss
+        return head(self, self._backbone(idx), targets)
+
+    def compile_regions(self, **compile_kwargs):
+        """torch.compile this model's forward region by region, in place: every block through one compiled
+        call_block, and the LM head with its loss; the embedding and the final norm stay eager (prefill and decode
+        too: sample.make_step compiles its own step). Blocks of one kind share a graph (Dynamo traces the block's
+        code once, its weights are graph inputs), so the compile time does not grow with the depth, as that of
+        torch.compile(model) does, whose one graph unrolls every block. Each model gets its own copies of the
+        two functions' code: Dynamo's recompile limit counts graphs per code object. train.py's and bench.py's
+        --compile; compile_kwargs go to torch.compile (mode, backend, ...). Returns the model."""
+        LM._regions_made += 1
+        tag = f"{type(self).__name__.lower()}_{LM._regions_made}"
+        self.regions = tuple(torch.compile(memory_core.with_own_code(fn, tag), **compile_kwargs)
+                             for fn in (call_block, logits_and_loss))
+        return self
 
     # --- inference
 

@@ -102,7 +102,7 @@ class TrainConfig:
     # system
     device: str = "auto"                        # auto (cuda if available, else cpu) | cpu | cuda | cuda:N | mps
     dtype: str = "auto"                         # auto (bfloat16 on CUDA if supported, else float32) | float32 | bfloat16 | float16
-    compile: Optional[bool] = None              # torch.compile the model; None: CUDA, or a CPU that can (cli)
+    compile: Optional[bool] = None              # torch.compile the model (block by block); None: CUDA, or a CPU that can
     compile_mode: str = "default"               # torch.compile mode (cli.COMPILE_MODES); reduce-overhead: the
                                                 # steps replayed as CUDA graphs (CUDA only)
 
@@ -500,7 +500,7 @@ class Run:
     mcfg: models.LMConfig
     raw_model: torch.nn.Module  # the model itself (state dicts, FLOPs)
     optimizer: torch.optim.Optimizer
-    fwd_model: torch.nn.Module = None  # compiled or not: evaluation runs it
+    fwd_model: torch.nn.Module = None  # raw_model (compiled in place or not): evaluation runs it
     model: torch.nn.Module = None      # fwd_model, DDP-wrapped under torchrun: training steps run it
     scaler: typing.Any = None          # a GradScaler for float16
     compile: bool = False              # cfg.compile resolved for the device
@@ -592,7 +592,9 @@ def setup(cfg, device, ddp, rank, world, batches=None):
     run.compile, run.compile_why = cli.resolve_train_compile(cfg.compile, device)
     cli.check_compile_mode(cfg.compile_mode, run.compile, device)
     mode = cli.torch_compile_mode(cfg.compile_mode)
-    run.fwd_model = run.model = torch.compile(raw_model, mode=mode) if run.compile else raw_model
+    if run.compile:  # block by block (LM.compile_regions): the compile time does not grow with the depth
+        raw_model.compile_regions(mode=mode)
+    run.fwd_model = run.model = raw_model
     if cfg.compile_mode in cli.CUDA_GRAPH_MODES:
         cli.keep_grad_buffers(raw_model.parameters())
     if ddp:

@@ -232,8 +232,9 @@ def test_generate_greedy_matches_forward_and_passes_block_size():
 # compile, autocast, checkpoints
 
 def test_compile_matches_eager(f32_tol, monkeypatch):
-    """A whole-model compile at the defaults (compile_memory None: the memory's chunks are compiled inside it, on
-    any device; eagerly outside it on a CPU) equals eager within float32 rounding."""
+    """A whole-model compile and a compile by regions (LM.compile_regions: train.py's) at the defaults
+    (compile_memory None: the memory's chunks are compiled inside them, on any device; eagerly outside them on a
+    CPU) equal eager within float32 rounding."""
     import memory_core
     built = []  # the chunk functions compiled (memory_core._compiled), spied on
     compiled_chunk = memory_core._compiled
@@ -260,16 +261,56 @@ def test_compile_matches_eager(f32_tol, monkeypatch):
     grad_tol = {n: f32_tol(g64[n], n_ops, observed=[(grads[n], g64[n])]) for n in grads}
     backends = ["aot_eager"] + (["inductor"] if os.environ.get("MIRAS_TEST_INDUCTOR") == "1" else [])
     for backend in backends:
-        torch._dynamo.reset()
-        compiled = torch.compile(model, fullgraph=True, backend=backend)
-        built.clear()
-        c_logits, c_loss = compiled(idx, idx)
-        c_loss.backward()
-        assert built, "a whole-model compile ran the memory's chunks eagerly"
-        torch.testing.assert_close(c_logits, logits, rtol=0, atol=logits_tol)
-        for n, p in model.named_parameters():
-            torch.testing.assert_close(p.grad, grads[n], rtol=0, atol=grad_tol[n], msg=f"{backend}: grad of {n}")
-        model.zero_grad(set_to_none=True)
+        for how in ("whole", "regions"):
+            torch._dynamo.reset()
+            model.regions = None
+            if how == "whole":
+                compiled = torch.compile(model, fullgraph=True, backend=backend)
+            else:
+                compiled = model.compile_regions(fullgraph=True, backend=backend)
+            built.clear()
+            c_logits, c_loss = compiled(idx, idx)
+            c_loss.backward()
+            assert built, f"a compile ({how}) ran the memory's chunks eagerly"
+            torch.testing.assert_close(c_logits, logits, rtol=0, atol=logits_tol)
+            for n, p in model.named_parameters():
+                torch.testing.assert_close(p.grad, grads[n], rtol=0, atol=grad_tol[n],
+                                           msg=f"{backend}, {how}: grad of {n}")
+            model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("name,variant,kinds", [("moneta", None, 1), ("memora", "hybrid", 2),
+                                                ("transformer", None, 1)])
+def test_compile_regions_compiles_each_kind_of_block_once(name, variant, kinds):
+    """LM.compile_regions (train.py's and bench.py's --compile) on 4 blocks: a training step compiles one graph per
+    kind of block (the hybrid: Miras and sliding-window attention) and one for the head, whatever the depth, and a
+    second step none; evaluation without grad one more of each; prefill and decode run eagerly (no graph). The
+    loss, logits and every gradient equal the eager model's (float64, aot_eager)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    torch.manual_seed(0)
+    eager = micro(name, variant, n_layer=4).double()
+    model = micro(name, variant, n_layer=4).double()
+    model.load_state_dict(eager.state_dict())
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    model.compile_regions(backend=counter)
+    idx = tokens(T=11)
+    for step in range(2):
+        (logits_e, loss_e), (logits_c, loss_c) = eager(idx, idx), model(idx, idx)
+        loss_e.backward()
+        loss_c.backward()
+        torch.testing.assert_close(logits_c, logits_e, rtol=1e-12, atol=1e-12)
+        for (n, p), q in zip(model.named_parameters(), eager.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-12, msg=f"grad of {n}")
+        assert counter.frame_count == kinds + 1, f"step {step}: {counter.frame_count} graphs"
+    model.eval()
+    with torch.no_grad():
+        model(idx)
+        assert counter.frame_count == 2 * (kinds + 1)
+        cache = model.init_cache(2, 16)
+        model.prefill(idx, cache)
+        model.forward_step(idx[:, :1], cache)
+    assert counter.frame_count == 2 * (kinds + 1)
 
 
 def test_every_model_compiles_in_one_process_after_another():
