@@ -608,9 +608,9 @@ def call_block(block, x, rope, cache=None, pos=None):
 
 
 def logits_and_loss(model, x, targets=None):
-    """The LM head on the final norm's output x: (logits [B, T, vocab], mean cross-entropy (-1 ignored) when
-    targets are given, else None)."""
-    logits = model.lm_head(x)
+    """The final norm and the LM head on the last block's output x: (logits [B, T, vocab], mean cross-entropy
+    (-1 ignored) when targets are given, else None)."""
+    logits = model.lm_head(model.norm_f(x))
     loss = None
     if targets is not None:
         loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-1)
@@ -674,7 +674,7 @@ class LM(nn.Module):
         run_block = self.regions[0] if self.regions is not None and cache is None else call_block
         for i, block in enumerate(self.blocks):
             x = run_block(block, x, rope, None if cache is None else cache.layers[i], pos)
-        return self.norm_f(x)
+        return x
 
     def forward(self, idx, targets=None):
         """idx [B, T] -> logits [B, T, vocab]; loss (mean cross-entropy, -1 ignored) when targets are given."""
@@ -683,8 +683,8 @@ class LM(nn.Module):
 
     def compile_regions(self, **compile_kwargs):
         """torch.compile this model's forward region by region, in place: every block through one compiled
-        call_block, and the LM head with its loss; the embedding and the final norm stay eager (prefill and decode
-        too: sample.make_step compiles its own step). Blocks of one kind share a graph (Dynamo traces the block's
+        call_block, and the final norm and LM head with the loss (logits_and_loss); the embedding stays eager, and
+        so do prefill and decode (sample.make_step compiles its own step). Blocks of one kind share a graph (Dynamo traces the block's
         code once, its weights are graph inputs), so the compile time does not grow with the depth, as that of
         torch.compile(model) does, whose one graph unrolls every block. Each model gets its own copies of the
         two functions' code: Dynamo's recompile limit counts graphs per code object. train.py's and bench.py's
@@ -710,7 +710,7 @@ class LM(nn.Module):
         if cache.started:
             raise ValueError("prefill needs a fresh cache (init_cache); continue with forward_step")
         cache.started = True
-        logits = self.lm_head(self._backbone(idx, cache))
+        logits, _ = logits_and_loss(self, self._backbone(idx, cache))
         cache.pos = cache.pos + idx.shape[1]
         return logits, cache
 
@@ -719,7 +719,7 @@ class LM(nn.Module):
         """One token per sequence, idx [B, 1]: (logits [B, 1, vocab], cache), the cache updated in place.
         Static shapes and the position as a tensor, so one compiled graph serves every step."""
         cache.started = True
-        logits = self.lm_head(self._backbone(idx, cache, cache.pos))
+        logits, _ = logits_and_loss(self, self._backbone(idx, cache, cache.pos))
         cache.pos = cache.pos + 1
         return logits, cache
 
