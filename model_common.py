@@ -684,11 +684,12 @@ class LM(nn.Module):
     def compile_regions(self, **compile_kwargs):
         """torch.compile this model's forward region by region, in place: every block through one compiled
         call_block, and the final norm and LM head with the loss (logits_and_loss); the embedding stays eager, and
-        so do prefill and decode (sample.make_step compiles its own step). Blocks of one kind share a graph (Dynamo traces the block's
-        code once, its weights are graph inputs), so the compile time does not grow with the depth, as that of
-        torch.compile(model) does, whose one graph unrolls every block. Each model gets its own copies of the
-        two functions' code: Dynamo's recompile limit counts graphs per code object. train.py's and bench.py's
-        --compile; compile_kwargs go to torch.compile (mode, backend, ...). Returns the model."""
+        so do prefill and decode (sample.make_step compiles its own step). Blocks of one kind share a graph
+        (Dynamo traces the block's code once, its weights are graph inputs), so the compile time does not grow
+        with the depth, as that of torch.compile(model) does, whose one graph unrolls every block. Each model gets
+        its own copies of the two functions' code: Dynamo's recompile limit counts graphs per code object.
+        train.py's and bench.py's --compile; compile_kwargs go to torch.compile (mode, backend, ...). Returns the
+        model."""
         LM._regions_made += 1
         tag = f"{type(self).__name__.lower()}_{LM._regions_made}"
         self.regions = tuple(torch.compile(memory_core.with_own_code(fn, tag), **compile_kwargs)

@@ -102,7 +102,7 @@ class TrainConfig:
     # system
     device: str = "auto"                        # auto (cuda if available, else cpu) | cpu | cuda | cuda:N | mps
     dtype: str = "auto"                         # auto (bfloat16 on CUDA if supported, else float32) | float32 | bfloat16 | float16
-    compile: Optional[bool] = None              # torch.compile the model (block by block); None: CUDA, or a CPU that can
+    compile: Optional[bool] = None              # torch.compile block by block; None: CUDA, or a CPU that can (cli)
     compile_mode: str = "default"               # torch.compile mode (cli.COMPILE_MODES); reduce-overhead: the
                                                 # steps replayed as CUDA graphs (CUDA only)
 
