@@ -352,10 +352,10 @@ def _eager_and_counted_steps(name, n_layer, preset="tiny", backend="aot_eager"):
 
 def _assert_same_state(compiled, eager, chunk_size=8, exact_conv=False):
     """A compiled step's cache holds what the eager step's holds (float64): the position, per attention layer its
-    KV cache, per Miras layer its chunk position, short-conv tail and every memory state tensor (lq's norms, the
-    normalized step's gradient sum, kl's lag-step anchors, momentum); chunk_size: the Miras layers'. The conv tail is the projection's output:
-    bit-exact through aot_eager (exact_conv), rounded otherwise by Inductor's one-row matmuls (reductions in
-    another order)."""
+    KV cache, per Miras layer its chunk position (chunk_size: the Miras layers'), short-conv tail and every memory
+    state tensor (lq's norms, the normalized step's gradient sum, kl's lag-step anchors, momentum). The conv tail
+    is the projection's output: bit-exact through aot_eager (exact_conv), rounded otherwise by Inductor's one-row
+    matmuls (reductions in another order)."""
     assert int(compiled.pos) == int(eager.pos)
     for le, lc in zip(eager.layers, compiled.layers, strict=True):
         if not hasattr(lc, "mem"):  # attention: its KV cache
@@ -426,10 +426,7 @@ def test_inductor_step_keeps_the_refreshed_l2_anchor():
         for i in range(5):  # positions 13-17: the chunk's last tokens, its successor's first (16) and second
             (t_e, l_e), (_, l_c) = eager(tok[0], caches[0]), compiled(tok[1], caches[1])
             torch.testing.assert_close(l_c, l_e, rtol=1e-12, atol=1e-12, msg=f"logits at position {13 + i}")
-            mem_e, mem_c = caches[0].layers[0].mem, caches[1].layers[0].mem
-            for field in ("weights", "anchor", "grad_sum"):
-                for a, b in zip(getattr(mem_c, field), getattr(mem_e, field), strict=True):
-                    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=f"{field} after {13 + i}")
+            _assert_same_state(caches[1], caches[0])
             tok = [t_e, t_e]
 
 
