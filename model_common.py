@@ -639,7 +639,7 @@ class LM(nn.Module):
         needs_rope = (config.attention_rope and ("A" in config.layers or "S" in config.layers)) or getattr(
             config, "use_rope", False)
         self.rotary = Rotary(config.head_dim, config.rope_theta) if needs_rope else None
-        self.regions = None  # compile_regions: the compiled (call_block, logits_and_loss) of forward
+        self.regions = None  # compile_regions: (a compiled call_block per block, the compiled logits_and_loss)
 
     @torch.no_grad()
     def init_weights(self):
@@ -671,8 +671,9 @@ class LM(nn.Module):
         rope = None
         if self.rotary is not None:
             rope = self.rotary(pos.view(1) if pos is not None else torch.arange(T, device=idx.device))
-        run_block = self.regions[0] if self.regions is not None and cache is None else call_block
+        compiled = self.regions is not None and cache is None
         for i, block in enumerate(self.blocks):
+            run_block = self.regions[0][i] if compiled else call_block
             x = run_block(block, x, rope, None if cache is None else cache.layers[i], pos)
         return x
 
@@ -682,18 +683,21 @@ class LM(nn.Module):
         return head(self, self._backbone(idx), targets)
 
     def compile_regions(self, **compile_kwargs):
-        """torch.compile this model's forward region by region, in place: every block through one compiled
-        call_block, and the final norm and LM head with the loss (logits_and_loss); the embedding stays eager, and
-        so do prefill and decode (sample.make_step compiles its own step). Blocks of one kind share a graph
-        (Dynamo traces the block's code once, its weights are graph inputs), so the compile time does not grow
-        with the depth, as that of torch.compile(model) does, whose one graph unrolls every block. Each model gets
-        its own copies of the two functions' code: Dynamo's recompile limit counts graphs per code object.
-        train.py's and bench.py's --compile; compile_kwargs go to torch.compile (mode, backend, ...). Returns the
-        model."""
+        """torch.compile this model's forward region by region, in place: the blocks of each kind (a letter of
+        config.layers) through one compiled call_block, and the final norm and LM head with the loss
+        (logits_and_loss); the embedding stays eager, and so do prefill and decode (sample.make_step compiles its
+        own step). Blocks of one kind share a graph (Dynamo traces the block's code once, its weights are graph
+        inputs), so the compile time does not grow with the depth, as that of torch.compile(model) does, whose one
+        graph unrolls every block. Each kind of block of each model, and its head, gets its own copy of the
+        function's code: Dynamo's recompile limit (8) counts graphs per code object, and a kind needs a few
+        (training, evaluation, a new batch size). train.py's and bench.py's --compile; compile_kwargs go to
+        torch.compile (mode, backend, ...). Returns the model."""
         LM._regions_made += 1
         tag = f"{type(self).__name__.lower()}_{LM._regions_made}"
-        self.regions = tuple(torch.compile(memory_core.with_own_code(fn, tag), **compile_kwargs)
-                             for fn in (call_block, logits_and_loss))
+        kinds = {kind: torch.compile(memory_core.with_own_code(call_block, f"{tag}_{kind}"), **compile_kwargs)
+                 for kind in set(self.config.layers)}
+        head = torch.compile(memory_core.with_own_code(logits_and_loss, tag), **compile_kwargs)
+        self.regions = (tuple(kinds[kind] for kind in self.config.layers), head)
         return self
 
     # --- inference

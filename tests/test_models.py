@@ -313,6 +313,32 @@ def test_compile_regions_compiles_each_kind_of_block_once(name, variant, kinds):
     assert counter.frame_count == 2 * (kinds + 1)
 
 
+def test_compile_regions_keeps_each_kind_of_block_within_the_recompile_limit(monkeypatch):
+    """Three kinds of block (layer pattern "MSA": Miras, sliding-window and full attention), each trained and
+    evaluated at two batch sizes: 12 block graphs, more than Dynamo's limit of 8 graphs per code object, past which
+    it would run them eagerly (a warning), had the kinds shared one code object. Each kind has its own copy: with
+    the limit made an error, every call compiles, and the losses equal eager's (aot_eager, float64)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
+    torch.manual_seed(0)
+    kw = dict(layer_pattern="MSA", n_layer=3, window=4)
+    eager, model = micro("moneta", **kw).double(), micro("moneta", **kw).double()
+    model.load_state_dict(eager.state_dict())
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    model.compile_regions(backend=counter)
+    for B in (2, 3):
+        idx = tokens(B=B, T=9)
+        for m in (eager, model):
+            m.train()
+        torch.testing.assert_close(model(idx, idx)[1], eager(idx, idx)[1], rtol=1e-12, atol=1e-12)
+        for m in (eager, model):
+            m.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(model(idx, idx)[1], eager(idx, idx)[1], rtol=1e-12, atol=1e-12)
+    assert counter.frame_count == 4 * 3 + 4  # per kind and for the head: train and eval at each batch size
+
+
 def test_every_model_compiles_in_one_process_after_another():
     """Training steps of Moneta, then Yaad, then Memora (and Titans-LMM, with its momentum gate), each model
     compiled in turn in one process, as bench.py --interleave or a notebook does. The gate activations were
