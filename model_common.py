@@ -603,7 +603,7 @@ class Block(nn.Module):
 
 
 def call_block(block, x, rope, cache=None, pos=None):
-    """One block (what LM.compile_regions compiles once for all blocks)."""
+    """One block (what LM.compile_regions compiles once per kind of block)."""
     return block(x, rope, cache, pos)
 
 
