@@ -622,7 +622,6 @@ class LM(nn.Module):
     to the embedding, RoPE angles, init, training forward, prefill / decode / generate, optimizer groups.
     A model file subclasses it, sets `config_class`, builds `self.blocks` and calls `init_weights()`."""
     config_class = LMConfig
-    _regions_made = 0  # compile_regions' count, naming each model's code copies
 
     def __init__(self, config):
         super().__init__()
@@ -692,11 +691,9 @@ class LM(nn.Module):
         function's code: Dynamo's recompile limit (8) counts graphs per code object, and a kind needs a few
         (training, evaluation, a new batch size). train.py's and bench.py's --compile; compile_kwargs go to
         torch.compile (mode, backend, ...). Returns the model."""
-        LM._regions_made += 1
-        tag = f"{type(self).__name__.lower()}_{LM._regions_made}"
-        kinds = {kind: torch.compile(memory_core.with_own_code(call_block, f"{tag}_{kind}"), **compile_kwargs)
+        kinds = {kind: torch.compile(memory_core.with_own_code(call_block, kind), **compile_kwargs)
                  for kind in set(self.config.layers)}
-        head = torch.compile(memory_core.with_own_code(logits_and_loss, tag), **compile_kwargs)
+        head = torch.compile(memory_core.with_own_code(logits_and_loss, "head"), **compile_kwargs)
         self.regions = (tuple(kinds[kind] for kind in self.config.layers), head)
         return self
 

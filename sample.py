@@ -44,7 +44,7 @@ import cli
 import memory_core
 import models
 import train
-from model_common import AttnCache, MirasCache, MirasLayer, Sampling, is_greedy, iter_tensors, state_bytes
+from model_common import AttnCache, MirasCache, Sampling, is_greedy, iter_tensors, state_bytes
 from tokenizer import TokenizerError, get_tokenizer
 
 # ----------------------------------------------------------------------------------------------
@@ -316,8 +316,7 @@ def decode_compile_options(model, backend="inductor", mode=None):
         # whose remaining cost was allocating the fused kernel's ~150 intermediate buffers one by one (a Miras
         # step): Inductor's memory planning carves them out of one pooled allocation per call instead, where
         # its recursion stays bounded (MEMORY_PLANNING_MAX_MIRAS_LAYERS)
-        miras_layers = sum(isinstance(block.mixer, MirasLayer) for block in model.blocks)
-        options["memory_planning"] = miras_layers <= MEMORY_PLANNING_MAX_MIRAS_LAYERS
+        options["memory_planning"] = model.config.layers.count("M") <= MEMORY_PLANNING_MAX_MIRAS_LAYERS
     return options
 
 
