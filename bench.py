@@ -17,14 +17,15 @@ The batch is tokens_per_step // seq_len so every length does the same work per s
 the models compare on a machine whose speed drifts over minutes (a shared CPU); peak memory is then null.
 --compile (default None: on CUDA only) compiles the models for train and prefill, and sample.py's decode step.
 A run that runs out of memory is reported as OOM and the sweep goes on. --profile adds each cell's `profile`:
-one warm call under torch.profiler (profile_call: on CUDA whether the GPU is busy or waits on the host); with
---op also per chunk (host_ops_per_chunk, and kernels_per_chunk on CUDA: what a GPU launches or replays per chunk).
+one warm call under torch.profiler (profile_call: on CUDA whether the GPU is busy or waits on the host; on a CPU
+its self time split into matmuls, attention, compiled kernels and the rest); with --op also per chunk (host_ops_per_chunk, and kernels_per_chunk on CUDA: what a GPU launches or replays per chunk).
 
 The keys that the --preset sets take its values unless given. A bad key or value (unknown name,
 non-integer, a length < 1, --repeats < 1, ...) is a one-line error on stderr (`bench.py: error: ...`, exit
 status 2). --op times titans-pytorch's NeuralMemory (if installed) at the op's shape: same heads, head
 width, chunk and memory MLP (titans_memory).
 """
+import contextlib
 import functools
 import multiprocessing as mp
 import os
@@ -200,12 +201,41 @@ def timed(fn, device, repeats, warmup):
     return statistics.median(seconds(fn, device) for _ in range(repeats))
 
 
+MATMUL_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::addbmm", "aten::mv", "aten::addmv",
+              "aten::dot")
+
+
+def with_compiled_kernel_records(fn):
+    """fn(cfg, ...) compiling, with --profile on a CPU, Inductor's C++ kernels with a profiler record each (else a
+    kernel's time is its graph wrapper's self time, mixed with the host's), so that self_time_breakdown can tell
+    them apart. A record costs a check per kernel call while no profiler runs."""
+    @functools.wraps(fn)
+    def wrapped(cfg, *args):
+        records = cfg.profile and not cfg.device.startswith("cuda")
+        with torch._inductor.config.patch({"cpp.enable_kernel_profile": True}) if records else contextlib.nullcontext():
+            return fn(cfg, *args)
+    return wrapped
+
+
+def self_time_breakdown(stats):
+    """A CPU profile's self time in seconds by kind of work: matmul (the BLAS products, MATMUL_OPS), attention
+    (SDPA's kernels), fused (Inductor's generated kernels: with_compiled_kernel_records), other (the rest: eager
+    elementwise ops, copies and concatenations, the host's Python and dispatch, the compiled graphs' wrappers)."""
+    parts = dict(matmul_s=0.0, attention_s=0.0, fused_s=0.0, other_s=0.0)
+    for a in stats:
+        kind = ("matmul_s" if a.key in MATMUL_OPS else "attention_s" if "scaled_dot_product" in a.key
+                else "fused_s" if "cpp_fused" in a.key else "other_s")
+        parts[kind] += a.self_cpu_time_total / 1e6
+    return parts
+
+
 def profile_call(fn, device, top=12):
     """One warm call under torch.profiler: its wall time; the host's op count and the CUDA kernels launched
     (host `*LaunchKernel*` calls) and run, with their summed device time: busy_fraction = kernel time / wall far
     below 1 means the GPU waits on the host (launch- or Python-bound, not kernel-bound); memory_op: the time of
     the Miras memory operator and its backward (miras::chunk_loop*, children included); top: the ops of most
-    self time (device time on CUDA, CPU time on a CPU) as [name, calls, seconds]."""
+    self time (device time on CUDA, CPU time on a CPU) as [name, calls, seconds]; on a CPU, breakdown: the self
+    time by kind of work (self_time_breakdown)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     cuda = device.startswith("cuda")
@@ -222,6 +252,8 @@ def profile_call(fn, device, top=12):
                memory_op=dict(calls=sum(a.count for a in memory), cpu_s=sum(a.cpu_time_total for a in memory) / 1e6),
                top=[[a.key, a.count, getattr(a, self_time) / 1e6]
                     for a in sorted(stats, key=lambda a: getattr(a, self_time), reverse=True)[:top]])
+    if not cuda:
+        out["breakdown"] = self_time_breakdown(stats)
     if cuda:
         kernel_s = sum(a.self_device_time_total for a in stats) / 1e6
         out["memory_op"]["device_s"] = sum(a.device_time_total for a in memory) / 1e6
@@ -325,6 +357,7 @@ def achieved_flops(model, seq_len, tokens_per_s, training):
     return dict(model_flops_per_token=per_token, model_gflops_per_s=per_token * tokens_per_s / 1e9)
 
 
+@with_compiled_kernel_records
 def prepare_cell(cfg, name, seq_len, mode):
     """Build one (model, length, mode) cell and make its first call (compiling under --compile) and its warm-up.
 
@@ -487,6 +520,7 @@ def gemm_gflops(device, n=2048, repeats=5):
     return 2 * n**3 / sec / 1e9
 
 
+@with_compiled_kernel_records
 def run_op(cfg):
     device, records = cfg.device, []
     seq_lens = [int(s) for s in cfg.seq_lens.split(",")]

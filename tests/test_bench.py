@@ -82,6 +82,22 @@ def test_profile_counts_the_memory_operator_once_forward_and_once_backward_per_l
         assert p["top"] and all(isinstance(name, str) and calls >= 1 and sec >= 0 for name, calls, sec in p["top"])
     # the chunked memory runs more host ops per step than attention: what a GPU launches from Python
     assert prof["moneta", "train"]["host_ops"] > prof["transformer", "train"]["host_ops"]
+    # where the self time goes (CPU): eager, nothing is generated; only attention runs SDPA; both run matmuls
+    for (model, mode), p in prof.items():
+        parts = p["breakdown"]
+        assert set(parts) == {"matmul_s", "attention_s", "fused_s", "other_s"} and min(parts.values()) >= 0
+        assert parts["fused_s"] == 0 and parts["matmul_s"] > 0 and parts["other_s"] > 0
+        assert (parts["attention_s"] > 0) == (model == "transformer")
+        assert sum(parts.values()) <= 1.5 * p["wall_s"]  # self times partition the profiled call (plus overhead)
+
+
+def test_profile_of_a_compiled_model_times_its_generated_kernels(tmp_path):
+    """--profile --compile on a CPU: Inductor's kernels get records of their own (bench.with_compiled_kernel_records),
+    so the breakdown counts fused kernel time, which without those records hides in the graphs' wrappers."""
+    report = run_bench(tmp_path, "--models=transformer", "--seq_lens=16", "--modes=train", "--model_preset=tiny",
+                       "--compile=true", "--profile=true")
+    parts = report["records"][0]["profile"]["breakdown"]
+    assert parts["fused_s"] > 0 and parts["attention_s"] > 0 and parts["matmul_s"] > 0
 
 
 def test_decode_rounds_restart_from_the_prefill():
@@ -170,6 +186,10 @@ def test_op_profile_counts_host_ops_per_chunk(tmp_path):
             p = r["profile"]
             assert p["host_ops"] > 0 and p["host_ops_per_chunk"] == p["host_ops"] / (r["seq_len"] // 64)
             per_chunk[r["impl"], r["retention"], r["mode"], r["seq_len"]] = p["host_ops_per_chunk"]
+            # compiled chunks' kernels are timed as such; eager chunks generate none
+            assert (p["breakdown"]["fused_s"] > 0) == (r["impl"] == "compiled_chunks") and p["breakdown"]["matmul_s"] > 0
+    # the op ran in this process: the kernel records were a patch for its compiles, not left on
+    assert not torch._inductor.config.cpp.enable_kernel_profile
     for retention in ("l2", "lq", "kl"):
         for mode in ("fwd", "fwd+bwd"):
             assert per_chunk["compiled_chunks", retention, mode, 512] < per_chunk["eager", retention, mode, 512]
