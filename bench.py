@@ -18,7 +18,8 @@ the models compare on a machine whose speed drifts over minutes (a shared CPU); 
 --compile (default None: on CUDA only) compiles the models for train and prefill, and sample.py's decode step.
 A run that runs out of memory is reported as OOM and the sweep goes on. --profile adds each cell's `profile`:
 one warm call under torch.profiler (profile_call: on CUDA whether the GPU is busy or waits on the host; on a CPU
-its self time split into matmuls, attention, compiled kernels and the rest); with --op also per chunk (host_ops_per_chunk, and kernels_per_chunk on CUDA: what a GPU launches or replays per chunk).
+its self time split into matmuls, attention, compiled kernels and the rest); with --op also per chunk
+(host_ops_per_chunk, and kernels_per_chunk on CUDA: what a GPU launches or replays per chunk).
 
 The keys that the --preset sets take its values unless given. A bad key or value (unknown name,
 non-integer, a length < 1, --repeats < 1, ...) is a one-line error on stderr (`bench.py: error: ...`, exit
@@ -208,7 +209,8 @@ MATMUL_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::ad
 def with_compiled_kernel_records(fn):
     """fn(cfg, ...) compiling, with --profile on a CPU, Inductor's C++ kernels with a profiler record each (else a
     kernel's time is its graph wrapper's self time, mixed with the host's), so that self_time_breakdown can tell
-    them apart. A record costs a check per kernel call while no profiler runs."""
+    them apart. A record costs a check per kernel call while no profiler runs. Only what compiles inside fn gets
+    them: memory_core's chunk graphs compiled earlier in the process (same key) keep their kernels unrecorded."""
     @functools.wraps(fn)
     def wrapped(cfg, *args):
         records = cfg.profile and not cfg.device.startswith("cuda")
@@ -254,7 +256,7 @@ def profile_call(fn, device, top=12):
                     for a in sorted(stats, key=lambda a: getattr(a, self_time), reverse=True)[:top]])
     if not cuda:
         out["breakdown"] = self_time_breakdown(stats)
-    if cuda:
+    else:
         kernel_s = sum(a.self_device_time_total for a in stats) / 1e6
         out["memory_op"]["device_s"] = sum(a.device_time_total for a in memory) / 1e6
         out.update(launches=sum("LaunchKernel" in e.name for e in events if e.device_type == DeviceType.CPU),
