@@ -678,6 +678,9 @@ def run_models(cfg):
             else:
                 extra = f" {out['ms_per_token']:.2f} ms/token" if mode == "decode" else f" batch {out['batch_size']}"
                 mem = "   (shared)" if cfg.interleave else f"{(peak or 0) / 2**20:>8.1f} MiB"
+                parts = out.get("profile", {}).get("breakdown")
+                if parts:  # the profiled call's self time by kind of work (a CPU run with --profile)
+                    extra += " | profiled: " + ", ".join(f"{k[:-2]} {v:.3f} s" for k, v in parts.items())
                 print(f"{name:>12} {seq_len:>6} {mode:<8} {out['tokens_per_s']:>10.0f} tok/s {mem}{extra}")
     return records
 

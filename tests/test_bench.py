@@ -91,13 +91,17 @@ def test_profile_counts_the_memory_operator_once_forward_and_once_backward_per_l
         assert sum(parts.values()) <= 1.5 * p["wall_s"]  # self times partition the profiled call (plus overhead)
 
 
-def test_profile_of_a_compiled_model_times_its_generated_kernels(tmp_path):
+def test_profile_of_a_compiled_model_times_its_generated_kernels(tmp_path, capsys):
     """--profile --compile on a CPU: Inductor's kernels get records of their own (bench.with_compiled_kernel_records),
-    so the breakdown counts fused kernel time, which without those records hides in the graphs' wrappers."""
+    so the breakdown counts fused kernel time, which without those records hides in the graphs' wrappers; the
+    cell's printed row ends with it."""
     report = run_bench(tmp_path, "--models=transformer", "--seq_lens=16", "--modes=train", "--model_preset=tiny",
                        "--compile=true", "--profile=true")
     parts = report["records"][0]["profile"]["breakdown"]
     assert parts["fused_s"] > 0 and parts["attention_s"] > 0 and parts["matmul_s"] > 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("transformer"))
+    assert row.endswith(f"| profiled: matmul {parts['matmul_s']:.3f} s, attention {parts['attention_s']:.3f} s, "
+                        f"fused {parts['fused_s']:.3f} s, other {parts['other_s']:.3f} s")
 
 
 def test_decode_rounds_restart_from_the_prefill():
