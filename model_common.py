@@ -271,8 +271,8 @@ class Gate(NamedTuple):
     """A per-token, per-head scalar the Miras layer produces from x: value = activation(low-rank map of x
     + bias), with the bias starting at `init_bias`. The activation is a partial of a module-level function
     (sigmoid_between, scaled_softplus), not a closure over the config: dynamo failed to trace a closure's
-    free variable inside the checkpointed input stage (where the gates then ran) once a second model class had
-    been compiled in the same process."""
+    free variable inside the checkpointed input stage once a second model class had been compiled in the
+    same process."""
     name: str
     init_bias: float
     activation: Callable
