@@ -523,37 +523,29 @@ class MirasLayer(nn.Module):
         return y, xp[:, xp.shape[1] - (K - 1):].contiguous()
 
     def _memory_inputs(self, x, rope, conv_prev):
-        """x -> (q, k, v [B, H, T, d], conv tail): the input projection's q, k, v columns, short conv, silu, l2
-        norm."""
+        """x -> (q, k, v [B, H, T, d], gates, output gate, conv tail): projections, short conv, silu, l2 norm."""
         B, T, C = x.shape
         H, d = self.H, self.d
         dt = self.mem_ln_weight.dtype  # float32 (float64 for a double model), also under autocast
-        qkv = F.linear(x, self.in_proj.weight[:3 * C])
+        qkv, out_gate, u = self.in_proj(x).split([3 * C, C, self.r], dim=-1)
         h, conv_state = self._short_conv(qkv, conv_prev)
         q, k, v = F.silu(h).view(B, T, 3, H, d).permute(2, 0, 3, 1, 4).to(dt)  # each [B, H, T, d]
         q, k = F.normalize(q, dim=-1, eps=1e-6), F.normalize(k, dim=-1, eps=1e-6)
         if self.cfg.use_rope:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
-        return q, k, v.contiguous(), conv_state  # v in its own storage: a view would keep all of h's silu alive
-
-    def _gate_inputs(self, x):
-        """x -> (gates, output gate): the input projection's other C + r columns. Outside the training checkpoint,
-        which would recompute them for nothing: autograd keeps the output gate for its silu anyway."""
-        C = x.shape[-1]
-        out_gate, u = F.linear(x, self.in_proj.weight[3 * C:]).split([C, self.r], dim=-1)
-        return self._gates(u, self.mem_ln_weight.dtype), out_gate
+        # own storage for what outlives this function: views would keep the whole projection alive
+        return q, k, v.contiguous(), self._gates(u, dt), out_gate.contiguous(), conv_state
 
     def forward(self, x, rope, cache=None, pos=None):
         B, T, C = x.shape
         H, d = self.H, self.d
         if cache is None and torch.is_grad_enabled():
-            # training: the backward recomputes the q, k, v inputs (their projection columns, the conv and
-            # elementwise ops) instead of keeping the padded conv input, its output and the silu's (3 x 3C per token)
-            q, k, v, _ = torch.utils.checkpoint.checkpoint(self._memory_inputs, x, rope, None, use_reentrant=False)
-            gates, out_gate = self._gate_inputs(x)
+            # training: the backward recomputes the inputs (one projection matmul, the conv and elementwise ops)
+            # instead of keeping the padded conv input, its output and the silu's (3 x 3C per token)
+            q, k, v, gates, out_gate, _ = torch.utils.checkpoint.checkpoint(self._memory_inputs, x, rope, None,
+                                                                            use_reentrant=False)
         else:
-            q, k, v, conv_state = self._memory_inputs(x, rope, None if cache is None else cache.conv)
-            gates, out_gate = self._gate_inputs(x)
+            q, k, v, gates, out_gate, conv_state = self._memory_inputs(x, rope, None if cache is None else cache.conv)
         kw = dict(self.mem_kwargs, delta=gates["delta"], momentum=gates["momentum"])
         args = (self.mem_ln_weight, self.mem_ln_bias)
         compile_chunks = self.cfg.compile_memory
