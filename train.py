@@ -498,10 +498,9 @@ class Run:
     batches: WindowBatches      # or a library caller's object with its members
     out_dir: pathlib.Path
     mcfg: models.LMConfig
-    raw_model: torch.nn.Module  # the model itself (state dicts, FLOPs)
+    raw_model: torch.nn.Module  # the model itself, compiled in place or not (state dicts, FLOPs, evaluation)
     optimizer: torch.optim.Optimizer
-    fwd_model: torch.nn.Module = None  # raw_model (compiled in place or not): evaluation runs it
-    model: torch.nn.Module = None      # fwd_model, DDP-wrapped under torchrun: training steps run it
+    model: torch.nn.Module = None      # raw_model, DDP-wrapped under torchrun: training steps run it
     scaler: typing.Any = None          # a GradScaler for float16
     compile: bool = False              # cfg.compile resolved for the device
     compile_why: str = ""              # how it was resolved, for the log ("auto", or why not compiled)
@@ -594,12 +593,12 @@ def setup(cfg, device, ddp, rank, world, batches=None):
     mode = cli.torch_compile_mode(cfg.compile_mode)
     if run.compile:  # block by block (LM.compile_regions): the compile time does not grow with the depth
         raw_model.compile_regions(mode=mode)
-    run.fwd_model = run.model = raw_model
+    run.model = raw_model
     if cfg.compile_mode in cli.CUDA_GRAPH_MODES:
         cli.keep_grad_buffers(raw_model.parameters())
     if ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
-        run.model = DDP(run.fwd_model, device_ids=[device.index] if device.type == "cuda" else None)
+        run.model = DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None)
     return run
 
 
@@ -709,7 +708,7 @@ def evaluate(run):
             x, y = (t.to(run.device) for t in run.batches.eval_batch(split, k))
             cli.cuda_graph_step_begin(run.cfg.compile_mode)
             with run.autocast:
-                _, loss = run.fwd_model(x, y)
+                _, loss = run.raw_model(x, y)
             total += torch.stack([loss.double(), torch.ones((), device=run.device, dtype=torch.float64)])
         if run.ddp:
             torch.distributed.all_reduce(total)
