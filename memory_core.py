@@ -252,8 +252,11 @@ def _layer_norm(z, w, b):
 
 
 def _layer_norm_backward(g, zhat, rstd, w):
-    gx = g * w
-    return rstd * (gx - gx.mean(-1, keepdim=True) - zhat * (gx * zhat).mean(-1, keepdim=True))
+    # rstd scales g before the means, not the result: multiplied last, it was a cheap product that Inductor
+    # inlined into every weight-sized loop of the compiled decode step reading dz (a square root and a division
+    # per element there) and that kept the gradient sum's rank-1 term out of the update's loop
+    gx = g * w * rstd
+    return gx - gx.mean(-1, keepdim=True) - zhat * (gx * zhat).mean(-1, keepdim=True)
 
 
 def _gelu_vjp(x, z):
