@@ -286,11 +286,23 @@ def _dense(t):
     return t if t.stride() == tuple(stride) else _fresh(t)
 
 
-# Inductor's memory planning pools a graph's intermediate buffers in a tree that deepens with the buffers placed at
-# a pool's end (tens of levels per Miras layer in a CPU decode step) and recurses over it: a 12-layer Moneta's first
-# compiled step died of a RecursionError (Python 3.12's C recursion limit cannot be raised either). The pooled
-# allocation saves most where the step is tiny (a shallow model); deeper models compile without it.
-MEMORY_PLANNING_MAX_MIRAS_LAYERS = 4
+# Inductor's C++ wrapper makes every intermediate buffer of a graph a tensor (from one pooled allocation with
+# memory planning) and frees it after the call, ~0.2 us per buffer: a CPU decode step of a Miras model holds ~200
+# (per-head norms, gates, step sizes), a sixth of its time. Its ArrayRef variant, AOTInductor's, declares them as
+# arrays on the wrapper's stack instead when they fit in STACK_ALLOCATION_BYTES (Inductor's own limit is 100 KB,
+# under one step of the tiny Memora); a graph over it allocates each buffer on the heap. Memory planning stays off:
+# it would turn stack allocation off (and its pool tree recursed past Python's C limit from ~12 Miras layers).
+STACK_ALLOCATION_BYTES = 1 << 20
+
+
+def use_stack_allocating_wrapper():
+    """Make Inductor's CPU C++ wrapper the stack-allocating one (process-wide: in this repo only decode steps
+    compile with cpp_wrapper; a graph compiled without aot_inductor.allow_stack_allocation gets heap buffers as
+    with the plain wrapper)."""
+    from torch._inductor.codegen import common, cpp_wrapper_cpu_array_ref
+    common.init_backend_registration()
+    common.device_codegens["cpu"].cpp_wrapper_codegen = cpp_wrapper_cpu_array_ref.CppWrapperCpuArrayRef
+    cpp_wrapper_cpu_array_ref.MAX_STACK_ALLOCATION_SIZE = STACK_ALLOCATION_BYTES
 
 
 def decode_compile_options(model, backend="inductor", mode=None):
@@ -311,12 +323,11 @@ def decode_compile_options(model, backend="inductor", mode=None):
         options["post_grad_fusion_options"] = {"decompose_mm_pass": {}}
         # the step is then a few fused kernels over ~80 state buffers, and the generated Python wrapper that
         # passes them (pointer by pointer, with its output allocations) cost about as much as the kernels: a C++
-        # wrapper, compiled once per graph (results/bench/HISTORY.md, decode)
+        # wrapper, compiled once per graph (results/bench/HISTORY.md, decode), which keeps the kernels'
+        # intermediate buffers on its stack (use_stack_allocating_wrapper, which make_step calls)
         options["cpp_wrapper"] = True
-        # whose remaining cost was allocating the fused kernel's ~150 intermediate buffers one by one (a Miras
-        # step): Inductor's memory planning carves them out of one pooled allocation per call instead, where
-        # its recursion stays bounded (MEMORY_PLANNING_MAX_MIRAS_LAYERS)
-        options["memory_planning"] = model.config.layers.count("M") <= MEMORY_PLANNING_MAX_MIRAS_LAYERS
+        options["aot_inductor.allow_stack_allocation"] = True
+        options["memory_planning"] = False
     return options
 
 
@@ -357,6 +368,8 @@ def make_step(model, autocast=None, compile=False, compile_mode="default", sampl
     compiled = {}
 
     options = decode_compile_options(model, backend, mode)
+    if options is not None and options.get("aot_inductor.allow_stack_allocation"):
+        use_stack_allocating_wrapper()
 
     def compiled_for(start, geometry):
         if (start, geometry) not in compiled:

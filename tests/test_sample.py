@@ -382,7 +382,7 @@ def test_compiled_step_writes_the_state_in_place(name, preset, backend):
     rest; one for the Transformer++, whose state is its position and KV caches); attention layers write their KV
     caches in place themselves. An eager step in between rebinds the cache's state; the next compiled step takes the
     new tensors as its buffers and reads the chunk position from them. With inductor (opt-in), make_step's CPU
-    options are in play as well: the C++ wrapper and the pooled intermediate buffers of memory planning."""
+    options are in play as well: the C++ wrapper with its intermediate buffers on the stack."""
     model, eager, compiled, counter = _eager_and_counted_steps(name, n_layer=2, preset=preset, backend=backend)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     prompt = torch.randint(32, (1, 13))
@@ -430,29 +430,55 @@ def test_inductor_step_keeps_the_refreshed_l2_anchor():
             tok = [t_e, t_e]
 
 
-def test_decode_compile_options_pool_buffers_only_in_shallow_models():
-    """make_step's Inductor options on a CPU: memory planning (one pooled allocation for a step's intermediate
-    buffers) for up to MEMORY_PLANNING_MAX_MIRAS_LAYERS Miras layers, off for more (its compile recursion grows with
-    them: a RecursionError at 12 Moneta layers, test below) whatever else the model holds, on for a Transformer++
-    of any depth; the other CPU options alike for all; a torch.compile mode or another backend gets none."""
+def test_decode_compile_options_stack_allocate_on_a_cpu():
+    """make_step's Inductor options on a CPU: the C++ wrapper, its intermediate buffers on the stack (stack
+    allocation on, memory planning off, which would turn it off) for every model and depth, no size asserts; a
+    torch.compile mode or another backend gets none. make_step with these options registers the stack-allocating
+    wrapper for the CPU and raises Inductor's stack limit to STACK_ALLOCATION_BYTES."""
+    from torch._inductor.codegen import common, cpp_wrapper_cpu_array_ref
     from models import build_model
-    limit = sample.MEMORY_PLANNING_MAX_MIRAS_LAYERS
 
-    def options(name, n_layer, preset="tiny", **kw):
-        model = build_model(name, preset, n_layer=n_layer, n_embd=32, n_head=2, vocab_size=32, block_size=16)
-        return sample.decode_compile_options(model, **kw)
+    def model(name, n_layer, preset="tiny"):
+        return build_model(name, preset, n_layer=n_layer, n_embd=32, n_head=2, vocab_size=32, block_size=16)
 
-    shallow, deep = options("moneta", limit), options("moneta", limit + 1)
-    assert shallow["memory_planning"] and not deep["memory_planning"]
-    assert {k: v for k, v in shallow.items() if k != "memory_planning"} == \
-        {k: v for k, v in deep.items() if k != "memory_planning"}
-    assert shallow["cpp_wrapper"] and not shallow["size_asserts"]
-    # a hybrid's attention layers do not count (its pattern "MS": one Miras layer in two)
-    assert options("memora", 2 * limit, "tiny+hybrid")["memory_planning"]
-    assert not options("memora", 2 * (limit + 1), "tiny+hybrid")["memory_planning"]
-    assert options("transformer", 3 * limit)["memory_planning"]
-    assert options("moneta", limit, mode="max-autotune") is None
-    assert options("moneta", limit, backend="aot_eager") is None
+    expected = {"size_asserts": False, "cpp_wrapper": True, "aot_inductor.allow_stack_allocation": True,
+                "memory_planning": False}
+    for name, n_layer, preset in (("moneta", 2, "tiny"), ("moneta", 12, "tiny"), ("memora", 8, "tiny+hybrid"),
+                                  ("transformer", 12, "tiny")):
+        options = sample.decode_compile_options(model(name, n_layer, preset))
+        assert {k: options[k] for k in expected} == expected, (name, n_layer)
+    assert sample.decode_compile_options(model("moneta", 2), mode="max-autotune") is None
+    assert sample.decode_compile_options(model("moneta", 2), backend="aot_eager") is None
+    common.init_backend_registration()
+    registered, limit = common.device_codegens["cpu"].cpp_wrapper_codegen, cpp_wrapper_cpu_array_ref.MAX_STACK_ALLOCATION_SIZE
+    try:
+        common.device_codegens["cpu"].cpp_wrapper_codegen = None
+        sample.make_step(model("moneta", 2), compile=True, backend="aot_eager")  # options None: nothing registered
+        assert common.device_codegens["cpu"].cpp_wrapper_codegen is None
+        sample.make_step(model("moneta", 2), compile=True)
+        assert common.device_codegens["cpu"].cpp_wrapper_codegen is cpp_wrapper_cpu_array_ref.CppWrapperCpuArrayRef
+        assert cpp_wrapper_cpu_array_ref.MAX_STACK_ALLOCATION_SIZE == sample.STACK_ALLOCATION_BYTES
+    finally:
+        common.device_codegens["cpu"].cpp_wrapper_codegen = registered
+        cpp_wrapper_cpu_array_ref.MAX_STACK_ALLOCATION_SIZE = limit
+
+
+@INDUCTOR_OPT_IN
+def test_inductor_step_keeps_its_buffers_on_the_stack():
+    """The compiled decode step of a small Miras model (Yaad: the normalized step's many per-head scalars)
+    declares its intermediate buffers as stack arrays in the C++ wrapper, and none as tensors, whose making and
+    freeing cost ~0.2 us each."""
+    from torch._inductor.utils import run_and_get_code
+    from models import build_model
+    torch.manual_seed(0)
+    model = build_model("yaad", "tiny", n_layer=2, n_embd=32, n_head=2, vocab_size=32, block_size=64).eval()
+    torch._dynamo.reset()
+    step, cache = sample.make_step(model, compile=True), model.init_cache(1, 64)
+    with torch.no_grad():
+        tok = model.prefill(torch.randint(32, (1, 12)), cache)[0][:, -1:].argmax(-1)
+        (tok, _), codes = run_and_get_code(step, tok, cache)
+    assert len(codes) == 1 and "ArrayRefTensor<float>" in codes[0], "no stack-allocated buffer"
+    assert "aoti_torch_empty_strided" not in codes[0] and "_alloc_from_pool" not in codes[0]
 
 
 @INDUCTOR_OPT_IN
