@@ -299,10 +299,14 @@ def use_stack_allocating_wrapper():
     """Make Inductor's CPU C++ wrapper the stack-allocating one (process-wide: in this repo only decode steps
     compile with cpp_wrapper; a graph compiled without aot_inductor.allow_stack_allocation gets heap buffers as
     with the plain wrapper)."""
-    from torch._inductor.codegen import common, cpp_wrapper_cpu_array_ref
-    common.init_backend_registration()
-    common.device_codegens["cpu"].cpp_wrapper_codegen = cpp_wrapper_cpu_array_ref.CppWrapperCpuArrayRef
-    cpp_wrapper_cpu_array_ref.MAX_STACK_ALLOCATION_SIZE = STACK_ALLOCATION_BYTES
+    try:
+        from torch._inductor.codegen import common, cpp_wrapper_cpu_array_ref
+        common.init_backend_registration()
+        common.device_codegens["cpu"].cpp_wrapper_codegen = cpp_wrapper_cpu_array_ref.CppWrapperCpuArrayRef
+        cpp_wrapper_cpu_array_ref.MAX_STACK_ALLOCATION_SIZE = STACK_ALLOCATION_BYTES
+    except (ImportError, AttributeError, KeyError) as e:
+        raise SampleError(f"torch {torch.__version__}'s Inductor has no stack-allocating C++ wrapper as 2.13's ({e}): "
+                          "install requirements.txt's torch, or decode on a CPU without compiling") from e
 
 
 def decode_compile_options(model, backend="inductor", mode=None):
