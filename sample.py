@@ -287,11 +287,12 @@ def _dense(t):
 
 
 # Inductor's C++ wrapper makes every intermediate buffer of a graph a tensor (from one pooled allocation with
-# memory planning) and frees it after the call, ~0.2 us per buffer: a CPU decode step of a Miras model holds ~200
-# (per-head norms, gates, step sizes), a sixth of its time. Its ArrayRef variant, AOTInductor's, declares them as
-# arrays on the wrapper's stack instead when they fit in STACK_ALLOCATION_BYTES (Inductor's own limit is 100 KB,
-# under one step of the tiny Memora); a graph over it allocates each buffer on the heap. Memory planning stays off:
-# it would turn stack allocation off (and its pool tree recursed past Python's C limit from ~12 Miras layers).
+# memory planning) and frees it after the call: a CPU decode step of a Miras model holds ~200 (per-head norms, gates,
+# step sizes), and making and freeing them was a large part of a small model's step (README, "Sampling"). Its
+# ArrayRef variant, AOTInductor's, declares them as arrays on the wrapper's stack instead when they fit in
+# STACK_ALLOCATION_BYTES (Inductor's own limit, 100 KB, is below one step of the tiny Memora); a graph over it
+# allocates each buffer on the heap. Memory planning stays off: it would turn stack allocation off (and its pool
+# tree recursed past Python's C limit from ~12 Miras layers).
 STACK_ALLOCATION_BYTES = 1 << 20
 
 

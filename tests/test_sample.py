@@ -430,11 +430,12 @@ def test_inductor_step_keeps_the_refreshed_l2_anchor():
             tok = [t_e, t_e]
 
 
-def test_decode_compile_options_stack_allocate_on_a_cpu():
+def test_decode_compile_options_stack_allocate_on_a_cpu(monkeypatch):
     """make_step's Inductor options on a CPU: the C++ wrapper, its intermediate buffers on the stack (stack
     allocation on, memory planning off, which would turn it off) for every model and depth, no size asserts; a
     torch.compile mode or another backend gets none. make_step with these options registers the stack-allocating
-    wrapper for the CPU and raises Inductor's stack limit to STACK_ALLOCATION_BYTES."""
+    wrapper for the CPU and raises Inductor's stack limit to STACK_ALLOCATION_BYTES; a torch without that wrapper
+    gets a one-line error instead of a slower step."""
     from torch._inductor.codegen import common, cpp_wrapper_cpu_array_ref
     from models import build_model
 
@@ -450,7 +451,8 @@ def test_decode_compile_options_stack_allocate_on_a_cpu():
     assert sample.decode_compile_options(model("moneta", 2), mode="max-autotune") is None
     assert sample.decode_compile_options(model("moneta", 2), backend="aot_eager") is None
     common.init_backend_registration()
-    registered, limit = common.device_codegens["cpu"].cpp_wrapper_codegen, cpp_wrapper_cpu_array_ref.MAX_STACK_ALLOCATION_SIZE
+    registered = common.device_codegens["cpu"].cpp_wrapper_codegen
+    limit = cpp_wrapper_cpu_array_ref.MAX_STACK_ALLOCATION_SIZE
     try:
         common.device_codegens["cpu"].cpp_wrapper_codegen = None
         sample.make_step(model("moneta", 2), compile=True, backend="aot_eager")  # options None: nothing registered
@@ -458,6 +460,9 @@ def test_decode_compile_options_stack_allocate_on_a_cpu():
         sample.make_step(model("moneta", 2), compile=True)
         assert common.device_codegens["cpu"].cpp_wrapper_codegen is cpp_wrapper_cpu_array_ref.CppWrapperCpuArrayRef
         assert cpp_wrapper_cpu_array_ref.MAX_STACK_ALLOCATION_SIZE == sample.STACK_ALLOCATION_BYTES
+        monkeypatch.delattr(cpp_wrapper_cpu_array_ref, "CppWrapperCpuArrayRef")
+        with pytest.raises(sample.SampleError, match="no stack-allocating C.. wrapper"):
+            sample.make_step(model("moneta", 2), compile=True)
     finally:
         common.device_codegens["cpu"].cpp_wrapper_codegen = registered
         cpp_wrapper_cpu_array_ref.MAX_STACK_ALLOCATION_SIZE = limit
