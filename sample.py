@@ -333,6 +333,9 @@ def decode_compile_options(model, backend="inductor", mode=None):
         options["cpp_wrapper"] = True
         options["aot_inductor.allow_stack_allocation"] = True
         options["memory_planning"] = False
+        # the limit is a module constant, not an option: as (otherwise unused) metadata it enters the key of
+        # Inductor's cache, which would otherwise serve a graph compiled under another limit
+        options["aot_inductor.metadata"] = {"stack_allocation_bytes": str(STACK_ALLOCATION_BYTES)}
     return options
 
 

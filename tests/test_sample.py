@@ -432,10 +432,10 @@ def test_inductor_step_keeps_the_refreshed_l2_anchor():
 
 def test_decode_compile_options_stack_allocate_on_a_cpu(monkeypatch):
     """make_step's Inductor options on a CPU: the C++ wrapper, its intermediate buffers on the stack (stack
-    allocation on, memory planning off, which would turn it off) for every model and depth, no size asserts; a
-    torch.compile mode or another backend gets none. make_step with these options registers the stack-allocating
-    wrapper for the CPU and raises Inductor's stack limit to STACK_ALLOCATION_BYTES; a torch without that wrapper
-    gets a one-line error instead of a slower step."""
+    allocation on, memory planning off, which would turn it off; the limit as cache-key metadata) for every model
+    and depth, no size asserts; a torch.compile mode or another backend gets none. make_step with these options
+    registers the stack-allocating wrapper for the CPU and raises Inductor's stack limit to STACK_ALLOCATION_BYTES;
+    a torch without that wrapper gets a one-line error instead of a slower step."""
     from torch._inductor.codegen import common, cpp_wrapper_cpu_array_ref
     from models import build_model
 
@@ -443,7 +443,8 @@ def test_decode_compile_options_stack_allocate_on_a_cpu(monkeypatch):
         return build_model(name, preset, n_layer=n_layer, n_embd=32, n_head=2, vocab_size=32, block_size=16)
 
     expected = {"size_asserts": False, "cpp_wrapper": True, "aot_inductor.allow_stack_allocation": True,
-                "memory_planning": False}
+                "memory_planning": False,
+                "aot_inductor.metadata": {"stack_allocation_bytes": str(sample.STACK_ALLOCATION_BYTES)}}
     for name, n_layer, preset in (("moneta", 2, "tiny"), ("moneta", 12, "tiny"), ("memora", 8, "tiny+hybrid"),
                                   ("transformer", 12, "tiny")):
         options = sample.decode_compile_options(model(name, n_layer, preset))
@@ -484,6 +485,30 @@ def test_inductor_step_keeps_its_buffers_on_the_stack():
         (tok, _), codes = run_and_get_code(step, tok, cache)
     assert len(codes) == 1 and "ArrayRefTensor<float>" in codes[0], "no stack-allocated buffer"
     assert "aoti_torch_empty_strided" not in codes[0] and "_alloc_from_pool" not in codes[0]
+
+
+@INDUCTOR_OPT_IN
+def test_inductor_step_over_the_stack_limit_allocates_on_the_heap(monkeypatch):
+    """A step whose intermediate buffers exceed STACK_ALLOCATION_BYTES (here lowered to 1 KiB: a larger model's
+    step) gets them from the heap, and still equals the eager step (float64) across a chunk boundary; the limit
+    is part of Inductor's cache key (a graph cached under the real limit, by the tests before, is not reused)."""
+    from torch._inductor.utils import run_and_get_code
+    monkeypatch.setattr(sample, "STACK_ALLOCATION_BYTES", 1024)
+    model, eager, compiled, _ = _eager_and_counted_steps("yaad", n_layer=2, backend="inductor")
+    caches = [model.init_cache(1, 64), model.init_cache(1, 64)]
+    with torch.no_grad():
+        prompt = torch.randint(32, (1, 13))
+        tok = [model.prefill(prompt, c)[0][:, -1:].argmax(-1) for c in caches]
+        for i in range(5):  # positions 13-17: the chunk's last tokens, its successor's first (16) and second
+            t_e, l_e = eager(tok[0], caches[0])
+            if i == 0:  # (run_and_get_code resets dynamo: only around the first compiled call)
+                (_, l_c), codes = run_and_get_code(compiled, tok[1], caches[1])
+                assert "aoti_torch_empty_strided" in codes[0] and "ArrayRefTensor<" not in codes[0]
+            else:
+                _, l_c = compiled(tok[1], caches[1])
+            torch.testing.assert_close(l_c, l_e, rtol=1e-12, atol=1e-12, msg=f"logits at position {13 + i}")
+            _assert_same_state(caches[1], caches[0])
+            tok = [t_e, t_e]
 
 
 @INDUCTOR_OPT_IN
