@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list  # a compiled step's graphs
 
 import cli
 import memory_core
@@ -380,10 +381,11 @@ def make_step(model, autocast=None, compile=False, compile_mode="default", sampl
         use_stack_allocating_wrapper()
 
     def compiled_for(start, geometry):
+        """(the compiled step, its code object: dynamo's cache of its graphs is keyed by it)"""
         if (start, geometry) not in compiled:
             fn = memory_core.with_own_code(step_in_place, f"{'start' if start else 'rest'}_{len(compiled)}")
-            compiled[start, geometry] = torch.compile(fn, fullgraph=True, dynamic=False, backend=backend, mode=mode,
-                                                      options=options)
+            compiled[start, geometry] = (torch.compile(fn, fullgraph=True, dynamic=False, backend=backend, mode=mode,
+                                                       options=options), fn.__code__)
         return compiled[start, geometry]
     chunk_size = model.config.chunk_size if "M" in model.config.layers else None  # Miras layers' chunk
     checked = {}  # a weak reference to the cache, its chunk position and geometry, the signatures guarded
@@ -412,7 +414,9 @@ def make_step(model, autocast=None, compile=False, compile_mode="default", sampl
                     torch._dynamo.mark_static_address(t, guard=False)
         idx, noise = _dense(idx), None if noise is None else _dense(noise)
         start = checked["chunk_pos"] == 0 if chunk_size else False
-        fn = compiled_for(start, checked["geometry"])
+        fn, code = compiled_for(start, checked["geometry"])
+        if not _debug_get_cache_entry_list(code):  # no graph (yet, or torch._dynamo.reset() dropped them): the
+            checked["guarded"].clear()             # next calls compile, under guards, not a stance that forbids it
         # guards are most of a small model's compiled decode overhead (a Miras cache is ~80 tensors and ~500
         # guards: ~0.6 ms per token on a CPU). After one guarded call, the same cache with the same buffers and
         # shapes selects the same graph (static shapes, the position a tensor), so the next calls skip them

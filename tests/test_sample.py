@@ -407,6 +407,26 @@ def test_compiled_step_writes_the_state_in_place(name, preset, backend):
     assert counter is None or counter.frame_count == graphs, f"{counter.frame_count} graphs, not {graphs}"
 
 
+def test_compiled_step_survives_a_dynamo_reset():
+    """torch._dynamo.reset() between steps drops the compiled step's graphs; the step skips torch.compile's guards
+    only on calls it has guarded since, so the next steps compile again (both graphs of a Miras model: a chunk's
+    first token, the rest) instead of failing under the stance that skips guards, and still equal the eager steps
+    (float64)."""
+    model, eager, compiled, counter = _eager_and_counted_steps("moneta", n_layer=1)
+    caches = [model.init_cache(1, 64), model.init_cache(1, 64)]
+    with torch.no_grad():
+        prompt = torch.randint(32, (1, 13))
+        tok = [model.prefill(prompt, c)[0][:, -1:].argmax(-1) for c in caches]
+        for i in range(12):  # positions 13-24: both graphs before the reset (chunks start at 16 and 24), both after
+            if i == 5:
+                torch._dynamo.reset()
+            (t_e, l_e), (_, l_c) = eager(tok[0], caches[0]), compiled(tok[1], caches[1])
+            torch.testing.assert_close(l_c, l_e, rtol=1e-12, atol=1e-12, msg=f"logits at position {13 + i}")
+            tok = [t_e, t_e]
+        _assert_same_state(caches[1], caches[0], exact_conv=True)
+    assert counter.frame_count == 4, f"{counter.frame_count} graphs compiled, not 2 before the reset and 2 after"
+
+
 def test_inductor_step_keeps_the_refreshed_l2_anchor():
     """Yaad's l2 retention refreshes its anchor at a chunk's first token to the weights that token starts from:
     the new state holds the old weights buffer, which the same step overwrites. Inductor (not aot_eager, which the
