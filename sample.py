@@ -297,18 +297,30 @@ def _dense(t):
 STACK_ALLOCATION_BYTES = 1 << 20
 
 
-def use_stack_allocating_wrapper():
-    """Make Inductor's CPU C++ wrapper the stack-allocating one (process-wide: in this repo only decode steps
-    compile with cpp_wrapper; a graph compiled without aot_inductor.allow_stack_allocation gets heap buffers as
-    with the plain wrapper)."""
+def _stack_allocating_codegen():
+    """(Inductor's CPU codegen registration, AOTInductor's stack-allocating C++ wrapper class, its module), or a
+    one-line SampleError on a torch without them."""
     try:
         from torch._inductor.codegen import common, cpp_wrapper_cpu_array_ref
         common.init_backend_registration()
-        common.device_codegens["cpu"].cpp_wrapper_codegen = cpp_wrapper_cpu_array_ref.CppWrapperCpuArrayRef
-        cpp_wrapper_cpu_array_ref.MAX_STACK_ALLOCATION_SIZE = STACK_ALLOCATION_BYTES
+        return common.device_codegens["cpu"], cpp_wrapper_cpu_array_ref.CppWrapperCpuArrayRef, cpp_wrapper_cpu_array_ref
     except (ImportError, AttributeError, KeyError) as e:
         raise SampleError(f"torch {torch.__version__}'s Inductor has no stack-allocating C++ wrapper as 2.13's ({e}): "
                           "install requirements.txt's torch, or decode on a CPU without compiling") from e
+
+
+@contextlib.contextmanager
+def stack_allocating_wrapper():
+    """Inductor's CPU C++ wrapper is the stack-allocating one, with STACK_ALLOCATION_BYTES as its limit, inside the
+    block only: around the calls that may compile a decode step, so that other graphs the process compiles with
+    cpp_wrapper (a user's own) keep Inductor's plain wrapper."""
+    registration, array_ref_wrapper, module = _stack_allocating_codegen()
+    before = registration.cpp_wrapper_codegen, module.MAX_STACK_ALLOCATION_SIZE
+    registration.cpp_wrapper_codegen, module.MAX_STACK_ALLOCATION_SIZE = array_ref_wrapper, STACK_ALLOCATION_BYTES
+    try:
+        yield
+    finally:
+        registration.cpp_wrapper_codegen, module.MAX_STACK_ALLOCATION_SIZE = before
 
 
 def decode_compile_options(model, backend="inductor", mode=None):
@@ -330,7 +342,7 @@ def decode_compile_options(model, backend="inductor", mode=None):
         # the step is then a few fused kernels over ~80 state buffers, and the generated Python wrapper that
         # passes them (pointer by pointer, with its output allocations) cost about as much as the kernels: a C++
         # wrapper, compiled once per graph (results/bench/HISTORY.md, decode), which keeps the kernels'
-        # intermediate buffers on its stack (use_stack_allocating_wrapper, which make_step calls)
+        # intermediate buffers on its stack (stack_allocating_wrapper, around make_step's compiling calls)
         options["cpp_wrapper"] = True
         options["aot_inductor.allow_stack_allocation"] = True
         options["memory_planning"] = False
@@ -377,8 +389,9 @@ def make_step(model, autocast=None, compile=False, compile_mode="default", sampl
     compiled = {}
 
     options = decode_compile_options(model, backend, mode)
-    if options is not None and options.get("aot_inductor.allow_stack_allocation"):
-        use_stack_allocating_wrapper()
+    on_stack = options is not None and options.get("aot_inductor.allow_stack_allocation", False)
+    if on_stack:
+        _stack_allocating_codegen()  # a torch without it fails here, not at the first token
 
     def compiled_for(start, geometry):
         """(the compiled step, its code object: dynamo's cache of its graphs is keyed by it)"""
@@ -429,8 +442,9 @@ def make_step(model, autocast=None, compile=False, compile_mode="default", sampl
             if sig in checked["guarded"]:
                 with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
                     out, _ = fn(idx, cache, noise)
-            else:
-                out, _ = fn(idx, cache, noise)
+            else:  # a call that may compile
+                with stack_allocating_wrapper() if on_stack else contextlib.nullcontext():
+                    out, _ = fn(idx, cache, noise)
                 checked["guarded"].add(sig)
         finally:  # an eager step reads the position from the state
             for layer in layers:

@@ -454,8 +454,9 @@ def test_decode_compile_options_stack_allocate_on_a_cpu(monkeypatch):
     """make_step's Inductor options on a CPU: the C++ wrapper, its intermediate buffers on the stack (stack
     allocation on, memory planning off, which would turn it off; the limit as cache-key metadata) for every model
     and depth, no size asserts; a torch.compile mode or another backend gets none. make_step with these options
-    registers the stack-allocating wrapper for the CPU and raises Inductor's stack limit to STACK_ALLOCATION_BYTES;
-    a torch without that wrapper gets a one-line error instead of a slower step."""
+    leaves Inductor's CPU wrapper as it was: stack_allocating_wrapper (around the step's compiling calls) registers
+    the stack-allocating one with STACK_ALLOCATION_BYTES as its limit inside its block only, and restores both after
+    it, also on an error; a torch without that wrapper gets a one-line error from make_step instead of a slower step."""
     from torch._inductor.codegen import common, cpp_wrapper_cpu_array_ref
     from models import build_model
 
@@ -472,28 +473,28 @@ def test_decode_compile_options_stack_allocate_on_a_cpu(monkeypatch):
     assert sample.decode_compile_options(model("moneta", 2), mode="max-autotune") is None
     assert sample.decode_compile_options(model("moneta", 2), backend="aot_eager") is None
     common.init_backend_registration()
-    registered = common.device_codegens["cpu"].cpp_wrapper_codegen
-    limit = cpp_wrapper_cpu_array_ref.MAX_STACK_ALLOCATION_SIZE
-    try:
-        common.device_codegens["cpu"].cpp_wrapper_codegen = None
-        sample.make_step(model("moneta", 2), compile=True, backend="aot_eager")  # options None: nothing registered
-        assert common.device_codegens["cpu"].cpp_wrapper_codegen is None
+    registration = common.device_codegens["cpu"]
+    before = registration.cpp_wrapper_codegen, cpp_wrapper_cpu_array_ref.MAX_STACK_ALLOCATION_SIZE
+    assert before[0] is not cpp_wrapper_cpu_array_ref.CppWrapperCpuArrayRef  # Inductor's plain C++ wrapper
+    sample.make_step(model("moneta", 2), compile=True)
+    assert (registration.cpp_wrapper_codegen, cpp_wrapper_cpu_array_ref.MAX_STACK_ALLOCATION_SIZE) == before
+    with pytest.raises(RuntimeError, match="compiling"):
+        with sample.stack_allocating_wrapper():
+            assert registration.cpp_wrapper_codegen is cpp_wrapper_cpu_array_ref.CppWrapperCpuArrayRef
+            assert cpp_wrapper_cpu_array_ref.MAX_STACK_ALLOCATION_SIZE == sample.STACK_ALLOCATION_BYTES
+            raise RuntimeError("an error while compiling")
+    assert (registration.cpp_wrapper_codegen, cpp_wrapper_cpu_array_ref.MAX_STACK_ALLOCATION_SIZE) == before
+    monkeypatch.delattr(cpp_wrapper_cpu_array_ref, "CppWrapperCpuArrayRef")
+    sample.make_step(model("moneta", 2), compile=True, backend="aot_eager")  # options None: no wrapper needed
+    with pytest.raises(sample.SampleError, match="no stack-allocating C.. wrapper"):
         sample.make_step(model("moneta", 2), compile=True)
-        assert common.device_codegens["cpu"].cpp_wrapper_codegen is cpp_wrapper_cpu_array_ref.CppWrapperCpuArrayRef
-        assert cpp_wrapper_cpu_array_ref.MAX_STACK_ALLOCATION_SIZE == sample.STACK_ALLOCATION_BYTES
-        monkeypatch.delattr(cpp_wrapper_cpu_array_ref, "CppWrapperCpuArrayRef")
-        with pytest.raises(sample.SampleError, match="no stack-allocating C.. wrapper"):
-            sample.make_step(model("moneta", 2), compile=True)
-    finally:
-        common.device_codegens["cpu"].cpp_wrapper_codegen = registered
-        cpp_wrapper_cpu_array_ref.MAX_STACK_ALLOCATION_SIZE = limit
 
 
 @INDUCTOR_OPT_IN
 def test_inductor_step_keeps_its_buffers_on_the_stack():
     """The compiled decode step of a small Miras model (Yaad: the normalized step's many per-head scalars)
     declares its intermediate buffers as stack arrays in the C++ wrapper, and none as tensors, whose making and
-    freeing cost ~0.2 us each."""
+    freeing cost ~0.2 us each; compiling it leaves Inductor's CPU wrapper class as it was for other graphs."""
     from torch._inductor.utils import run_and_get_code
     from models import build_model
     torch.manual_seed(0)
@@ -505,6 +506,8 @@ def test_inductor_step_keeps_its_buffers_on_the_stack():
         (tok, _), codes = run_and_get_code(step, tok, cache)
     assert len(codes) == 1 and "ArrayRefTensor<float>" in codes[0], "no stack-allocated buffer"
     assert "aoti_torch_empty_strided" not in codes[0] and "_alloc_from_pool" not in codes[0]
+    from torch._inductor.codegen import common, cpp_wrapper_cpu_array_ref
+    assert common.device_codegens["cpu"].cpp_wrapper_codegen is not cpp_wrapper_cpu_array_ref.CppWrapperCpuArrayRef
 
 
 @INDUCTOR_OPT_IN
