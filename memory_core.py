@@ -901,7 +901,10 @@ def _chunk_loop(xs: list[torch.Tensor], present: list[bool], state: list[torch.T
     plan, rule, fns = _loop_setup(inputs, state, names, ints, floats, pos)
     st = _unflatten_state(state, _like(layout))
     slots = _saved_slots(plan, layout) if save_starts else []
-    saved, ys = [[] for _ in state], []
+    # the saved starts are copied into their stacked buffers as each piece begins, while the previous piece's
+    # output is still in cache (a stack at the end re-reads them all from memory)
+    stacked = [t.new_empty(shape) for t, shape in zip(state, _stacked_shapes(state, slots))] if save_starts else []
+    used, ys = [0] * len(state), []
     compiled = fns[5] is not None
     pieces = _chunked_split(inputs, plan, fns[5], _NO_OP) if compiled else _split(inputs, plan)
     last_rows = _last_rows(plan, xs[0].device) if compiled else [None] * len(plan)
@@ -910,14 +913,13 @@ def _chunk_loop(xs: list[torch.Tensor], present: list[bool], state: list[torch.T
     # on the second training step)
     with torch.no_grad(), torch._C._AutoDispatchBelowADInplaceOrView():
         for i, ((kind, n), x) in enumerate(zip(plan, pieces)):
-            if save_starts and i > 0:  # kept as they are (no piece writes into a state) and stacked once below
+            if save_starts and i > 0:
                 for j, t in enumerate(_flatten_state(st)):
                     if slots[i - 1][j]:
-                        saved[j].append(t)
+                        stacked[j][used[j]].copy_(t)
+                        used[j] += 1
             y, st = _run_piece(kind, x, st, ln_w, ln_b, rule, fns, last_rows[i], n)
             ys.append(y)
-    stacked = [torch.stack(ts) if ts else t.new_empty(shape) for ts, t, shape in
-               zip(saved, state, _stacked_shapes(state, slots))] if save_starts else []
     return _fresh([torch.cat(ys, dim=1), *_flatten_state(st), *stacked], {id(t) for t in (*xs, *state)})
 
 
