@@ -7,7 +7,9 @@
 
 Each (model, length, mode) runs in its own worker process so its peak memory is its own: CUDA allocator
 peak on GPU (spawned workers: CUDA cannot be used in a forked child); on CPU the worker's peak resident set
-size above its size at its start (ru_maxrss delta; workers forked from a fork server). Timings are medians
+size above its size at its start (ru_maxrss delta; workers forked from a fork server), and beside it, where glibc
+can say (Linux), peak_heap_bytes: the heap bytes in use at the peak of one more round, sampled, above the worker's
+start (heap_in_use: what the step holds, without the pages the allocator keeps after frees). Timings are medians
 over --repeats rounds after --warmup untimed runs (at least one: the first call, timed on its own as
 first_call_s, which includes compiling under --compile); a round is one training step or prefill, or
 --decode_tokens decode steps after a fresh prefill of seq_len tokens (the decode median is over every step; decode
@@ -27,6 +29,7 @@ status 2). --op times titans-pytorch's NeuralMemory (if installed) at the op's s
 width, chunk and memory MLP (titans_memory).
 """
 import contextlib
+import ctypes
 import functools
 import multiprocessing as mp
 import os
@@ -34,6 +37,7 @@ import platform
 import resource
 import statistics
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Optional
@@ -270,6 +274,61 @@ def rss_bytes():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                        "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _glibc_mallinfo2():
+    """glibc's mallinfo2 (2.33+), or None on another C library."""
+    try:
+        fn = ctypes.CDLL(None).mallinfo2
+    except (OSError, AttributeError):
+        return None
+    fn.restype = _MallInfo2
+    return fn
+
+
+_MALLINFO2 = _glibc_mallinfo2()
+_HEAP_AT_START = None  # heap_in_use() when this worker started (_worker)
+
+
+def heap_in_use():
+    """Bytes the C heap has handed out and not taken back (glibc: chunks in use plus mapped chunks), None where
+    the C library cannot say. On a CPU the RSS also holds what glibc keeps after frees (its arenas are not given
+    back while a block near their top is in use), which moved a training step's peak RSS by up to 1.3x between
+    models whose live bytes differ by 1% (README, Benchmarks)."""
+    if _MALLINFO2 is None:
+        return None
+    info = _MALLINFO2()
+    return info.uordblks + info.hblkhd
+
+
+class HeapPeak:
+    """The largest heap_in_use() seen while the block runs: a thread samples it every `period` seconds (ops
+    release the GIL, so it samples inside them; one op's peak between two samples can be missed). The sampling
+    costs the block a few percent of its time: measure in a round that is not timed."""
+
+    def __init__(self, period=5e-4):
+        self.period, self.peak = period, None
+        self._stop = threading.Event()
+
+    def _sample(self):
+        while not self._stop.wait(self.period):
+            self.peak = max(self.peak, heap_in_use())
+
+    def __enter__(self):
+        self.peak = heap_in_use()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, heap_in_use())
+
+
 def worker_start_method(device):
     """How in_worker starts its process: "spawn" when CUDA is in use or already initialized here, else
     "forkserver".
@@ -307,7 +366,8 @@ def _worker(job, cfg, conn):
                 resource.setrlimit(resource.RLIMIT_DATA, (soft, resource.RLIM_INFINITY))
         if cuda:
             torch.cuda.reset_peak_memory_stats(cfg.device)
-        base = rss_bytes()
+        global _HEAP_AT_START
+        base, _HEAP_AT_START = rss_bytes(), heap_in_use()
         out = job()
         if cuda:
             peak = torch.cuda.max_memory_allocated(cfg.device)
@@ -454,9 +514,15 @@ def prepare_cell(cfg, name, seq_len, mode):
 
 
 def bench_model(cfg, name, seq_len, mode):
-    """One cell in its own worker: --repeats rounds, timed after the warm-up."""
+    """One cell in its own worker: --repeats rounds, timed after the warm-up; on a CPU whose C library can say,
+    one more round under HeapPeak for peak_heap_bytes (above the worker's start)."""
     run, result = prepare_cell(cfg, name, seq_len, mode)
-    return result([t for _ in range(cfg.repeats) for t in run()])
+    out = result([t for _ in range(cfg.repeats) for t in run()])
+    if not cfg.device.startswith("cuda") and _HEAP_AT_START is not None:
+        with HeapPeak() as heap:
+            run()
+        out["peak_heap_bytes"] = heap.peak - _HEAP_AT_START
+    return out
 
 
 def bench_interleaved(cfg, names, seq_len, mode):
@@ -643,6 +709,8 @@ def header(cfg):
                 compile_mode=cfg.compile_mode, dtype=cfg.dtype, python=platform.python_version(),
                 peak_mem_measure="cuda max_memory_allocated" if cuda
                 else "worker peak RSS above its size at its start (ru_maxrss delta)",
+                peak_heap_measure=None if cuda else "glibc heap bytes in use, sampled over one more round, above the "
+                "worker's start (peak_heap_bytes)" if _MALLINFO2 is not None else "none (no glibc mallinfo2 here)",
                 workers=worker_start_method(cfg.device))
     print(" | ".join(f"{k}={v}" for k, v in info.items()))
     return info
@@ -678,6 +746,8 @@ def run_models(cfg):
             else:
                 extra = f" {out['ms_per_token']:.2f} ms/token" if mode == "decode" else f" batch {out['batch_size']}"
                 mem = "   (shared)" if cfg.interleave else f"{(peak or 0) / 2**20:>8.1f} MiB"
+                if out.get("peak_heap_bytes") is not None:
+                    mem += f" (heap {out['peak_heap_bytes'] / 2**20:.1f} MiB)"
                 parts = out.get("profile", {}).get("breakdown")
                 if parts:  # the profiled call's self time by kind of work (a CPU run with --profile)
                     extra += " | profiled: " + ", ".join(f"{k[:-2]} {v:.3f} s" for k, v in parts.items())

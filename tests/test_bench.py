@@ -30,6 +30,8 @@ def test_two_models_two_lengths_write_every_field(tmp_path):
         assert MODEL_FIELDS <= r.keys(), MODEL_FIELDS - r.keys()
         assert "oom" not in r and "error" not in r, r
         assert r["tokens_per_s"] > 0 and r["peak_mem_bytes"] >= 0
+        if bench._MALLINFO2 is not None:  # glibc: the heap's bytes in use at one more round's peak (the model's
+            assert r["peak_heap_bytes"] > 0  # weights alone are above the worker's start)
         assert r["device"] == "cpu" and r["compile"] is False and r["dtype"] == "float32"
         if r["mode"] != "decode":  # the model's FLOPs per token, and the rate: tokens/s x FLOPs per token
             assert r["model_flops_per_token"] > 0
@@ -43,6 +45,19 @@ def test_two_models_two_lengths_write_every_field(tmp_path):
     assert decode["transformer", 32]["state_bytes"] > decode["transformer", 16]["state_bytes"]
     assert report["info"]["torch"] and report["info"]["threads"] >= 1
     assert (tmp_path / "bench.png").exists() or "matplotlib" not in str(report)
+
+
+@pytest.mark.skipif(bench._MALLINFO2 is None, reason="the C library is not glibc: no mallinfo2")
+def test_heap_peak_sees_a_buffer_freed_inside_the_block():
+    """HeapPeak samples the heap's bytes in use while its block runs: a 64 MiB tensor made, filled and freed
+    inside the block is in its peak, and no longer in use after it (heap_in_use, unlike the RSS, drops on free)."""
+    before = bench.heap_in_use()
+    with bench.HeapPeak() as heap:
+        x = torch.ones(16, 2**20)  # 64 MiB
+        x.mul_(2)
+        del x
+    assert heap.peak - before >= 64 * 2**20
+    assert bench.heap_in_use() - before < 16 * 2**20
 
 
 def test_forced_memory_limit_is_reported_as_oom_and_the_sweep_goes_on(tmp_path):
