@@ -295,9 +295,9 @@ _HEAP_AT_START = None  # heap_in_use() when this worker started (_worker)
 
 def heap_in_use():
     """Bytes the C heap has handed out and not taken back (glibc: chunks in use plus mapped chunks), None where
-    the C library cannot say. On a CPU the RSS also holds what glibc keeps after frees (its arenas are not given
-    back while a block near their top is in use), which moved a training step's peak RSS by up to 1.3x between
-    models whose live bytes differ by 1% (README, Benchmarks)."""
+    the C library cannot say. The RSS also holds what glibc keeps after frees (an arena is not given back while a
+    block near its top is in use), so two models that hold the same bytes can differ in peak RSS (README,
+    Benchmarks); this count does not."""
     if _MALLINFO2 is None:
         return None
     info = _MALLINFO2()
