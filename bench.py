@@ -290,7 +290,7 @@ def _glibc_mallinfo2():
 
 
 _MALLINFO2 = _glibc_mallinfo2()
-_HEAP_AT_START = None  # heap_in_use() when this worker started (_worker)
+_HEAP_AT_START = None  # heap_in_use() when this CPU worker started (_worker); None on CUDA or without glibc
 
 
 def heap_in_use():
@@ -367,7 +367,7 @@ def _worker(job, cfg, conn):
         if cuda:
             torch.cuda.reset_peak_memory_stats(cfg.device)
         global _HEAP_AT_START
-        base, _HEAP_AT_START = rss_bytes(), heap_in_use()
+        base, _HEAP_AT_START = rss_bytes(), None if cuda else heap_in_use()  # None: no heap peak (bench_model)
         out = job()
         if cuda:
             peak = torch.cuda.max_memory_allocated(cfg.device)
@@ -518,7 +518,7 @@ def bench_model(cfg, name, seq_len, mode):
     one more round under HeapPeak for peak_heap_bytes (above the worker's start)."""
     run, result = prepare_cell(cfg, name, seq_len, mode)
     out = result([t for _ in range(cfg.repeats) for t in run()])
-    if not cfg.device.startswith("cuda") and _HEAP_AT_START is not None:
+    if _HEAP_AT_START is not None:
         with HeapPeak() as heap:
             run()
         out["peak_heap_bytes"] = heap.peak - _HEAP_AT_START
