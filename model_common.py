@@ -664,7 +664,7 @@ class LM(nn.Module):
 
     # --- training / scoring
 
-    def _backbone(self, idx, cache=None, pos=None):
+    def _backbone(self, idx, cache=None, pos=None, run_block=None):
         T = idx.shape[1]
         x = self.drop(self.wte(idx))
         rope = None
@@ -672,8 +672,8 @@ class LM(nn.Module):
             rope = self.rotary(pos.view(1) if pos is not None else torch.arange(T, device=idx.device))
         compiled = self.regions is not None and cache is None
         for i, block in enumerate(self.blocks):
-            run_block = self.regions[0][i] if compiled else call_block
-            x = run_block(block, x, rope, None if cache is None else cache.layers[i], pos)
+            run = run_block or (self.regions[0][i] if compiled else call_block)
+            x = run(block, x, rope, None if cache is None else cache.layers[i], pos)
         return x
 
     def forward(self, idx, targets=None):
@@ -717,11 +717,12 @@ class LM(nn.Module):
         return logits, cache
 
     @torch.no_grad()
-    def forward_step(self, idx, cache):
+    def forward_step(self, idx, cache, run_block=None):
         """One token per sequence, idx [B, 1]: (logits [B, 1, vocab], cache), the cache updated in place.
-        Static shapes and the position as a tensor, so one compiled graph serves every step."""
+        Static shapes and the position as a tensor, so one compiled graph serves every step. run_block: what
+        runs each block (default call_block; sample.make_step's compiled step passes its own)."""
         cache.started = True
-        logits, _ = logits_and_loss(self, self._backbone(idx, cache, cache.pos))
+        logits, _ = logits_and_loss(self, self._backbone(idx, cache, cache.pos, run_block))
         cache.pos = cache.pos + 1
         return logits, cache
 

@@ -45,7 +45,7 @@ import cli
 import memory_core
 import models
 import train
-from model_common import AttnCache, MirasCache, Sampling, is_greedy, iter_tensors, state_bytes
+from model_common import AttnCache, MirasCache, Sampling, call_block, is_greedy, iter_tensors, state_bytes
 from tokenizer import TokenizerError, get_tokenizer
 
 # ----------------------------------------------------------------------------------------------
@@ -72,6 +72,9 @@ class SampleConfig:
                                    # None: on CUDA when the run generates enough tokens to pay (resolve_compile)
     compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead | max-autotune |
                                    # max-autotune-no-cudagraphs (the middle two capture CUDA graphs: CUDA only)
+    compile_regions: Optional[bool] = None  # the compiled step traces and compiles a Miras block once and calls it
+                                   # for every layer, so its compile time does not grow with the depth (make_step);
+                                   # None: on CUDA (on a CPU the step's C++ wrapper, faster per token, cannot)
 
 
 class SampleError(cli.ConfigError):
@@ -323,8 +326,9 @@ def stack_allocating_wrapper():
         registration.cpp_wrapper_codegen, module.MAX_STACK_ALLOCATION_SIZE = before
 
 
-def decode_compile_options(model, backend="inductor", mode=None):
-    """Inductor's options for make_step's compiled step (None: torch.compile's defaults)."""
+def decode_compile_options(model, backend="inductor", mode=None, regions=False):
+    """Inductor's options for make_step's compiled step (None: torch.compile's defaults); regions: the step calls
+    block regions, which Inductor's C++ wrapper cannot (torch 2.13), so it keeps the Python one."""
     # the inputs of a call whose guards are skipped are the buffers and shapes its guarded call checked, so
     # Inductor's assert of every input's size and stride on every call (~80 inputs for a Miras cache) is skipped
     # too (an Inductor option, not settable beside a mode)
@@ -339,6 +343,8 @@ def decode_compile_options(model, backend="inductor", mode=None):
         # and the dense layers' one-row matmuls (x W^T of the projections, MLPs, gates and head) become reductions
         # fused with their neighbours instead of ~20 separate BLAS calls per token
         options["post_grad_fusion_options"] = {"decompose_mm_pass": {}}
+        if regions:
+            return options
         # the step is then a few fused kernels over ~80 state buffers, and the generated Python wrapper that
         # passes them (pointer by pointer, with its output allocations) cost about as much as the kernels: a C++
         # wrapper, compiled once per graph (results/bench/HISTORY.md, decode), which keeps the kernels'
@@ -352,8 +358,34 @@ def decode_compile_options(model, backend="inductor", mode=None):
     return options
 
 
+def _miras_block_in_place(block, x, rope, pos, conv, mem, chunk_start):
+    """One Miras block's decoding step that writes its new state (short-conv tail, MemoryState) into the buffers
+    it was given, as the compiled step does for the whole cache (_write_back), on a cache of its own: the block
+    region of make_step's step (torch.compiler.nested_compile_region), which must not rebind the caller's
+    objects. Returns (x, the copies of the new anchors: outputs, see _write_back)."""
+    layer = MirasCache()
+    layer.conv, layer.mem, layer.chunk_start = conv, mem, chunk_start
+    before = [(layer, "conv", conv), (layer, "mem", mem)]
+    x = call_block(block, x, rope, layer, pos)
+    return x, _write_back(before)
+
+
+def _block_runner(region, anchors):
+    """forward_step's run_block inside a compiled step that compiles by regions: a Miras block runs as `region`
+    (_miras_block_in_place as a nested compile region: Dynamo traces it once per kind of step and Inductor
+    compiles it once; every layer calls it), an attention block inline (it writes its KV cache in place itself).
+    The regions' anchor copies go to `anchors`."""
+    def run(block, x, rope, layer, pos):
+        if not isinstance(layer, MirasCache):
+            return call_block(block, x, rope, layer, pos)
+        x, fresh = region(block, x, rope, pos, layer.conv, layer.mem, layer.chunk_start)
+        anchors.extend(fresh)
+        return x
+    return run
+
+
 def make_step(model, autocast=None, compile=False, compile_mode="default", sampling=Sampling(temperature=0.0),
-              backend="inductor"):
+              backend="inductor", regions=None):
     """step(idx [B, 1], cache, noise=None) -> (next ids [B, 1], last logits [B, V] float32): one decoding step and
     the draw of the token after it (sampling.pick; noise from sampling.noise, None when greedy), the cache
     updated in place. Compiled on request as static-shape graphs, the draw included (gpt-fast style), which
@@ -361,13 +393,26 @@ def make_step(model, autocast=None, compile=False, compile_mode="default", sampl
     (the shapes of its state and KV caches: any number of them); the first calls compile. The compiled step
     owns the cache's state buffers (copied once per cache) and writes every new state into them, so the
     CUDA-graph modes can replay it; it evaluates torch.compile's guards once per cache and graph: the next
-    steps on the same cache, with the same input shapes and buffers, skip them."""
-    cli.check_compile_mode(compile_mode, compile, model.lm_head.weight.device, SampleError)
+    steps on the same cache, with the same input shapes and buffers, skip them.
+    regions (compiled steps): trace and compile a Miras block once as a region of the step's graph
+    (torch.compiler.nested_compile_region) and call it for every layer, so that the compile time does not grow with
+    the depth, as that of a graph unrolling every block does; None: on CUDA (on a CPU the step's C++ wrapper, which
+    cannot call regions in torch 2.13, is faster per token)."""
+    device = model.lm_head.weight.device
+    cli.check_compile_mode(compile_mode, compile, device, SampleError)
     autocast = autocast or contextlib.nullcontext()
+    regions = compile and device.type == "cuda" if regions is None else regions
+    if regions and not compile:
+        raise SampleError("regions=True compiles the step by block regions: it needs compile=True")
+    if regions and not hasattr(torch.compiler, "nested_compile_region"):
+        raise SampleError(f"torch {torch.__version__} has no torch.compiler.nested_compile_region: install "
+                          "requirements.txt's torch, or compile the step whole (regions=False)")
+    # made here: Dynamo does not trace the wrapping itself
+    region = torch.compiler.nested_compile_region(_miras_block_in_place) if regions else None
 
-    def step(idx, cache, noise=None):
+    def step(idx, cache, noise=None, run_block=None):
         with autocast:
-            logits = model.forward_step(idx, cache)[0][:, -1].float()
+            logits = model.forward_step(idx, cache, run_block)[0][:, -1].float()
         return sampling.pick(logits, noise), logits
 
     if not compile:
@@ -377,8 +422,9 @@ def make_step(model, autocast=None, compile=False, compile_mode="default", sampl
 
     def step_in_place(idx, cache, noise=None):
         before = [(owner, name, getattr(owner, name)) for owner, name in _state_slots(cache)]
-        out = step(idx, cache, noise)
-        return out, _write_back(before)  # the anchors' copies: outputs, so that Inductor keeps them
+        anchors = []  # the regions' (they write their layers' state in place, so _write_back copies none of it)
+        out = step(idx, cache, noise, _block_runner(region, anchors) if regions else None)
+        return out, _write_back(before) + anchors  # the anchors' copies: outputs, so that Inductor keeps them
 
     mode = cli.torch_compile_mode(compile_mode)
     # one compiled copy of step_in_place, with its own code object, per (chunk start or not, decode-state
@@ -388,7 +434,7 @@ def make_step(model, autocast=None, compile=False, compile_mode="default", sampl
     # shape (a KV cache of another length, another batch size) a hard error in a process that decodes many prompts
     compiled = {}
 
-    options = decode_compile_options(model, backend, mode)
+    options = decode_compile_options(model, backend, mode, regions)
     on_stack = options is not None and options.get("aot_inductor.allow_stack_allocation", False)
     if on_stack:
         _stack_allocating_codegen()  # a torch without it fails here, not at the first token
@@ -454,7 +500,7 @@ def make_step(model, autocast=None, compile=False, compile_mode="default", sampl
         # a CUDA graph's outputs live in its memory pool, overwritten by the next replay
         return tuple(t.clone() for t in out) if graphs else out
 
-    compiled_step.compiled, compiled_step.sampling = True, sampling
+    compiled_step.compiled, compiled_step.sampling, compiled_step.regions = True, sampling, regions
     return compiled_step
 
 
@@ -622,6 +668,8 @@ def run(cfg, out=None, err=None):
     dtype = cli.resolve_dtype(cfg.dtype, device, SampleError)
     compile, compile_why = resolve_compile(cfg, device)
     cli.check_compile_mode(cfg.compile_mode, compile, device, SampleError)
+    if cfg.compile_regions and not compile:
+        raise SampleError("--compile_regions=True compiles the decode step by block regions: add --compile=True")
     loaded = load_model(cfg.out_dir, cfg.ckpt, device, dtype)
     model, tok = loaded.model, loaded.tokenizer
     cli.fast_float32(device)
@@ -642,14 +690,16 @@ def run(cfg, out=None, err=None):
         print(f"decode step: {'compiled' if compile else 'eager'} ({compile_why})", file=err, flush=True)
 
     step = make_step(model, autocast, compile, cfg.compile_mode,
-                     Sampling(cfg.temperature, cfg.top_k, cfg.top_p, tok.vocab_size))
+                     Sampling(cfg.temperature, cfg.top_k, cfg.top_p, tok.vocab_size),
+                     regions=cfg.compile_regions if compile else False)
     if compile and cfg.max_new_tokens > 1:  # compile outside the timings: the same positions on a scratch run
         t0 = time.perf_counter()
         for _ in generate_stream(model, prompt, warmup_tokens(model.config, len(prompt), cfg.max_new_tokens),
                                  cfg.temperature, cfg.top_k, cfg.top_p, torch.Generator(device=device), step,
                                  autocast, tok.vocab_size, cache_len=len(prompt) + cfg.max_new_tokens):
             pass
-        print(f"compiled the decode step in {time.perf_counter() - t0:.1f}s", file=err, flush=True)
+        print(f"compiled the decode step ({'by block regions' if step.regions else 'whole'}) in "
+              f"{time.perf_counter() - t0:.1f}s", file=err, flush=True)
 
     gen = torch.Generator(device=device)
     gen.manual_seed(cfg.seed)

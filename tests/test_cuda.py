@@ -126,10 +126,12 @@ def test_train_and_decode_steps_never_synchronize(name):
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
-@pytest.mark.parametrize("name, mode", [(m, "default") for m in MODELS] + [("moneta", "reduce-overhead"),
-                                                                           ("transformer", "reduce-overhead")])
-def test_compiled_decode_on_cuda_matches_eager(name, mode):
-    """sample.make_step compiled on the GPU (float32; reduce-overhead: replayed as a CUDA graph over the state
+@pytest.mark.parametrize("name, mode, regions", [(m, "default", None) for m in MODELS] +
+                         [("moneta", "default", False), ("moneta", "reduce-overhead", None),
+                          ("transformer", "reduce-overhead", None)])
+def test_compiled_decode_on_cuda_matches_eager(name, mode, regions):
+    """sample.make_step compiled on the GPU (float32; by block regions, CUDA's default, and once whole;
+    reduce-overhead: replayed as a CUDA graph over the state
     buffers it writes in place, none skipped) against the eager step over 40 tokens that cross chunk
     boundaries after a 30-token prefill, all three following the eager tokens: the same logits within the float32
     bound of conftest.f32_tol from a float64 copy (n_ops: the 70 tokens in sequence, each through the memory,
@@ -143,8 +145,9 @@ def test_compiled_decode_on_cuda_matches_eager(name, mode):
     m64.load_state_dict(model.state_dict())
     prompt = torch.randint(64, (1, 30), device=CUDA)
     caches = [model.init_cache(1, 80), model.init_cache(1, 80), m64.init_cache(1, 80)]
-    steps = [sample.make_step(model), sample.make_step(model, compile=True, compile_mode=mode),
+    steps = [sample.make_step(model), sample.make_step(model, compile=True, compile_mode=mode, regions=regions),
              sample.make_step(m64)]
+    assert steps[1].regions is (regions is None)
     n_ops = 70 * (608 + 3700)
     with torch.no_grad():
         tok = model.prefill(prompt, caches[0])[0][:, -1:].argmax(-1)

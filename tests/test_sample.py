@@ -335,10 +335,11 @@ def test_compiled_step_matches_eager(moneta_dir, f32_tol):
     assert got[:tie] == eager[:tie]
 
 
-def _eager_and_counted_steps(name, n_layer, preset="tiny", backend="aot_eager"):
+def _eager_and_counted_steps(name, n_layer, preset="tiny", backend="aot_eager", regions=False):
     """A small float64 model of `name` (a Miras model: chunks of 8), its eager step, and its compiled step
-    (make_step) with a counter of the graphs it compiles; backend "inductor" compiles with make_step's own
-    Inductor options (which a counting backend would bypass), and the counter is then None."""
+    (make_step, by block regions if `regions`) with a counter of the graphs it compiles; backend "inductor"
+    compiles with make_step's own Inductor options (which a counting backend would bypass), and the counter is
+    then None."""
     from torch._dynamo.testing import CompileCounterWithBackend
     from models import build_model
     torch.manual_seed(0)
@@ -347,7 +348,8 @@ def _eager_and_counted_steps(name, n_layer, preset="tiny", backend="aot_eager"):
                         **chunks).double().eval()
     torch._dynamo.reset()
     counter = None if backend == "inductor" else CompileCounterWithBackend(backend)
-    return model, sample.make_step(model), sample.make_step(model, compile=True, backend=counter or backend), counter
+    return (model, sample.make_step(model),
+            sample.make_step(model, compile=True, backend=counter or backend, regions=regions), counter)
 
 
 def _assert_same_state(compiled, eager, chunk_size=8, exact_conv=False):
@@ -369,11 +371,12 @@ def _assert_same_state(compiled, eager, chunk_size=8, exact_conv=False):
                 torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=f"{field} differs")
 
 
+@pytest.mark.parametrize("regions", [False, True])
 @pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=INDUCTOR_OPT_IN)])
 @pytest.mark.parametrize("name, preset", [("moneta", "tiny"), ("memora", "tiny"), ("yaad", "tiny"),
                                           ("memora", "tiny+hybrid"), ("moneta", "tiny+titans_lmm"),
                                           ("transformer", "tiny")])
-def test_compiled_step_writes_the_state_in_place(name, preset, backend):
+def test_compiled_step_writes_the_state_in_place(name, preset, backend, regions):
     """After a prefill the compiled step (make_step: aot_eager, inductor opt-in; float64) copies the cache's state once
     into buffers of its own and from then on writes every step's state into them: the cache holds the same tensors
     at every step, none sharing storage with a parameter, and they hold what the eager step computes (position,
@@ -382,8 +385,10 @@ def test_compiled_step_writes_the_state_in_place(name, preset, backend):
     rest; one for the Transformer++, whose state is its position and KV caches); attention layers write their KV
     caches in place themselves. An eager step in between rebinds the cache's state; the next compiled step takes the
     new tensors as its buffers and reads the chunk position from them. With inductor (opt-in), make_step's CPU
-    options are in play as well: the C++ wrapper with its intermediate buffers on the stack."""
-    model, eager, compiled, counter = _eager_and_counted_steps(name, n_layer=2, preset=preset, backend=backend)
+    options are in play as well: the C++ wrapper with its intermediate buffers on the stack (the Python wrapper by
+    block regions, where each Miras layer's region writes its own state in place)."""
+    model, eager, compiled, counter = _eager_and_counted_steps(name, n_layer=2, preset=preset, backend=backend,
+                                                               regions=regions)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     prompt = torch.randint(32, (1, 13))
     caches = [model.init_cache(1, 64), model.init_cache(1, 64)]
@@ -448,6 +453,67 @@ def test_inductor_step_keeps_the_refreshed_l2_anchor():
             torch.testing.assert_close(l_c, l_e, rtol=1e-12, atol=1e-12, msg=f"logits at position {13 + i}")
             _assert_same_state(caches[1], caches[0])
             tok = [t_e, t_e]
+
+
+@pytest.mark.parametrize("name", ["yaad", "memora"])
+def test_inductor_region_step_equals_eager(name):
+    """The compiled step by block regions with Inductor (its Python wrapper), float64, chunks of 8: the same logits
+    and state as the eager step over 12 tokens that cross a chunk's first token (Yaad: the refreshed l2 anchor,
+    whose copy Inductor once dropped, test_inductor_step_keeps_the_refreshed_l2_anchor; Memora: kl's exact first
+    step). Inductor mis-ordered the state's in-place copies when the whole step wrote back the state of regions
+    that had read it (the conv tails came out as garbage): each region writes its own layer's state."""
+    model, eager, compiled, _ = _eager_and_counted_steps(name, n_layer=2, backend="inductor", regions=True)
+    caches = [model.init_cache(1, 64), model.init_cache(1, 64)]
+    with torch.no_grad():
+        prompt = torch.randint(32, (1, 13))
+        tok = [model.prefill(prompt, c)[0][:, -1:].argmax(-1) for c in caches]
+        for i in range(12):  # positions 13-24: chunks start at 16 and 24
+            (t_e, l_e), (_, l_c) = eager(tok[0], caches[0]), compiled(tok[1], caches[1])
+            torch.testing.assert_close(l_c, l_e, rtol=1e-12, atol=1e-12, msg=f"logits at position {13 + i}")
+            _assert_same_state(caches[1], caches[0])
+            tok = [t_e, t_e]
+
+
+@pytest.mark.parametrize("name, preset, miras_layers", [("moneta", "tiny", 3), ("memora", "tiny+hybrid", 2)])
+def test_region_step_compiles_one_block_graph_for_every_layer(name, preset, miras_layers):
+    """By block regions, the compiled step's graph (as Dynamo hands it to the backend) calls one region per Miras
+    layer, and all of them the same subgraph: what Inductor compiles once, so that the compile time does not grow
+    with the depth; attention layers (the hybrid's) run inline. Whole (regions=False), it calls none."""
+    from models import build_model
+    invoke = torch.ops.higher_order.invoke_subgraph
+    torch.manual_seed(0)
+    model = build_model(name, preset, n_layer=2 * miras_layers if "hybrid" in preset else miras_layers, n_embd=32,
+                        n_head=2, vocab_size=32, block_size=64, chunk_size=8).double().eval()
+    for regions in (True, False):
+        torch._dynamo.reset()
+        graphs = []
+
+        def backend(gm, example_inputs):
+            graphs.append(gm)
+            return gm.forward
+        step, cache = sample.make_step(model, compile=True, backend=backend, regions=regions), model.init_cache(1, 64)
+        with torch.no_grad():
+            tok = model.prefill(torch.randint(32, (1, 13)), cache)[0][:, -1:].argmax(-1)
+            for _ in range(4):  # positions 13-16: the rest of a chunk, then a chunk's first token
+                tok, _ = step(tok, cache)
+        assert len(graphs) == 2
+        for gm in graphs:
+            calls = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is invoke]
+            assert len(calls) == (miras_layers if regions else 0)
+            assert len({n.args[0].target for n in calls}) == (1 if regions else 0)
+
+
+def test_region_step_needs_a_compiled_step():
+    """make_step compiles by block regions on CUDA by default, not on a CPU (where the C++ wrapper is faster per
+    token), and only a compiled step: regions=True without compile=True is a one-line SampleError, as is
+    sample.py's --compile_regions=True without --compile=True."""
+    from models import build_model
+    model = build_model("moneta", "tiny", n_layer=1, n_embd=32, n_head=2, vocab_size=32, block_size=16)
+    assert sample.make_step(model, compile=True).regions is False
+    with pytest.raises(sample.SampleError, match="needs compile=True"):
+        sample.make_step(model, regions=True)
+    with pytest.raises(sample.SampleError, match="add --compile=True"):
+        sample.run(sample.parse_args(["--compile_regions=True", "--compile=False", "--out_dir=/nonexistent"]))
 
 
 def test_decode_compile_options_stack_allocate_on_a_cpu(monkeypatch):
