@@ -645,9 +645,12 @@ def _compiled(fn, key):
     key gets its own copy of the function's code object: dynamo counts recompilations per code object, so
     each key has its own budget (dynamo's default of 8) for the variants it guards on: the forward (no grad,
     detached inputs) and the backward's recompute (grad), each with or without the anchor being the start
-    weights themselves (a chunk start of a retention whose anchor is its weights vs a chunk in progress)."""
+    weights themselves (a chunk start of a retention whose anchor is its weights vs a chunk in progress). Dynamo's
+    guards check every input's shape and strides (static), so Inductor's own assert of each on every call, host
+    work paid once per chunk, is off."""
     if (fn, key) not in _COMPILED:
-        _COMPILED[(fn, key)] = torch.compile(with_own_code(fn, len(_COMPILED)), fullgraph=True, dynamic=False)
+        _COMPILED[(fn, key)] = torch.compile(with_own_code(fn, len(_COMPILED)), fullgraph=True, dynamic=False,
+                                             options={"size_asserts": False})
     return _COMPILED[(fn, key)]
 
 

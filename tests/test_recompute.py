@@ -178,6 +178,20 @@ def test_compiled_chunks_with_the_gauss_newton_step():
         assert_close(g_c[name], g[name], rtol=1e-9, atol=1e-10, what=f"compiled d/d{name}")
 
 
+def test_compiled_chunks_do_not_assert_their_inputs_again():
+    """Dynamo guards a chunk graph's inputs (static shapes and strides), so its Inductor code does not assert each
+    input's size and stride again on every call, host work paid once per chunk (the generated code of a training
+    call's forward and recomputing backward, Inductor's cache off so that the code is generated)."""
+    from torch._inductor.utils import run_and_get_code
+    memory_core._COMPILED.clear()
+    x, leaves = grad_inputs(make_inputs(26, T=6, retention="l2"), "l2", False)
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        _, codes = run_and_get_code(grads, x, leaves, True, False, objective="l2", retention="l2", chunk_size=4,
+                                    compile_chunks=True)
+    assert len(codes) >= 2  # the forward's chunk and the backward's recompute and vjp
+    assert not [c for c in codes if "assert_size_stride(" in c]
+
+
 def test_compiled_chunks_graph_count_is_bounded_per_rule_without_a_recompile_limit_patch():
     """Each (rule, shapes but T's, dtype) gets its own compiled copy of each chunk function (the forward's) and
     of each kind of piece's backward (its recompute and vjp, memory_core._piece_grads), with at most two graphs
