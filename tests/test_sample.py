@@ -460,8 +460,8 @@ def test_inductor_region_step_equals_eager(name):
     """The compiled step by block regions with Inductor (its Python wrapper), float64, chunks of 8: the same logits
     and state as the eager step over 12 tokens that cross a chunk's first token (Yaad: the refreshed l2 anchor,
     whose copy Inductor once dropped, test_inductor_step_keeps_the_refreshed_l2_anchor; Memora: kl's exact first
-    step). Inductor mis-ordered the state's in-place copies when the whole step wrote back the state of regions
-    that had read it (the conv tails came out as garbage): each region writes its own layer's state."""
+    step). A step whose regions returned their new state for the step to write back after all of them came out
+    wrong with Inductor (the conv tails garbage; exact with aot_eager): each region writes its own layer's state."""
     model, eager, compiled, _ = _eager_and_counted_steps(name, n_layer=2, backend="inductor", regions=True)
     caches = [model.init_cache(1, 64), model.init_cache(1, 64)]
     with torch.no_grad():
