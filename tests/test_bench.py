@@ -43,6 +43,8 @@ def test_two_models_two_lengths_write_every_field(tmp_path):
     # Miras decode state is O(1) in the position; the Transformer's KV cache grows with it.
     assert decode["moneta", 16]["state_bytes"] == decode["moneta", 32]["state_bytes"]
     assert decode["transformer", 32]["state_bytes"] > decode["transformer", 16]["state_bytes"]
+    # how the step was compiled (make_step's block regions: CUDA's default); eager here
+    assert all(r["compiled_by_regions"] is False for r in decode.values())
     assert report["info"]["torch"] and report["info"]["threads"] >= 1
     assert (tmp_path / "bench.png").exists() or "matplotlib" not in str(report)
 
