@@ -510,7 +510,7 @@ def prepare_cell(cfg, name, seq_len, mode):
         sec = statistics.median(times)
         return dict(batch_size=1, tokens_per_s=1.0 / sec, ms_per_token=1e3 * sec, first_call_s=first,
                     state_bytes=model_common.state_bytes(at["cache"])["total"],
-                    compiled_by_regions=bool(getattr(step_fn, "regions", False)), **profiled)
+                    compiled_by_regions=step_fn.regions, **profiled)
     return run, result
 
 

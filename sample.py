@@ -397,7 +397,8 @@ def make_step(model, autocast=None, compile=False, compile_mode="default", sampl
     regions (compiled steps): trace and compile a Miras block once as a region of the step's graph
     (torch.compiler.nested_compile_region) and call it for every layer, so that the compile time does not grow with
     the depth, as that of a graph unrolling every block does; None: on CUDA (on a CPU the step's C++ wrapper, which
-    cannot call regions in torch 2.13, is faster per token)."""
+    cannot call regions in torch 2.13, is faster per token). The step's attributes `sampling` and `regions` say
+    how it draws and how it was compiled."""
     device = model.lm_head.weight.device
     cli.check_compile_mode(compile_mode, compile, device, SampleError)
     autocast = autocast or contextlib.nullcontext()
@@ -416,7 +417,7 @@ def make_step(model, autocast=None, compile=False, compile_mode="default", sampl
         return sampling.pick(logits, noise), logits
 
     if not compile:
-        step.sampling = sampling
+        step.sampling, step.regions = sampling, False
         return step
     graphs = compile_mode in cli.CUDA_GRAPH_MODES
 
