@@ -402,7 +402,7 @@ def make_step(model, autocast=None, compile=False, compile_mode="default", sampl
     device = model.lm_head.weight.device
     cli.check_compile_mode(compile_mode, compile, device, SampleError)
     autocast = autocast or contextlib.nullcontext()
-    regions = compile and device.type == "cuda" if regions is None else regions
+    regions = (compile and device.type == "cuda") if regions is None else regions
     if regions and not compile:
         raise SampleError("regions=True compiles the step by block regions: it needs compile=True")
     if regions and not hasattr(torch.compiler, "nested_compile_region"):
@@ -692,7 +692,7 @@ def run(cfg, out=None, err=None):
 
     step = make_step(model, autocast, compile, cfg.compile_mode,
                      Sampling(cfg.temperature, cfg.top_k, cfg.top_p, tok.vocab_size),
-                     regions=cfg.compile_regions if compile else False)
+                     regions=cfg.compile_regions)  # None: make_step's default; True without --compile was refused above
     if compile and cfg.max_new_tokens > 1:  # compile outside the timings: the same positions on a scratch run
         t0 = time.perf_counter()
         for _ in generate_stream(model, prompt, warmup_tokens(model.config, len(prompt), cfg.max_new_tokens),
