@@ -81,6 +81,8 @@ class BenchConfig:
     seq_lens: str = ""            # comma-separated; --op: 512,2048,8192
     modes: str = "train,prefill,decode"
     model_preset: str = ""        # preset of every model, so sizes match
+    model_args: str = ""          # config overrides of the Miras models ("k=v,k=v" or JSON, as train.py's), e.g.
+                                  # recompute_inputs=false; the Transformer++ stays the baseline as it is
     vocab_size: int = 0
     tokens_per_step: int = 0      # >= the longest seq_len: the batch is tokens_per_step // seq_len
     decode_tokens: int = 0        # decode steps timed after a prefill of seq_len tokens
@@ -129,9 +131,19 @@ def _names(cfg, key, valid):
     return names
 
 
+def model_args(cfg, name):
+    """--model_args as overrides of model `name`'s config: the Miras models' only (raises BenchError)."""
+    from models import MODELS
+    from model_common import MirasConfig
+    config_cls = MODELS[name][0]
+    if not issubclass(config_cls, MirasConfig):
+        return {}
+    return cli.parse_model_args(cfg.model_args, config_cls, name, error=BenchError)
+
+
 def validate(cfg):
     """Reject what cannot be measured, naming the key and what to pass instead (BenchError)."""
-    from models import MODELS, preset_overrides
+    from models import MODELS, make_config, preset_overrides
     models = _names(cfg, "models", list(MODELS))
     modes = _names(cfg, "modes", MODES)
     _names(cfg, "op_impls", OP_IMPLS)
@@ -149,8 +161,9 @@ def validate(cfg):
     for name in models:
         try:
             preset_overrides(name, cfg.model_preset)
+            make_config(name, cfg.model_preset, **model_args(cfg, name))
         except ValueError as e:
-            raise BenchError(f"--model_preset: {e}") from None
+            raise BenchError(f"--model_preset / --model_args: {e}") from None
     if cfg.repeats < 1:
         raise BenchError(f"--repeats must be >= 1 (timed runs per measurement), got {cfg.repeats}")
     if cfg.warmup < 0:
@@ -433,11 +446,13 @@ def prepare_cell(cfg, name, seq_len, mode):
     if mode == "decode":
         # untimed steps from position seq_len on, so many that they reach the chunk start the timed steps (seq_len
         # to seq_len + decode_tokens) reach, if any: its graph's compile would otherwise land in a timed step
-        to_start = sample.steps_to_chunk_start(make_config(name, cfg.model_preset), seq_len)
+        config = make_config(name, cfg.model_preset, **model_args(cfg, name))
+        to_start = sample.steps_to_chunk_start(config, seq_len)
         warm_steps = max(cfg.warmup, 1, to_start + 1 if to_start is not None and to_start <= cfg.decode_tokens else 0)
         # the cache holds a round's steps, or the warm-up's and the profiled one
         max_len += max(cfg.decode_tokens + 1, warm_steps + (1 if cfg.profile else 0))
-    model = build_model(name, cfg.model_preset, block_size=max_len, vocab_size=cfg.vocab_size).to(device)
+    model = build_model(name, cfg.model_preset, block_size=max_len, vocab_size=cfg.vocab_size,
+                        **model_args(cfg, name)).to(device)
     autocast = cli.autocast_for(device, cfg.dtype)
     gen = torch.Generator().manual_seed(0)
     idx = torch.randint(model.config.vocab_size, (batch, seq_len), generator=gen).to(device)
@@ -738,7 +753,8 @@ def run_models(cfg):
         for name, out, peak in cells:
             rec = dict(kind="model", model=name, seq_len=seq_len, mode=mode, device=cfg.device,
                        compile=cfg.compile, compile_mode=cfg.compile_mode, dtype=cfg.dtype,
-                       model_preset=cfg.model_preset, vocab_size=cfg.vocab_size, tokens_per_s=None, peak_mem_bytes=peak)
+                       model_preset=cfg.model_preset, model_args=model_args(cfg, name), vocab_size=cfg.vocab_size,
+                       tokens_per_s=None, peak_mem_bytes=peak)
             rec.update(out)
             records.append(rec)
             if "oom" in out or "error" in out:

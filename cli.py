@@ -1,5 +1,6 @@
 """The command-line plumbing shared by train.py, sample.py and bench.py: one typed `--key=value` parser over a
-config dataclass, and what "auto" means for the device and the dtype (and the autocast context of a dtype).
+config dataclass (and one for `--model_args`, overrides of a model's config), and what "auto" means for the
+device and the dtype (and the autocast context of a dtype).
 
     cfg, given = cli.parse(TrainConfig, sys.argv[1:], prog="train.py", files=True)
 
@@ -81,6 +82,34 @@ def coerce(key, value, hint, hints, what="key", from_string=False, source="", er
     if out is _bad:
         raise error(f"{what} {key!r} must be {_type_name(hint)}, got {value!r}{source}; "
                     f"valid {what}s: {valid_keys(hints)}")
+    return out
+
+
+def parse_model_args(model_args, config_cls, model, error=ConfigError):
+    """--model_args ("k=v,k=v" or a JSON object) -> model config overrides, typed by the model's config dataclass
+    (config_cls; `model` names it in errors)."""
+    s = model_args.strip()
+    if not s:
+        return {}
+    hints = typing.get_type_hints(config_cls)
+    from_string = not s.startswith("{")
+    if not from_string:
+        try:
+            raw = json.loads(s)
+        except json.JSONDecodeError as e:
+            raise error(f"--model_args is not valid JSON: {e}") from None
+    else:
+        raw = {}
+        for item in s.split(","):
+            key, eq, value = item.partition("=")
+            if not eq:
+                raise error(f"--model_args item {item!r} must look like key=value")
+            raw[key.strip()] = value.strip()
+    out = {}
+    for key, value in raw.items():
+        if key not in hints:
+            raise error(f"unknown model_args key {key!r} for {model}; valid model_args keys: {valid_keys(hints)}")
+        out[key] = coerce(key, value, hints[key], hints, what="model_args key", from_string=from_string, error=error)
     return out
 
 

@@ -125,6 +125,9 @@ class MirasConfig(LMConfig):
                                   # or without a whole-model compile (which sees the chunk loop as one operator);
                                   # None: on CUDA inputs, and on any device inside a whole-model torch.compile
                                   # (train.py --compile): on a CPU alone, compiling costs more than it saves
+    recompute_inputs: bool = True  # training: the backward recomputes the memory's inputs (input projection, short
+                                  # conv, silu, norms, gates) instead of keeping them: the activation memory of
+                                  # the default, for a slower step; False keeps them (README, "Benchmarks")
     conv_size: int = 4            # depthwise causal conv on q, k, v
     use_rope: bool = False        # RoPE on the Miras layer's q, k (attention layers always use RoPE)
     gate_rank: int = 32           # rank of the low-rank gate projection (paper: 32 or 64)
@@ -539,9 +542,9 @@ class MirasLayer(nn.Module):
     def forward(self, x, rope, cache=None, pos=None):
         B, T, C = x.shape
         H, d = self.H, self.d
-        if cache is None and torch.is_grad_enabled():
+        if cache is None and torch.is_grad_enabled() and self.cfg.recompute_inputs:
             # training: the backward recomputes the inputs (one projection matmul, the conv and elementwise ops)
-            # instead of keeping the padded conv input, its output and the silu's (3 x 3C per token)
+            # instead of keeping the projection and the padded conv input (4C + r and 3C per token)
             q, k, v, gates, out_gate, _ = torch.utils.checkpoint.checkpoint(self._memory_inputs, x, rope, None,
                                                                             use_reentrant=False)
         else:

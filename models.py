@@ -114,6 +114,7 @@ def function_dict(config):
     function does not invalidate finished runs."""
     out = config.to_dict()
     out.pop("compile_memory", None)  # how the chunks run, not what they compute
+    out.pop("recompute_inputs", None)  # what the backward keeps, not what the model computes
     if out.get("lq_link") == "printed" or out.get("retention", "lq") != "lq":  # the function before the option
         out.pop("lq_link", None)
     if out.get("attention_rope") is True or not set(out.get("layer_pattern", "")) & set("AS"):

@@ -142,39 +142,10 @@ def validate(cfg):
             raise ConfigError(msg)
 
 
-def parse_model_args(model_args, model):
-    """"k=v,k=v" or a JSON object -> model config overrides, typed by the model's config dataclass."""
-    s = model_args.strip()
-    if not s:
-        return {}
-    cls = models.MODELS[model][0]
-    hints = typing.get_type_hints(cls)
-    from_string = not s.startswith("{")
-    if not from_string:
-        try:
-            raw = json.loads(s)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"--model_args is not valid JSON: {e}") from None
-    else:
-        raw = {}
-        for item in s.split(","):
-            key, eq, value = item.partition("=")
-            if not eq:
-                raise ConfigError(f"--model_args item {item!r} must look like key=value")
-            raw[key.strip()] = value.strip()
-    out = {}
-    for key, value in raw.items():
-        if key not in hints:
-            raise ConfigError(f"unknown model_args key {key!r} for {model}; valid model_args keys: "
-                              f"{cli.valid_keys(hints)}")
-        out[key] = cli.coerce(key, value, hints[key], hints, what="model_args key", from_string=from_string)
-    return out
-
-
 def model_overrides(cfg, vocab_size):
     """Model config overrides from the train config: model_args, then the explicit size keys, then the
     dataset's vocabulary (rounded up to a multiple of 64 when it is large, as nanoGPT pads GPT-2's)."""
-    over = parse_model_args(cfg.model_args, cfg.model)
+    over = cli.parse_model_args(cfg.model_args, models.MODELS[cfg.model][0], cfg.model)
     for key in ("n_layer", "n_embd", "n_head", "block_size"):
         if getattr(cfg, key) is not None:
             over[key] = getattr(cfg, key)
@@ -548,8 +519,8 @@ def model_config(cfg, vocab_size, ckpt=None, ckpt_path=None):
             if asked.get(k) != had.get(k)]
     if diff:
         raise ConfigError(f"resume: the model config of {ckpt_path} differs from this run's: {'; '.join(diff)}")
-    if hasattr(saved, "compile_memory"):  # how the chunks run is this run's choice (None: by device)
-        saved = dataclasses.replace(saved, compile_memory=mcfg.compile_memory)
+    if hasattr(saved, "compile_memory"):  # how the chunks run and what the backward keeps are this run's choice
+        saved = dataclasses.replace(saved, compile_memory=mcfg.compile_memory, recompute_inputs=mcfg.recompute_inputs)
     return saved
 
 

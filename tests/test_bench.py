@@ -11,7 +11,8 @@ import torch
 
 import bench
 
-MODEL_FIELDS = {"model", "seq_len", "mode", "tokens_per_s", "peak_mem_bytes", "device", "compile", "dtype", "first_call_s"}
+MODEL_FIELDS = {"model", "seq_len", "mode", "tokens_per_s", "peak_mem_bytes", "device", "compile", "dtype", "first_call_s",
+                "model_args"}
 
 
 def run_bench(tmp_path, *extra):
@@ -50,6 +51,23 @@ def test_two_models_two_lengths_write_every_field(tmp_path):
 
 
 @pytest.mark.skipif(bench._MALLINFO2 is None, reason="the C library is not glibc: no mallinfo2")
+def test_model_args_override_the_miras_models_and_leave_the_baseline(tmp_path):
+    """--model_args reaches the Miras models built in the worker (their FLOPs per token follow the chunk size) and
+    their rows; the Transformer++ is built as it is."""
+    import models
+    report = run_bench(tmp_path, "--models=moneta,transformer", "--seq_lens=16", "--modes=train",
+                       "--model_preset=tiny", "--model_args=recompute_inputs=false,chunk_size=8")
+    rows = {r["model"]: r for r in report["records"]}
+    assert rows["moneta"]["model_args"] == {"recompute_inputs": False, "chunk_size": 8}
+    assert rows["transformer"]["model_args"] == {}
+
+    def flops(name, **kw):
+        return models.build_model(name, "tiny", vocab_size=rows[name]["vocab_size"], **kw).flops_per_token(16)
+    assert flops("moneta", chunk_size=8) != flops("moneta")
+    assert rows["moneta"]["model_flops_per_token"] == flops("moneta", chunk_size=8)
+    assert rows["transformer"]["model_flops_per_token"] == flops("transformer")
+
+
 def test_heap_peak_sees_a_buffer_freed_inside_the_block():
     """HeapPeak samples the heap's bytes in use while its block runs: a 64 MiB tensor made, filled and freed
     inside the block is in its peak, and no longer in use after it (heap_in_use, unlike the RSS, drops on free)."""
@@ -269,6 +287,10 @@ TINY = ["--models=transformer", "--seq_lens=16", "--modes=prefill", "--model_pre
     (["--op", "--op_shape=1,0,64,4"], "--op_shape"),
     (["--op", "--op_shape=1,4,x,4"], "--op_shape"),
     (["--model_preset=huge"], "--model_preset"),
+    (["--models=moneta", "--model_args=recompute=false"], "unknown model_args key 'recompute'"),
+    (["--models=moneta", "--model_args=recompute_inputs=maybe"], "recompute_inputs"),
+    (["--models=moneta", "--model_args=chunk_size=0"], "--model_args"),
+    (["--models=moneta", "--model_args=chunk_size"], "key=value"),
     (["--preset=tpu"], "--preset"),
     (["--dtype=float16"], "dtype"),
     (["--dtype=float64"], "--dtype"),

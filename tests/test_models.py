@@ -186,16 +186,18 @@ def test_nope_attention_is_blind_to_the_order_of_the_prefix_and_decodes_exactly(
 
 
 @pytest.mark.parametrize("name", ["moneta", "memora"])
-def test_training_recomputes_the_memory_inputs(name, monkeypatch):
-    """In training the Miras layer's input stage (projections, conv, silu, l2 norm, gates) runs under activation
-    checkpointing: the gradients equal those without it (float64, exactly), and the layer keeps fewer bytes for
-    the backward."""
+def test_training_recomputes_the_memory_inputs_unless_told_not_to(name):
+    """By default (recompute_inputs=True) the Miras layer's input stage (projections, conv, silu, l2 norm, gates)
+    runs under activation checkpointing in training; recompute_inputs=False keeps its activations instead. The
+    gradients are the same either way (float64, exactly), and the default keeps fewer bytes for the backward."""
     torch.manual_seed(0)
-    model = build_model(name, "tiny", n_layer=1, vocab_size=64, block_size=128, chunk_size=16).double()
+    shape = dict(n_layer=1, vocab_size=64, block_size=128, chunk_size=16)
+    model = build_model(name, "tiny", **shape).double()
+    keeping = build_model(name, "tiny", recompute_inputs=False, **shape).double()
+    keeping.load_state_dict(model.state_dict())
     idx = torch.randint(64, (2, 97))
 
-    def run():
-        model.zero_grad()
+    def run(model):
         kept = {}
 
         def pack(t):
@@ -204,10 +206,9 @@ def test_training_recomputes_the_memory_inputs(name, monkeypatch):
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             _, loss = model(idx[:, :-1], idx[:, 1:])
         loss.backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters()}, sum(kept.values())
-    grads, kept = run()
-    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda fn, *args, **kw: fn(*args))
-    plain, kept_plain = run()
+        return {n: p.grad for n, p in model.named_parameters()}, sum(kept.values())
+    grads, kept = run(model)
+    plain, kept_plain = run(keeping)
     for n in plain:
         assert torch.equal(grads[n], plain[n]), n
     # the conv's padded input, its output and the silu's (3 x 3C floats per token), less the copies of v and

@@ -313,6 +313,19 @@ def test_resume_of_a_checkpoint_saved_with_compile_memory_false(dataset, tmp_pat
     assert train.train(cfg)["iter"] == 2
 
 
+def test_resume_may_change_what_the_backward_keeps(dataset, tmp_path):
+    """recompute_inputs changes what a training step keeps for its backward, not what the model computes: a run
+    resumed with another value is no config mismatch, and it trains with its own choice."""
+    out = tmp_path / "out"
+    train.train(cfg_of(dataset, out, "--max_iters=1"))
+    ck = torch.load(out / "ckpt.pt", weights_only=False)
+    assert ck["model_config"]["recompute_inputs"] is True
+    cfg = cfg_of(dataset, out, "--max_iters=2", "--init_from=resume", "--model_args=chunk_size=16,gate_rank=8,recompute_inputs=false")
+    mcfg = train.model_config(cfg, ck["model_config"]["vocab_size"], ck, out / "ckpt.pt")
+    assert mcfg.recompute_inputs is False
+    assert train.train(cfg)["iter"] == 2
+
+
 def test_checkpoint_with_learning_rate_in_its_model_config_loads(dataset, tmp_path):
     """Checkpoints written before learning_rate left the model config (it was the preset's peak lr) still
     resume, sample and load: models.config_from_dict drops that key."""
