@@ -536,8 +536,9 @@ class MirasLayer(nn.Module):
         q, k = F.normalize(q, dim=-1, eps=1e-6), F.normalize(k, dim=-1, eps=1e-6)
         if self.cfg.use_rope:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
-        # own storage for what outlives this function: views would keep the whole projection alive
-        return q, k, v.contiguous(), self._gates(u, dt), out_gate.contiguous(), conv_state
+        # own storage for what outlives this function (u: in the gate projection's backward, for its weights'
+        # gradient): views would keep the whole projection alive
+        return q, k, v.contiguous(), self._gates(u.contiguous(), dt), out_gate.contiguous(), conv_state
 
     def forward(self, x, rope, cache=None, pos=None):
         B, T, C = x.shape
