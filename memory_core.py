@@ -56,6 +56,7 @@ _HOMES = {("objective", "lp"): "model_moneta", ("retention", "lq"): "model_monet
           ("objective", "huber"): "model_yaad", ("retention", "kl"): "model_memora"}
 LN_EPS = 1e-5
 RECOMPUTE_BACKWARD = True  # False: plain autograd through the chunk loop (keeps every chunk's activations)
+PIECES_PER_GROUP = 4  # whole chunks run as one graph and recomputed together in the backward (_groups)
 STEP_FLOOR = 1.0  # normalize_step: the smallest output gain per unit step the normalizer assumes, so eta
                   # never exceeds eta_hat <g, e> / ||g||^2 (see normalized_eta). With 1e-3 the floor let
                   # eta grow ~1000x as the LayerNorm-invariant weight scale drifted up (README, "Stability")
@@ -712,14 +713,21 @@ def _chunked_split(tensors, plan, chunk, fills):
             for (kind, _), x in zip(plan, pieces)]
 
 
-def _last_rows(plan, device):
-    """The 1-element index tensor of each piece's last real row (a fill per distinct length, not a host-to-device
-    copy; whole chunks share one)."""
+def _last_rows(plan, groups, device):
+    """Each group's last real row per piece, as one index tensor [pieces] (a fill per distinct pattern of lengths,
+    not a host-to-device copy; groups of whole chunks share one). One tensor per group, not one per piece: dynamo
+    guards on which inputs are the same tensor, and pieces sharing one row tensor would make a group with a
+    padded piece a graph of its own."""
     made = {}
-    for _, n in plan:
-        if n not in made:
-            made[n] = torch.full((1,), n - 1, device=device)
-    return [made[n] for _, n in plan]
+    for group in groups:
+        lengths = tuple(plan[i][1] for i in group)
+        if lengths not in made:
+            rows = torch.full((len(group),), max(lengths) - 1, device=device)
+            for k, n in enumerate(lengths):
+                if n != max(lengths):
+                    rows[k:k + 1].fill_(n - 1)
+            made[lengths] = rows
+    return [made[tuple(plan[i][1] for i in group)] for group in groups]
 
 
 def _run_piece(kind, x, st, ln_w, ln_b, rule, fns, last_row=None, n=None):
@@ -817,44 +825,62 @@ def _chunk_key(inputs, state, names, ints, floats):
     return names, tuple(ints), tuple(floats), shapes, inputs[0].dtype, inputs[0].device
 
 
-def _loop_setup(inputs, state, names, ints, floats, pos, kernels=True):
-    """What the op's arguments stand for: (plan, rule, fns). state: the flattened start state. kernels=False:
-    the chunk functions uncompiled (still padded under compile_chunks): for the fake implementation, whose
-    shapes may be symbolic under a whole-model compile (a compiled function's key needs concrete shapes), and
-    for the backward, which compiles each piece's recompute and vjp whole (_piece_grads)."""
+def _loop_setup(inputs, state, names, ints, floats, pos):
+    """What the op's arguments stand for: (plan, groups, rule, fns). state: the flattened start state. fns are the
+    chunk functions themselves (padded under compile_chunks); the operator compiles each group of pieces whole
+    (_run_group, _group_grads), so that what a compiled function's key needs (concrete shapes) is never asked of the
+    fake implementation, whose shapes may be symbolic under a whole-model compile."""
     objective, retention, memory, link, _ = names.split(",")
     chunk_size, normalize_step, compile_chunks, track = ints
     p, q_norm, sharpness, eps, simplex = floats
     rule = _rule(objective, retention, chunk_size, p, q_norm, sharpness, eps, simplex or None, memory, normalize_step,
                  link)
     ret = rule["retention"]
-    segment, lag_step, fresh_segment = _segment, ret.lag_step, _fresh_segment
-    lag_segment = lag_step and _lag_segment
-    if compile_chunks and kernels:
-        key = _chunk_key(inputs, state, names, ints, floats)
-        segment = _compiled(_segment, key)
-        lag_step, lag_segment = lag_step and _compiled(lag_step, key), lag_step and _compiled(_lag_segment, key)
-        fresh_segment = _compiled(_fresh_segment, key) if ret.has_norm else None
-    fns = (segment, lag_segment, lag_step, fresh_segment, bool(track), rule["chunk_size"] if compile_chunks else None)
-    return _plan(inputs[0].shape[1], pos, rule["chunk_size"], lag_step is not None), rule, fns
+    lag_step = ret.lag_step
+    fns = (_segment, lag_step and _lag_segment, lag_step, _fresh_segment if ret.has_norm else None, bool(track),
+           rule["chunk_size"] if compile_chunks else None)
+    plan = _plan(inputs[0].shape[1], pos, rule["chunk_size"], lag_step is not None)
+    return plan, _groups(plan), rule, fns
 
 
-def _saved_slots(plan, layout):
-    """Which state slots each piece after the first saves for the backward (a list of bools per piece). The
-    anchor is left out where it need not be kept: a piece that refreshes it (a chunk's start, the kl lag step)
+def _groups(plan):
+    """The plan's pieces in groups (lists of indices), each run as one compiled graph and recomputed as one in the
+    backward: up to PIECES_PER_GROUP consecutive chunks that start a chunk, alike (a call's "continue" and a lone
+    "lag" token stay alone, and so do the last chunks that do not fill a group). The backward keeps one start
+    state per group, not per chunk: the saved fast weights, most of a Miras model's extra training memory at
+    large head sizes (README, "The memory engine"). A group that starts a chunk does not read the anchor it is
+    given: it gets the weights themselves there, in every position, so that dynamo (which guards on which inputs
+    alias) compiles one graph per kind of group, not one for the call's first group and one for the others."""
+    groups, i = [], 0
+    while i < len(plan):
+        kind = plan[i][0]
+        run = 1
+        while (kind in ("refresh", "lag_chunk") and i + run < len(plan) and plan[i + run][0] == kind
+               and run < PIECES_PER_GROUP):
+            run += 1
+        if run < PIECES_PER_GROUP:
+            run = 1
+        groups.append(list(range(i, i + run)))
+        i += run
+    return groups
+
+
+def _saved_slots(plan, groups, layout):
+    """Which state slots each group after the first saves for the backward (a list of bools per group). The anchor
+    is left out where it need not be kept: a group that starts by refreshing it (a chunk's start, the kl lag step)
     never reads the old one."""
     n_st, n_w, n_a = sum(max(n, 0) for n in layout), layout[0], layout[1]
-    return [[plan[i][0] == "continue" or not n_w <= j < n_w + n_a for j in range(n_st)] for i in range(1, len(plan))]
+    return [[plan[g[0]][0] == "continue" or not n_w <= j < n_w + n_a for j in range(n_st)] for g in groups[1:]]
 
 
 def _stacked_shapes(state, slots):
-    """The saved starts as one tensor per state slot, stacked over the pieces that save it: the operator's
+    """The saved starts as one tensor per state slot, stacked over the groups that save it: the operator's
     outputs are as many whatever T is (so is the graph a whole-model compile traces around it)."""
     return [(sum(row[j] for row in slots), *t.shape) for j, t in enumerate(state)]
 
 
 def _unstack_starts(state, stacked, slots):
-    """Every piece's start state, flattened: the first piece's is `state`; later pieces read their saved slots
+    """Every group's start state, flattened: the first group's is `state`; later groups read their saved slots
     from `stacked` and get an empty tensor for a slot they did not save."""
     starts, used = list(state), [0] * len(state)
     for row in slots:
@@ -901,36 +927,55 @@ def _chunk_loop(xs: list[torch.Tensor], present: list[bool], state: list[torch.T
     # compiled chunks one variant for the forward, whatever requires_grad the caller's tensors have
     xs, state, ln_w, ln_b = [t.detach() for t in xs], [t.detach() for t in state], ln_w.detach(), ln_b.detach()
     inputs = _with_absent(xs, present)
-    plan, rule, fns = _loop_setup(inputs, state, names, ints, floats, pos)
+    plan, groups, rule, fns = _loop_setup(inputs, state, names, ints, floats, pos)
     st = _unflatten_state(state, _like(layout))
-    slots = _saved_slots(plan, layout) if save_starts else []
-    # the saved starts are copied into their stacked buffers as each piece begins, while the previous piece's
+    slots = _saved_slots(plan, groups, layout) if save_starts else []
+    # the saved starts are copied into their stacked buffers as each group begins, while the previous group's
     # output is still in cache (a stack at the end re-reads them all from memory)
     stacked = [t.new_empty(shape) for t, shape in zip(state, _stacked_shapes(state, slots))] if save_starts else []
     used, ys = [0] * len(state), []
     compiled = fns[5] is not None
-    pieces = _chunked_split(inputs, plan, fns[5], _NO_OP) if compiled else _split(inputs, plan)
-    last_rows = _last_rows(plan, xs[0].device) if compiled else [None] * len(plan)
+    if compiled:  # whole chunks (a first piece continuing a chunk padded to one), one graph per kind of group
+        pieces = [x if kind == "lag" else _pad(x, fns[5])
+                  for (kind, _), x in zip(plan, _chunked_split(inputs, plan, fns[5], _NO_OP))]
+        last_rows, key = _last_rows(plan, groups, xs[0].device), _chunk_key(inputs, state, names, ints, floats)
+    else:
+        pieces, last_rows = _split(inputs, plan), [None] * len(groups)
     # below ADInplaceOrView, as the op's autograd kernel calls it: a whole-model compile's first call ran it with
     # that key excluded and its later calls did not, and compiled chunks guard on it (one more graph, compiled
     # on the second training step)
     with torch.no_grad(), torch._C._AutoDispatchBelowADInplaceOrView():
-        for i, ((kind, n), x) in enumerate(zip(plan, pieces)):
-            if save_starts and i > 0:
+        for gi, group in enumerate(groups):
+            if save_starts and gi > 0:
                 for j, t in enumerate(_flatten_state(st)):
-                    if slots[i - 1][j]:
+                    if slots[gi - 1][j]:
                         stacked[j][used[j]].copy_(t)
                         used[j] += 1
-            y, st = _run_piece(kind, x, st, ln_w, ln_b, rule, fns, last_rows[i], n)
-            ys.append(y)
+            kinds = tuple(plan[i][0] for i in group)
+            if kinds[0] != "continue":  # the anchor is not read (_anchor_unread)
+                st = (st[0], list(st[0]), *st[2:])
+            run = _compiled(_run_group, (kinds, *key)) if compiled else _run_group
+            group_ys, st = run(kinds, [pieces[i] for i in group], st, ln_w, ln_b, rule, fns, last_rows[gi])
+            ys += [y[:, :plan[i][1]] for i, y in zip(group, group_ys)]
     return _fresh([torch.cat(ys, dim=1), *_flatten_state(st), *stacked], {id(t) for t in (*xs, *state)})
+
+
+def _run_group(kinds, xs, st, ln_w, ln_b, rule, fns, last_rows):
+    """A group of consecutive pieces (_groups; kinds and xs: each piece's kind and inputs; last_rows: their last
+    real rows, [pieces], or None) from state st: ([each piece's y, padded length], st after). What compiled chunks
+    compile as one graph per kind of group, and what the backward recomputes and differentiates (_group_grads)."""
+    ys = []
+    for k, (kind, x) in enumerate(zip(kinds, xs)):
+        y, st = _run_piece(kind, x, st, ln_w, ln_b, rule, fns, None if last_rows is None else last_rows[k:k + 1])
+        ys.append(y)
+    return ys, st
 
 
 @_chunk_loop.register_fake
 def _(xs, present, state, ln_w, ln_b, names, ints, floats, pos, layout, save_starts):
-    plan, _, _ = _loop_setup(_with_absent(xs, present), state, names, ints, floats, pos, kernels=False)
-    stacked = ([t.new_empty(shape) for t, shape in zip(state, _stacked_shapes(state, _saved_slots(plan, layout)))]
-               if save_starts else [])
+    plan, groups, _, _ = _loop_setup(_with_absent(xs, present), state, names, ints, floats, pos)
+    slots = _saved_slots(plan, groups, layout)
+    stacked = [t.new_empty(shape) for t, shape in zip(state, _stacked_shapes(state, slots))] if save_starts else []
     return [_empty(t) for t in (xs[0], *state)] + stacked  # distinct tensors: no aliasing
 
 
@@ -941,80 +986,91 @@ def _autograd_inside_op():
     return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude)
 
 
-def _piece_grads(kind, x, start, ln_w, ln_b, dy, d_state, rule, fns, like, last_row=None):
-    """One piece's backward: (d ln_w, d ln_b, [d of its present inputs], [d of its start state]) from the
-    gradients of its output and end state (d_state: every slot's, full-sized), through its recompute.
+def _group_grads(kinds, xs, start, ln_w, ln_b, dys, d_state, rule, fns, like, last_rows):
+    """One group's backward: (d ln_w, d ln_b, [d of each piece's present inputs], [d of its start state]) from the
+    gradients of its pieces' outputs and its end state (d_state: every slot's, full-sized), through its recompute.
     Compiled (compile_chunks), by torch.func.vjp: the recompute and its backward are one graph, and no autograd
     graph is built and replayed between them, which cuts the host's work per chunk (what a GPU waits on at
     small chunks; README, "A GPU, twice"). Eager, by autograd (torch.func's eager transforms cost more per op)."""
-    present = [t is not None for t in x]
-    xp = [t for t in x if t is not None]
+    present = [t is not None for t in xs[0]]
+    n_x = sum(present)
+    flat = [t for x in xs for t in x if t is not None]
 
-    def piece(ln_w, ln_b, xs, start):
-        y, st = _run_piece(kind, _with_absent(xs, present), _unflatten_state(start, like), ln_w, ln_b, rule, fns,
-                           last_row)
-        return y, _flatten_state(st)
+    def group(ln_w, ln_b, flat, start):
+        pieces = [_with_absent(flat[i * n_x:(i + 1) * n_x], present) for i in range(len(kinds))]
+        ys, st = _run_group(kinds, pieces, _unflatten_state(start, like), ln_w, ln_b, rule, fns, last_rows)
+        return ys, _flatten_state(st)
 
     if torch.compiler.is_compiling():
-        _, vjp = torch.func.vjp(piece, ln_w, ln_b, xp, start)
-        return vjp((dy, d_state))
-    leaves = [t.detach().requires_grad_(True) for t in (ln_w, ln_b, *xp, *start)]
-    y, outs = piece(leaves[0], leaves[1], leaves[2:2 + len(xp)], leaves[2 + len(xp):])
-    used = [(o, g) for o, g in zip((y, *outs), (dy, *d_state)) if o.requires_grad]  # kl's lag: a fresh grad_sum
-    grads = torch.autograd.grad([o for o, _ in used], leaves, [g for _, g in used], allow_unused=True)
-    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads)]
-    return grads[0], grads[1], grads[2:2 + len(xp)], grads[2 + len(xp):]
+        _, vjp = torch.func.vjp(group, ln_w, ln_b, flat, start)
+        d_lw, d_lb, d_flat, d_start = vjp((list(dys), d_state))
+    else:
+        leaves = [t.detach().requires_grad_(True) for t in (ln_w, ln_b, *flat, *start)]
+        ys, outs = group(leaves[0], leaves[1], leaves[2:2 + len(flat)], leaves[2 + len(flat):])
+        used = [(o, g) for o, g in zip((*ys, *outs), (*dys, *d_state)) if o.requires_grad]  # kl's lag: a fresh grad_sum
+        grads = torch.autograd.grad([o for o, _ in used], leaves, [g for _, g in used], allow_unused=True)
+        grads = [torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads)]
+        d_lw, d_lb, d_flat, d_start = grads[0], grads[1], grads[2:2 + len(flat)], grads[2 + len(flat):]
+    return d_lw, d_lb, [list(d_flat[i * n_x:(i + 1) * n_x]) for i in range(len(kinds))], list(d_start)
 
 
 @torch.library.custom_op("miras::chunk_loop_backward", mutates_args=())
 def _chunk_loop_backward(xs: list[torch.Tensor], present: list[bool], starts: list[torch.Tensor],
                          ln_w: torch.Tensor, ln_b: torch.Tensor, grads_out: list[Optional[torch.Tensor]], names: str,
                          ints: list[int], floats: list[float], pos: int, layout: list[int]) -> list[torch.Tensor]:
-    """The loop's backward: walks the pieces in reverse, recomputes each from its saved start (activation
-    checkpointing per piece: the forward kept no per-chunk activations of the E*d-wide memory MLP) and
-    differentiates it (_piece_grads). starts: the start state and the forward's stacked saved starts (one tensor
-    per slot); grads_out: the gradients of [y, *state after]. Returns [d ln_w, d ln_b, *d xs, *d state]."""
+    """The loop's backward: walks the groups of pieces in reverse, recomputes each from its saved start
+    (activation checkpointing per group: the forward kept no per-chunk activations of the E*d-wide memory MLP)
+    and differentiates it (_group_grads). starts: the start state and the forward's stacked saved starts (one
+    tensor per slot); grads_out: the gradients of [y, *state after]. Returns [d ln_w, d ln_b, *d xs, *d state]."""
     inputs = _with_absent(xs, present)
     like, n_st = _like(layout), sum(max(n, 0) for n in layout)
-    plan, rule, fns = _loop_setup(inputs, starts[:n_st], names, ints, floats, pos, kernels=False)
-    compiled = fns[5] is not None  # compile_chunks: pieces padded to a chunk, one graph per kind of piece
+    plan, groups, rule, fns = _loop_setup(inputs, starts[:n_st], names, ints, floats, pos)
+    compiled = fns[5] is not None  # compile_chunks: pieces padded to a chunk, one graph per kind of group
     key = _chunk_key(inputs, starts[:n_st], names, ints, floats) if compiled else None
     if len(starts) != 2 * n_st:
         raise RuntimeError("miras::chunk_loop backward without the saved piece starts: the forward ran with "
                            "grad mode off; run it under torch.enable_grad() to differentiate it")
-    starts = _unstack_starts(starts[:n_st], starts[n_st:], _saved_slots(plan, layout))
+    starts = _unstack_starts(starts[:n_st], starts[n_st:], _saved_slots(plan, groups, layout))
     if compiled:  # whole chunks, padded once per call (_chunked_split), dy with zeros
         both = _chunked_split([*inputs, grads_out[0]], plan, fns[5], (*_NO_OP, 0.0))
         pieces, dys = [x[:-1] for x in both], [x[-1] for x in both]
-        last_rows = _last_rows(plan, grads_out[0].device)
+        last_rows = _last_rows(plan, groups, grads_out[0].device)
+        for i, (kind, _) in enumerate(plan):  # a first piece continuing a chunk: padded to a whole one
+            if kind != "lag" and dys[i].shape[1] < fns[5]:
+                pieces[i], dys[i] = _pad(pieces[i], fns[5]), _pad_to(dys[i], fns[5], 0.0)
     else:
         pieces, dys = _split(inputs, plan), grads_out[0].split([n for _, n in plan], dim=1)
+        last_rows = [None] * len(groups)
     # the state after the call, where unused: zeros of the full start's shapes (distinct from `zeros` below, as
     # the compiled vjp guards on its inputs' aliasing)
     d_state = [s.new_zeros(s.shape) if g is None else g for s, g in zip(starts[:n_st], grads_out[1:])]
     d_lws, d_lbs = [], []
     d_pieces = [None] * len(plan)
-    # a start slot not saved (_saved_slots) is not read by its piece: zeros of its size stand in for it and
-    # for its gradient, so that every piece of a kind has the same inputs (one graph)
+    # a start slot not saved (_saved_slots) is not read by its group: zeros of its size stand in for it and
+    # for its gradient, so that every group of a kind has the same inputs (one graph)
     zeros = [t.new_zeros(t.shape) for t in starts[:n_st]]
-    for i in range(len(plan) - 1, -1, -1):
-        (kind, n), x, dy, start = plan[i], pieces[i], dys[i], starts[i * n_st:(i + 1) * n_st]
-        last_row, piece_grads = None, _piece_grads
-        if compiled:  # one graph per kind of piece, whatever its length, strides and requires_grad
-            piece_grads, last_row = _compiled(_piece_grads, (kind, *key)), last_rows[i]
-            if kind != "lag" and dy.shape[1] < fns[5]:  # a first piece continuing a chunk: padded to a whole one
-                x, dy = _pad(x, fns[5]), _pad_to(dy, fns[5], 0.0)
-            x, dy = [None if t is None else t.detach() for t in x], dy.detach()  # whatever requires_grad
+    for gi in range(len(groups) - 1, -1, -1):
+        group = groups[gi]
+        kinds, start = tuple(plan[i][0] for i in group), starts[gi * n_st:(gi + 1) * n_st]
+        xs_g, dys_g = [pieces[i] for i in group], [dys[i] for i in group]
+        group_grads = _group_grads
+        if compiled:  # one graph per kind of group, whatever its length, strides and requires_grad
+            group_grads = _compiled(_group_grads, (kinds, *key))
+            xs_g = [[None if t is None else t.detach() for t in x] for x in xs_g]
+            dys_g = [dy.detach() for dy in dys_g]
         start, d_state = ([t.detach() if t.shape == z.shape else z for t, z in zip(ts, zeros)]
                           for ts in (start, d_state))
+        if kinds[0] != "continue":  # the anchor is not read: the weights stand in for it, as in the forward
+            start[layout[0]:2 * layout[0]] = start[:layout[0]]
         # recompute as the forward ran: with grad, and in the compute dtype whatever autocast is around
         with _autograd_inside_op(), torch.enable_grad(), torch.autocast(ln_w.device.type, enabled=False):
-            d_lw, d_lb, d_x, d_state = piece_grads(kind, x, start, ln_w.detach(), ln_b.detach(), dy, d_state, rule,
-                                                   fns, like, last_row)
-        d_pieces[i] = [g[:, :n] for g in d_x]
+            d_lw, d_lb, d_xs, d_state = group_grads(kinds, xs_g, start, ln_w.detach(), ln_b.detach(), dys_g,
+                                                    d_state, rule, fns, like, last_rows[gi])
+        for i, d_x in zip(group, d_xs):
+            d_pieces[i] = [g[:, :plan[i][1]] for g in d_x]
         d_lws.append(d_lw)
         d_lbs.append(d_lb)
-    d_ln = [torch.stack(d_lws).sum(0), torch.stack(d_lbs).sum(0)]  # two kernels, not two per piece
+    d_ln = [torch.stack(d_lws).sum(0), torch.stack(d_lbs).sum(0)]  # two kernels, not two per group
     d_inputs = [torch.cat(parts, dim=1) for parts in zip(*d_pieces)]
     return _fresh([*d_ln, *d_inputs, *d_state], {id(t) for t in (*xs, ln_w, ln_b, *grads_out)})
 
@@ -1143,7 +1199,7 @@ def miras_memory(q, k, v, eta, alpha, state, ln_weight, ln_bias, *, objective="l
             y, st = _run_loop(inputs, st, ln_w, ln_b, spec, pos)
         else:  # plain autograd through the same pieces: keeps every chunk's activations (the tests' reference;
             # also under forward-mode AD and torch.func transforms, which the operator does not support)
-            plan, _, fns = _loop_setup(inputs, _flatten_state(st), *spec, pos)
+            plan, _, _, fns = _loop_setup(inputs, _flatten_state(st), *spec, pos)
             ys = []
             for (kind, _), x in zip(plan, _split(inputs, plan)):
                 y, st = _run_piece(kind, x, st, ln_w, ln_b, rule, fns)

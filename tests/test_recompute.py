@@ -102,13 +102,16 @@ def test_recomputing_backward_keeps_no_chunk_activations():
 
 def test_compiled_chunks_one_graph_for_every_length():
     """compile_chunks pads short pieces to a whole chunk with no-op tokens: the padded pieces give eager's
-    outputs and gradients (float64, kl: chunks from their lag token, one padded, and a lone lag token), and a
-    new length compiles nothing new."""
+    outputs and gradients (float64, kl: chunks from their lag token, one padded, and a lone lag token; alone and
+    in a group of memory_core.PIECES_PER_GROUP), and a new length compiles nothing new."""
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
     memory_core._COMPILED.clear()
     kw = dict(objective="huber", retention="kl", chunk_size=4)
-    for T in (9, 15):
+    # T = 22: a group of four chunks (memory_core.PIECES_PER_GROUP), then two chunks alone, one padded; T = 9: two
+    # chunks alone, then a lone lag token
+    assert memory_core.PIECES_PER_GROUP == 4
+    for T in (9, 22):
         x, leaves = grad_inputs(make_inputs(24, T=T, retention="kl"), "huber", False)
         y, g = grads(x, leaves, True, False, **kw)
         y_c, g_c = grads(x, leaves, True, False, compile_chunks=True, **kw)
@@ -116,8 +119,9 @@ def test_compiled_chunks_one_graph_for_every_length():
         for name in g:
             assert_close(g_c[name], g[name], rtol=1e-9, atol=1e-10, what=f"compiled d/d{name}")
     n_graphs = counters["stats"]["unique_graphs"]
-    x, leaves = grad_inputs(make_inputs(25, T=22, retention="kl"), "huber", False)
-    grads(x, leaves, True, False, compile_chunks=True, **kw)
+    for T in (15, 37, 46):  # a group, its last chunk padded; two groups, then two chunks or a lone lag token
+        x, leaves = grad_inputs(make_inputs(25, T=T, retention="kl"), "huber", False)
+        grads(x, leaves, True, False, compile_chunks=True, **kw)
     assert counters["stats"]["unique_graphs"] == n_graphs, "a new length compiled a new graph"
 
 
@@ -193,9 +197,9 @@ def test_compiled_chunks_do_not_assert_their_inputs_again():
 
 
 def test_compiled_chunks_graph_count_is_bounded_per_rule_without_a_recompile_limit_patch():
-    """Each (rule, shapes but T's, dtype) gets its own compiled copy of each chunk function (the forward's) and
-    of each kind of piece's backward (its recompute and vjp, memory_core._piece_grads), with at most two graphs
-    each, so a process that trains and evaluates several rules stays within dynamo's default budget of 8 per
+    """Each (rule, shapes but T's, dtype) gets its own compiled copy of each kind of group of pieces' forward
+    (memory_core._run_group) and backward (its recompute and vjp, memory_core._group_grads), with at most two
+    graphs each, so a process that trains and evaluates several rules stays within dynamo's default budget of 8 per
     function (fullgraph makes running past it an error), and a new length compiles nothing."""
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
@@ -213,15 +217,17 @@ def test_compiled_chunks_graph_count_is_bounded_per_rule_without_a_recompile_lim
                        for n, t in x.items()}
                 one["state"] = tuple(w[:1] for w in x["state"])
                 _call(one, miras_memory, one["state"], **kw)
-    run_all(9)
+    run_all(21)
     n_graphs = counters["stats"]["unique_graphs"]
     assert n_graphs > 8  # more than one function's default budget in this process, and no error
     assert n_graphs <= 2 * len(memory_core._COMPILED), (n_graphs, len(memory_core._COMPILED))
-    # forward: (train, eval batch) x (each rule's chunk; kl's chunk from its lag token and its lone lag step; lq's
-    # chunk from its start, refresh included); backward: one per kind of piece of the 9 tokens in chunks of 4
-    # (l2, dot, lq: chunk starts; kl: chunks from their lag token, and the lone lag token)
-    assert len(memory_core._COMPILED) == 2 * len(rules) + 6 + 5
-    run_all(14)
+    # one per kind of group of the 21 tokens in chunks of 4 (l2, dot, lq: four chunks from their start, then such
+    # chunks alone; kl: the same from their lag token, and the lone lag token): the forward's for the training and
+    # the evaluation batch, the backward's for training
+    assert memory_core.PIECES_PER_GROUP == 4
+    assert len(memory_core._COMPILED) == 2 * 9 + 9
+    for T in (14, 6, 30):
+        run_all(T)
     assert counters["stats"]["unique_graphs"] == n_graphs, "a new length compiled a new graph"
 
 
