@@ -56,7 +56,12 @@ _HOMES = {("objective", "lp"): "model_moneta", ("retention", "lq"): "model_monet
           ("objective", "huber"): "model_yaad", ("retention", "kl"): "model_memora"}
 LN_EPS = 1e-5
 RECOMPUTE_BACKWARD = True  # False: plain autograd through the chunk loop (keeps every chunk's activations)
-PIECES_PER_GROUP = 4  # whole chunks run as one graph and recomputed together in the backward (_groups)
+# Whole chunks per group (_groups), run as one compiled graph and recomputed as one in the backward, which keeps one
+# start state per group: 4 on CUDA, where every graph call costs host time the GPU waits on and a deep model's saved
+# starts are most of its extra memory; 1 elsewhere (a CPU), where a group's larger working set made the tiny
+# models' steps slower and their saved starts are about the size of one group's recompute (README, "The memory
+# engine")
+CHUNKS_PER_GROUP = {"cuda": 4}
 STEP_FLOOR = 1.0  # normalize_step: the smallest output gain per unit step the normalizer assumes, so eta
                   # never exceeds eta_hat <g, e> / ||g||^2 (see normalized_eta). With 1e-3 the floor let
                   # eta grow ~1000x as the LayerNorm-invariant weight scale drifted up (README, "Stability")
@@ -807,13 +812,14 @@ def _plan(T, pos, b, has_lag):
 _IMPL_TAG = hashlib.sha1(pathlib.Path(__file__).read_bytes()).hexdigest()[:16]
 
 
-def _spec(rule, compile_chunks, track):
+def _spec(rule, compile_chunks, track, device):
     """The rule as the operator's typed arguments: (names "objective,retention,memory,link,implementation tag",
-    ints [chunk_size, normalize_step, compile_chunks, track], floats [p, q_norm, sharpness, eps, simplex_scale
-    or 0])."""
+    ints [chunk_size, normalize_step, compile_chunks, track, chunks per group (CHUNKS_PER_GROUP, by device)],
+    floats [p, q_norm, sharpness, eps, simplex_scale or 0])."""
     names = ",".join((rule["objective"].name, rule["retention"].name, rule["memory"], rule["link"], _IMPL_TAG))
     norm_code = 1 + STEP_NORMS.index(rule["normalize_step"]) if rule["normalize_step"] else 0
-    ints = [rule["chunk_size"], norm_code, int(compile_chunks), int(track)]
+    group = CHUNKS_PER_GROUP.get(device.type, 1)
+    ints = [rule["chunk_size"], norm_code, int(compile_chunks), int(track), group]
     floats = [rule["p"], rule["q_norm"], rule["sharpness"], rule["eps"], float(rule["simplex_scale"] or 0.0)]
     return names, ints, floats
 
@@ -831,7 +837,7 @@ def _loop_setup(inputs, state, names, ints, floats, pos):
     (_run_group, _group_grads), so that what a compiled function's key needs (concrete shapes) is never asked of the
     fake implementation, whose shapes may be symbolic under a whole-model compile."""
     objective, retention, memory, link, _ = names.split(",")
-    chunk_size, normalize_step, compile_chunks, track = ints
+    chunk_size, normalize_step, compile_chunks, track, group = ints
     p, q_norm, sharpness, eps, simplex = floats
     rule = _rule(objective, retention, chunk_size, p, q_norm, sharpness, eps, simplex or None, memory, normalize_step,
                  link)
@@ -840,12 +846,12 @@ def _loop_setup(inputs, state, names, ints, floats, pos):
     fns = (_segment, lag_step and _lag_segment, lag_step, _fresh_segment if ret.has_norm else None, bool(track),
            rule["chunk_size"] if compile_chunks else None)
     plan = _plan(inputs[0].shape[1], pos, rule["chunk_size"], lag_step is not None)
-    return plan, _groups(plan), rule, fns
+    return plan, _groups(plan, group), rule, fns
 
 
-def _groups(plan):
+def _groups(plan, size):
     """The plan's pieces in groups (lists of indices), each run as one compiled graph and recomputed as one in the
-    backward: up to PIECES_PER_GROUP consecutive chunks that start a chunk, alike (a call's "continue" and a lone
+    backward: `size` consecutive chunks that start a chunk, alike (a call's "continue" and a lone
     "lag" token stay alone, and so do the last chunks that do not fill a group). The backward keeps one start
     state per group, not per chunk: the saved fast weights, most of a Miras model's extra training memory at
     large head sizes (README, "The memory engine"). A group that starts a chunk does not read the anchor it is
@@ -855,10 +861,9 @@ def _groups(plan):
     while i < len(plan):
         kind = plan[i][0]
         run = 1
-        while (kind in ("refresh", "lag_chunk") and i + run < len(plan) and plan[i + run][0] == kind
-               and run < PIECES_PER_GROUP):
+        while kind in ("refresh", "lag_chunk") and i + run < len(plan) and plan[i + run][0] == kind and run < size:
             run += 1
-        if run < PIECES_PER_GROUP:
+        if run < size:
             run = 1
         groups.append(list(range(i, i + run)))
         i += run
@@ -1192,7 +1197,7 @@ def miras_memory(q, k, v, eta, alpha, state, ln_weight, ln_bias, *, objective="l
         grad_sum = grad_sum if track else None
         inputs = (qf, kf, vf, eta_f, log_alpha, log_mu, delta_f)
         st = (weights, anchor, norm, mom, grad_sum)
-        spec = _spec(rule, compile_chunks, track)
+        spec = _spec(rule, compile_chunks, track, q.device)
         if T == 0:  # an empty prefill
             y = qf
         elif RECOMPUTE_BACKWARD and not _under_transform():

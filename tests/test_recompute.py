@@ -49,9 +49,23 @@ def _call(inp, fn, state, **kw):
                         momentum=inp["momentum"] if mom is not None else None, **kw)
 
 
+@pytest.fixture(params=[1, 2], ids=["chunks_alone", "chunks_in_pairs"])
+def chunks_per_group(request, monkeypatch):
+    """The operator's chunks run alone (a CPU's default) or in groups (memory_core.CHUNKS_PER_GROUP: 4 on CUDA;
+    2 here, so that a few chunks make groups, alone ones and a padded one)."""
+    monkeypatch.setattr(memory_core, "CHUNKS_PER_GROUP", {"cpu": request.param})
+    return request.param
+
+
+@pytest.fixture
+def chunks_in_fours(monkeypatch):
+    """Groups of four chunks, CUDA's default (memory_core.CHUNKS_PER_GROUP), on the CPU."""
+    monkeypatch.setattr(memory_core, "CHUNKS_PER_GROUP", {"cpu": 4})
+
+
 @pytest.mark.parametrize("objective,retention", list(itertools.product(OBJECTIVES, RETENTIONS)))
 @pytest.mark.parametrize("T,b,carried", [(11, 4, False), (3, 8, False), (13, 4, True)])
-def test_recomputing_backward_equals_autograd(objective, retention, T, b, carried):
+def test_recomputing_backward_equals_autograd(objective, retention, T, b, carried, chunks_per_group):
     inp = make_inputs(21, T=T, retention=retention)
     kw = dict(objective=objective, retention=retention, chunk_size=b)
     results = []
@@ -69,7 +83,7 @@ def test_recomputing_backward_equals_autograd(objective, retention, T, b, carrie
 @pytest.mark.parametrize("objective,retention,extra", [("lp", "lq", dict(momentum=True)),
                                                        ("lp", "lq", dict(normalize_step=True)),
                                                        ("huber", "kl", dict(normalize_step=True))])
-def test_recomputing_backward_momentum_and_normalized(objective, retention, extra):
+def test_recomputing_backward_momentum_and_normalized(objective, retention, extra, chunks_per_group):
     """With a carried state (kl: its lag pieces start the normalizer's running sum afresh)."""
     inp = make_inputs(22, T=10, retention=retention)
     kw = dict(objective=objective, retention=retention, chunk_size=4, **extra)
@@ -100,17 +114,15 @@ def test_recomputing_backward_keeps_no_chunk_activations():
     assert n_loop == 1 and len(seen) < 60, (n_loop, len(seen))
 
 
-def test_compiled_chunks_one_graph_for_every_length():
+def test_compiled_chunks_one_graph_for_every_length(chunks_in_fours):
     """compile_chunks pads short pieces to a whole chunk with no-op tokens: the padded pieces give eager's
     outputs and gradients (float64, kl: chunks from their lag token, one padded, and a lone lag token; alone and
-    in a group of memory_core.PIECES_PER_GROUP), and a new length compiles nothing new."""
+    in a group of four), and a new length compiles nothing new."""
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
     memory_core._COMPILED.clear()
     kw = dict(objective="huber", retention="kl", chunk_size=4)
-    # T = 22: a group of four chunks (memory_core.PIECES_PER_GROUP), then two chunks alone, one padded; T = 9: two
-    # chunks alone, then a lone lag token
-    assert memory_core.PIECES_PER_GROUP == 4
+    # T = 22: a group of four chunks, then two chunks alone, one padded; T = 9: two chunks alone, then a lone lag token
     for T in (9, 22):
         x, leaves = grad_inputs(make_inputs(24, T=T, retention="kl"), "huber", False)
         y, g = grads(x, leaves, True, False, **kw)
@@ -128,7 +140,7 @@ def test_compiled_chunks_one_graph_for_every_length():
 
 @pytest.mark.parametrize("objective,retention,extra", [("huber", "l2", {}), ("lp", "lq", dict(momentum=True)),
                                                        ("l2", "kl", dict(normalize_step="gain"))])
-def test_compiled_chunks_from_a_carried_state_equal_eager(objective, retention, extra):
+def test_compiled_chunks_from_a_carried_state_equal_eager(objective, retention, extra, chunks_per_group):
     """Compiled chunks cut their inputs once per call into whole chunks (memory_core._chunked_split): a first piece
     that continues the carried state's chunk, whole chunks, a padded last one, and for kl a lone lag token at the
     end (T = 10 after 3 carried tokens of a chunk of 4: 1 + 4 + 4 + 1) or a padded lag chunk (T = 12), with
@@ -196,7 +208,7 @@ def test_compiled_chunks_do_not_assert_their_inputs_again():
     assert not [c for c in codes if "assert_size_stride(" in c]
 
 
-def test_compiled_chunks_graph_count_is_bounded_per_rule_without_a_recompile_limit_patch():
+def test_compiled_chunks_graph_count_is_bounded_per_rule_without_a_recompile_limit_patch(chunks_in_fours):
     """Each (rule, shapes but T's, dtype) gets its own compiled copy of each kind of group of pieces' forward
     (memory_core._run_group) and backward (its recompute and vjp, memory_core._group_grads), with at most two
     graphs each, so a process that trains and evaluates several rules stays within dynamo's default budget of 8 per
@@ -224,7 +236,6 @@ def test_compiled_chunks_graph_count_is_bounded_per_rule_without_a_recompile_lim
     # one per kind of group of the 21 tokens in chunks of 4 (l2, dot, lq: four chunks from their start, then such
     # chunks alone; kl: the same from their lag token, and the lone lag token): the forward's for the training and
     # the evaluation batch, the backward's for training
-    assert memory_core.PIECES_PER_GROUP == 4
     assert len(memory_core._COMPILED) == 2 * 9 + 9
     for T in (14, 6, 30):
         run_all(T)
