@@ -957,7 +957,7 @@ def _chunk_loop(xs: list[torch.Tensor], present: list[bool], state: list[torch.T
                         stacked[j][used[j]].copy_(t)
                         used[j] += 1
             kinds = tuple(plan[i][0] for i in group)
-            if kinds[0] != "continue":  # the anchor is not read (_anchor_unread)
+            if kinds[0] != "continue":  # the anchor is not read: the weights stand in for it (_groups)
                 st = (st[0], list(st[0]), *st[2:])
             run = _compiled(_run_group, (kinds, *key)) if compiled else _run_group
             group_ys, st = run(kinds, [pieces[i] for i in group], st, ln_w, ln_b, rule, fns, last_rows[gi])

@@ -11,8 +11,8 @@ import torch
 
 import bench
 
-MODEL_FIELDS = {"model", "seq_len", "mode", "tokens_per_s", "peak_mem_bytes", "device", "compile", "dtype", "first_call_s",
-                "model_args"}
+MODEL_FIELDS = {"model", "seq_len", "mode", "tokens_per_s", "peak_mem_bytes", "device", "compile", "dtype",
+                "first_call_s", "model_args"}
 
 
 def run_bench(tmp_path, *extra):
