@@ -545,7 +545,8 @@ class MirasLayer(nn.Module):
         H, d = self.H, self.d
         if cache is None and torch.is_grad_enabled() and self.cfg.recompute_inputs:
             # training: the backward recomputes the inputs (one projection matmul, the conv and elementwise ops)
-            # instead of keeping the projection and the padded conv input (4C + r and 3C per token)
+            # instead of keeping their activations (the conv's padded input, 3C per token, compiled; eager autograd
+            # also keeps the conv's output and the silu's)
             q, k, v, gates, out_gate, _ = torch.utils.checkpoint.checkpoint(self._memory_inputs, x, rope, None,
                                                                             use_reentrant=False)
         else:
