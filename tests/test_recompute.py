@@ -131,7 +131,8 @@ def test_compiled_chunks_one_graph_for_every_length(chunks_in_fours):
         for name in g:
             assert_close(g_c[name], g[name], rtol=1e-9, atol=1e-10, what=f"compiled d/d{name}")
     n_graphs = counters["stats"]["unique_graphs"]
-    for T in (15, 37, 46):  # a group, its last chunk padded; two groups, then two chunks or a lone lag token
+    # 15: a group, its last chunk padded; 37: two groups, a chunk alone, a lone lag token; 46: three groups
+    for T in (15, 37, 46):
         x, leaves = grad_inputs(make_inputs(25, T=T, retention="kl"), "huber", False)
         grads(x, leaves, True, False, compile_chunks=True, **kw)
     assert counters["stats"]["unique_graphs"] == n_graphs, "a new length compiled a new graph"
