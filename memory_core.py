@@ -702,7 +702,7 @@ def _chunked_split(tensors, plan, chunk, fills):
     """_split for compiled chunks: contiguous pieces, each a whole chunk (the last one padded with `fills`) cut
     from one chunk-major copy of each tensor made once per call, so that the loop copies and pads nothing per
     chunk (on a GPU, each copy is a kernel launched from Python). Two exceptions: a first piece that continues a
-    chunk is a contiguous copy of its own (padded where it runs), and a lone lag token is its chunk's first row."""
+    chunk is a padded copy of its own, and a lone lag token is its chunk's first row."""
     head = plan[0][1] if plan[0][0] == "continue" else 0
     n_rest = len(plan) - (head > 0)
     columns = []
@@ -712,7 +712,7 @@ def _chunked_split(tensors, plan, chunk, fills):
             continue
         rest = _pad_to(t[:, head:], n_rest * chunk, fill) if n_rest else None
         chunks = list(rest.unflatten(1, (n_rest, chunk)).movedim(1, 0).contiguous().unbind(0)) if n_rest else []
-        columns.append(([t[:, :head].contiguous()] if head else []) + chunks)
+        columns.append(([_pad_to(t[:, :head], chunk, fill)] if head else []) + chunks)
     pieces = list(zip(*columns))
     return [tuple(None if t is None else t[:, :1] for t in x) if kind == "lag" else x
             for (kind, _), x in zip(plan, pieces)]
@@ -735,12 +735,12 @@ def _last_rows(plan, groups, device):
     return [made[tuple(plan[i][1] for i in group)] for group in groups]
 
 
-def _run_piece(kind, x, st, ln_w, ln_b, rule, fns, last_row=None, n=None):
+def _run_piece(kind, x, st, ln_w, ln_b, rule, fns, last_row=None):
     """One piece: a fresh chunk ("refresh"), a lag rule's fresh chunk ("lag_chunk": its exact first step, then
     the rest), a lone lag token ("lag": a call that ends after it) or the rest of a chunk in progress
-    ("continue"). st = (weights, anchor, norm, mom, grad_sum) before it; returns (y [N, n, d], st after it).
-    With fns' pad_to set (compiled chunks), a short piece is padded to a whole chunk: one graph for every length;
-    last_row (a 1-element tensor) says where a piece that its caller padded really ends, n its real length."""
+    ("continue"). st = (weights, anchor, norm, mom, grad_sum) before it; returns (y [N, n, d] for the n rows of x,
+    st after it). With fns' pad_to set (compiled chunks), a short piece is padded to a whole chunk: one graph for
+    every length; last_row (a 1-element tensor) says where a piece that its caller padded really ends."""
     segment, lag_segment, lag_step, fresh_segment, track, pad_to = fns
     if pad_to:  # compiled: contiguous pieces, so that strides (which depend on T) never force a new graph
         x = [None if t is None else t.contiguous() for t in x]
@@ -751,7 +751,7 @@ def _run_piece(kind, x, st, ln_w, ln_b, rule, fns, last_row=None, n=None):
         y, weights = lag_step(q_c, k_c, v_c, eta_c[:, 0], la_c[:, 0].exp(), delta_c, weights, ln_w, ln_b, rule)
         grad_sum = _new_grad_sum(weights, track)
         return y, (list(weights), list(weights), norm, mom, grad_sum)
-    n = n or x[0].shape[1]
+    n = x[0].shape[1]
     if pad_to:  # every piece the same length and the same graph inputs, padded or not
         if x[0].shape[1] < pad_to:
             x = _pad(x, pad_to)
@@ -941,8 +941,7 @@ def _chunk_loop(xs: list[torch.Tensor], present: list[bool], state: list[torch.T
     used, ys = [0] * len(state), []
     compiled = fns[5] is not None
     if compiled:  # whole chunks (a first piece continuing a chunk padded to one), one graph per kind of group
-        pieces = [x if kind == "lag" else _pad(x, fns[5])
-                  for (kind, _), x in zip(plan, _chunked_split(inputs, plan, fns[5], _NO_OP))]
+        pieces = _chunked_split(inputs, plan, fns[5], _NO_OP)
         last_rows, key = _last_rows(plan, groups, xs[0].device), _chunk_key(inputs, state, names, ints, floats)
     else:
         pieces, last_rows = _split(inputs, plan), [None] * len(groups)
@@ -1040,9 +1039,6 @@ def _chunk_loop_backward(xs: list[torch.Tensor], present: list[bool], starts: li
         both = _chunked_split([*inputs, grads_out[0]], plan, fns[5], (*_NO_OP, 0.0))
         pieces, dys = [x[:-1] for x in both], [x[-1] for x in both]
         last_rows = _last_rows(plan, groups, grads_out[0].device)
-        for i, (kind, _) in enumerate(plan):  # a first piece continuing a chunk: padded to a whole one
-            if kind != "lag" and dys[i].shape[1] < fns[5]:
-                pieces[i], dys[i] = _pad(pieces[i], fns[5]), _pad_to(dys[i], fns[5], 0.0)
     else:
         pieces, dys = _split(inputs, plan), grads_out[0].split([n for _, n in plan], dim=1)
         last_rows = [None] * len(groups)
