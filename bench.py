@@ -717,10 +717,27 @@ def titans_baseline(cfg):
 
 # ----------------------------------------------------------------------------------------------
 
+def cpu_name(cpuinfo="/proc/cpuinfo"):
+    """The CPU's model name where the OS says it (Linux's cpuinfo), else what platform knows (on Linux only the
+    architecture, "x86_64"): the ratios between models move with the machine (README, "On a second CPU")."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def header(cfg):
     cuda = cfg.device.startswith("cuda")
-    dev = torch.cuda.get_device_name(cfg.device) if cuda else (platform.processor() or platform.machine())
-    info = dict(device_name=dev, torch=torch.__version__, threads=torch.get_num_threads(), compile=cfg.compile,
+    dev = torch.cuda.get_device_name(cfg.device) if cuda else cpu_name()
+    # cpu_capability: the vector instructions ATen's CPU kernels and Inductor's generated C++ use (AVX2, AVX512,
+    # ...), which set this CPU's GEMM and elementwise rates; on CUDA, the host's
+    info = dict(device_name=dev, cpu_capability=torch.backends.cpu.get_cpu_capability(), torch=torch.__version__,
+                threads=torch.get_num_threads(), compile=cfg.compile,
                 compile_mode=cfg.compile_mode, dtype=cfg.dtype, python=platform.python_version(),
                 peak_mem_measure="cuda max_memory_allocated" if cuda
                 else "worker peak RSS above its size at its start (ru_maxrss delta)",

@@ -3,6 +3,7 @@ impossible arguments, the worker start method (spawn for CUDA) and the titans-py
 import functools
 import json
 import os
+import platform
 import subprocess
 import sys
 
@@ -381,3 +382,17 @@ def test_titans_baseline_has_our_heads_head_width_and_memory_width():
     mem = bench.titans_memory()
     assert [tuple(s) for s in mem.init_weight_shape] == [(H, d), (H, d, E * d), (H, E * d, d)]
     assert mem.heads == H and mem.retrieve_chunk_size == mem.store_chunk_size == bench.OP_SHAPE["chunk"]
+
+
+def test_header_names_the_cpu_and_its_vector_instructions(tmp_path):
+    """On a CPU the device is the CPU's model name (Linux's cpuinfo), not the bare architecture platform gives,
+    and every run records the SIMD level that ATen and Inductor's CPU code use: the machine the ratios hold on."""
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu avx2\n")
+    assert bench.cpu_name(str(cpuinfo)) == "AMD EPYC 7B13"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu\n")  # no model name (some ARM kernels): platform's answer
+    assert bench.cpu_name(str(cpuinfo)) == (platform.processor() or platform.machine())
+    assert bench.cpu_name(str(tmp_path / "absent")) == (platform.processor() or platform.machine())
+    info = bench.header(bench.BenchConfig(device="cpu"))
+    assert info["device_name"] == bench.cpu_name()
+    assert info["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and info["cpu_capability"]
