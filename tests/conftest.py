@@ -12,6 +12,11 @@ import torch  # noqa: E402
 
 from data.common import write_dataset  # noqa: E402
 
+# Under pytest-xdist (README's test command runs two workers: the suite's time is mostly Inductor compiling, one
+# core each) every worker computes on one thread, so that two workers do not oversubscribe a 2-core box
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 
 def write_word_dataset(directory, n_sentences, seed=0):
     """A character-level dataset with structure a few training steps can pick up: three random words, then
