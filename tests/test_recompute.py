@@ -216,7 +216,8 @@ def test_compiled_chunks_graph_count_is_bounded_per_rule_without_a_recompile_lim
     graphs each, so a process that trains and evaluates several rules stays within dynamo's default budget of 8 per
     function (fullgraph makes running past it an error), and a new length compiles nothing. Dynamo's graphs and
     guards, what this counts, are the backend's input: aot_eager stands in for Inductor, whose code for these 27
-    graphs took about 4 minutes to build on a cold cache (the other compiled-chunk tests run Inductor)."""
+    graphs was the suite's costliest compile on a cold cache (README, "What was verified where"; the other
+    compiled-chunk tests run Inductor)."""
     from torch._dynamo.utils import counters
     compile_ = torch.compile
 
