@@ -727,9 +727,10 @@ def _last_rows(plan, groups, device):
     for group in groups:
         lengths = tuple(plan[i][1] for i in group)
         if lengths not in made:
-            rows = torch.full((len(group),), max(lengths) - 1, device=device)
+            longest = max(lengths)
+            rows = torch.full((len(group),), longest - 1, device=device)
             for k, n in enumerate(lengths):
-                if n != max(lengths):
+                if n != longest:
                     rows[k:k + 1].fill_(n - 1)
             made[lengths] = rows
     return [made[tuple(plan[i][1] for i in group)] for group in groups]
