@@ -265,10 +265,44 @@ def _layer_norm_backward(g, zhat, rstd, w):
     return gx - gx.mean(-1, keepdim=True) - zhat * (gx * zhat).mean(-1, keepdim=True)
 
 
-def _gelu_vjp(x, z):
-    """gelu'(z) * x in one kernel (aten's gelu backward, itself differentiable: the outer backward goes through
-    it), where the slope spelled out in elementwise ops would make ~10 passes over the [N, n, hidden] tensor."""
-    return torch.ops.aten.gelu_backward(x, z)
+class _NormalParts(torch.autograd.Function):
+    """[Phi(z), phi(z)], the standard normal's cdf and density, stacked, with the backward from the saved density
+    (Phi' = phi, phi' = -z phi). Under torch.compile gelu(z) = z Phi and gelu'(z) = Phi + z phi are spelled out
+    from these: Inductor on CPU evaluates a reused pointwise value again in each kernel that reads it unless the
+    value holds an op it counts as heavy (exp, not erf), and it writes a stack's inputs into their buffer once, so
+    the recompute's erf runs once per pre-activation and its backward reuses phi, where through gelu and aten's
+    gelu backward the compiled chunk backward ran erf in six kernels over [N, b, E*d] tensors and exp in four."""
+    @staticmethod
+    def forward(z):
+        return torch.stack([0.5 + 0.5 * torch.erf(z * math.sqrt(0.5)), torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0], output)
+
+    @staticmethod
+    def backward(ctx, g):
+        z, parts = ctx.saved_tensors
+        return parts[1] * (g[0] - z * g[1])
+
+
+def _gelu(z):
+    """(gelu(z), z's pre-activation record for _gelu_vjp). Compiled: through _NormalParts; eager (and under
+    forward-mode AD, which the Function does not define) aten's gelu, one fused kernel."""
+    if not torch.compiler.is_compiling():
+        return F.gelu(z), (z, None)
+    parts = _NormalParts.apply(z)
+    return z * parts[0], (z, parts)
+
+
+def _gelu_vjp(x, pre):
+    """gelu'(z) * x for a pre-activation record (z, parts) of _gelu. Eager: in one kernel (aten's gelu backward,
+    itself differentiable: the outer backward goes through it), where the slope spelled out in elementwise ops
+    would make ~10 passes over the [N, n, hidden] tensor."""
+    z, parts = pre
+    if parts is None:
+        return torch.ops.aten.gelu_backward(x, z)
+    return x * (parts[0] + z * parts[1])
 
 
 def inner_grad(k, v, delta, weights, ln_w, ln_b, rule):
@@ -276,21 +310,22 @@ def inner_grad(k, v, delta, weights, ln_w, ln_b, rule):
 
     Returns, per layer l, the layer's input activations a_l [N, n, in] and output signal dz_l [N, n, out],
     so that G_l = sum over tokens of dz_l^T a_l (times the token's step size), g and e [N, n, d], and the
-    forward's linearization (pre-activations of the hidden layers, the LayerNorm's zhat and rstd) for
+    forward's linearization (the hidden layers' pre-activation records of _gelu, the LayerNorm's zhat and rstd) for
     step_response."""
     acts, pre = [k], []
     for i, w in enumerate(weights):
         z = _mm_nt(acts[-1], w)
-        pre.append(z)
         if i < len(weights) - 1:
-            acts.append(F.gelu(z))
-    out, zhat, rstd = _layer_norm(pre[-1], ln_w, ln_b)
+            a, record = _gelu(z)
+            acts.append(a)
+            pre.append(record)
+    out, zhat, rstd = _layer_norm(z, ln_w, ln_b)
     e = k + out - v
     g = rule["objective"].output_grad(e, v, delta, rule)
     dz = [_layer_norm_backward(g, zhat, rstd, ln_w)]
     for i in range(len(weights) - 1, 0, -1):
         dz.insert(0, _gelu_vjp(dz[0] @ weights[i], pre[i - 1]))
-    return acts, dz, g, e, (pre[:-1], zhat, rstd)
+    return acts, dz, g, e, (pre, zhat, rstd)
 
 
 def normalized_eta(eta_hat, g, curvature, acts, dz, scale, grad_sum, response=None):
@@ -376,7 +411,10 @@ def _layer_output(z, h, i, n_layers, scale, offset):
         z = z * scale[i]
     if offset is not None:
         z = z + _mm_nt(h, offset[i])
-    return F.gelu(z) if i < n_layers - 1 else z
+    if i == n_layers - 1:
+        return z
+    # without grad (the compiled forward, decode) one erf: _NormalParts' density would only serve a backward
+    return _gelu(z)[0] if torch.is_grad_enabled() else F.gelu(z)
 
 
 def read(x, weights, ln_w, ln_b, scale=None, offset=None):

@@ -10,6 +10,7 @@ import traceback
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import memory_core
@@ -398,7 +399,9 @@ def test_recomputing_backward_through_the_state_alone(compile_chunks):
 def test_layout_keeping_products_equal_matmul_with_row_major_gradients(product):
     """The compiled chunks' products (memory_core._mm_nt, _mm_tn) go through autograd Functions whose gradients
     are row-major: the same values as autograd through the plain matmul (float64, awkward shapes), eager and
-    under torch.compile through torch.func.vjp, as the compiled backward runs them."""
+    under torch.compile through torch.func.vjp, as the compiled backward runs them: on operands computed inside
+    the differentiated function, for which dynamo runs a Function's own backward (for a primal it differentiates
+    the Function's forward instead, pytorch/pytorch#193279)."""
     g = torch.Generator().manual_seed(3)
     a = torch.randn(3, 5, 7, generator=g, dtype=torch.float64)
     b = {"nt": (3, 6, 7), "tn": (3, 5, 6), "gram": None}[product]
@@ -409,9 +412,9 @@ def test_layout_keeping_products_equal_matmul_with_row_major_gradients(product):
     function = {"nt": memory_core._MatmulNT, "tn": memory_core._MatmulTN, "gram": memory_core._Gram}[product]
     cotangent = torch.randn(plain(*leaves).shape, generator=g, dtype=torch.float64)
 
-    def vjp_of(fn):
+    def vjp_of(fn, computed=False):
         def run(*xs):
-            out, pull = torch.func.vjp(fn, *xs)
+            out, pull = torch.func.vjp(lambda *xs: fn(*(2.0 * t for t in xs)) if computed else fn(*xs), *xs)
             return out, pull(cotangent)
         return run
     want_y, want_g = vjp_of(plain)(*leaves)
@@ -421,10 +424,47 @@ def test_layout_keeping_products_equal_matmul_with_row_major_gradients(product):
     for got, want in zip(torch.autograd.grad(y, xs, cotangent), want_g):
         assert got.is_contiguous(), "a gradient in a transposed layout"
         assert_close(got, want, rtol=1e-13, atol=1e-13, what="eager gradient")
-    y_c, g_c = torch.compile(vjp_of(fast), fullgraph=True, dynamic=False)(*leaves)
+    want_y, want_g = vjp_of(plain, computed=True)(*leaves)
+    y_c, g_c = torch.compile(vjp_of(fast, computed=True), fullgraph=True, dynamic=False)(*leaves)
     assert_close(y_c, want_y, rtol=1e-13, atol=1e-13, what="compiled y")
     for got, want in zip(g_c, want_g):
         assert_close(got, want, rtol=1e-13, atol=1e-13, what="compiled gradient")
+
+
+def test_compiled_gelu_from_normal_parts_equals_aten_gelu_and_its_derivatives():
+    """Under torch.compile the memory's gelu and gelu' come from memory_core._NormalParts (Phi and phi once per
+    pre-activation, its own backward): the same values as aten's gelu and gelu backward, and the same vjp through
+    both (which takes gelu'' for the slope's input), float64, at 0, in both tails and around the bend. The
+    pre-activation is a product inside the differentiated function, as in the chunk recompute: dynamo runs a
+    Function's own backward under torch.func.vjp only for inputs computed there (for a primal it differentiates
+    the Function's forward instead, pytorch/pytorch#193279)."""
+    g = torch.Generator().manual_seed(5)
+    z = torch.cat([torch.tensor([0.0, -9.0, 9.0, -40.0, 40.0, 1e-8]), torch.randn(3 * 5 * 7 - 6, generator=g)])
+    z = (z * 1.5).view(3, 5, 7).to(torch.float64)
+    scale = torch.rand(3, 1, 1, generator=g, dtype=torch.float64) + 0.5
+    x = torch.randn(3, 5, 7, generator=g, dtype=torch.float64)
+    cotangents = [torch.randn(3, 5, 7, generator=g, dtype=torch.float64) for _ in range(2)]
+
+    def plain(z, scale, x):
+        z = z * scale
+        return F.gelu(z), torch.ops.aten.gelu_backward(x, z)
+
+    def fast(z, scale, x):
+        a, record = memory_core._gelu(z * scale)
+        return a, memory_core._gelu_vjp(x, record)
+
+    def vjp_of(fn):
+        def run(*xs):
+            out, pull = torch.func.vjp(fn, *xs)
+            return out, pull(tuple(cotangents))
+        return run
+    want_y, want_g = vjp_of(plain)(z, scale, x)
+    got_y, got_g = torch.compile(vjp_of(fast), fullgraph=True, dynamic=False)(z, scale, x)
+    for got, want, what in ((got_y, want_y, "gelu, gelu' x"), (got_g, want_g, "d/dz, d/dscale, d/dx")):
+        for a, b in zip(got, want):
+            assert_close(a, b, rtol=1e-13, atol=1e-13, what=f"compiled {what}")
+    zz = z.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(memory_core._NormalParts.apply, (zz,)), "the Function's backward"
 
 
 class _HostSyncSpy(TorchDispatchMode):
