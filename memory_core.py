@@ -527,13 +527,14 @@ def _lag_segment(q, k, v, eta, log_alpha, log_mu, delta, start, norm, mom, track
     y_lag, lagged = ret.lag_step(q[:, :1], k[:, :1], v[:, :1], eta[:, 0], log_alpha[:, 0].exp(),
                                  None if delta is None else delta[:, :1], start, ln_w, ln_b, rule)
     grad_sum = _new_grad_sum(lagged, track)  # the chunk's normalizer starts afresh
-
-    def rest(x):
-        return None if x is None else x[:, 1:]
-    y, new, mom, grad_sum = _segment(rest(q), rest(k), rest(v), rest(eta), rest(log_alpha), rest(log_mu), rest(delta),
-                                     lagged, lagged, ret.read_scale(norm), ret.read_offset(lagged, norm, rule), mom,
-                                     grad_sum, ln_w, ln_b, rule, None if last_row is None else last_row - 1)
-    return torch.cat([y_lag, y], dim=1), new, lagged, mom, grad_sum
+    rest = [None if x is None else x[:, 1:] for x in (q, k, v, eta, log_alpha, log_mu, delta)]
+    if last_row is not None:
+        # padded (compiled chunks): the rest back to the piece's length with a no-op token at its end, as pieces
+        # are padded; the CPU's GEMM kernels ran the b - 1 row products of the rest well below the b-row ones' rate
+        rest = _pad(rest, q.shape[1])
+    y, new, mom, grad_sum = _segment(*rest, lagged, lagged, ret.read_scale(norm), ret.read_offset(lagged, norm, rule),
+                                     mom, grad_sum, ln_w, ln_b, rule, None if last_row is None else last_row - 1)
+    return torch.cat([y_lag, y[:, :q.shape[1] - 1]], dim=1), new, lagged, mom, grad_sum
 
 
 def _token_step(q, eta, log_alpha, log_mu, delta, start, anchor, inv_norm, offset, mom, grad_sum, ln_w, ln_b, rule,
