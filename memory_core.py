@@ -236,7 +236,10 @@ class _Gram(_SavedInputs):
 
 def _mm_nt(a, b):
     """a @ b^T: under torch.compile through _MatmulNT (_Gram for b = a); eager (and under forward-mode AD,
-    which the Functions do not define) the plain product, whose gradient layouts cost nothing there."""
+    which the Functions do not define) the plain product, whose gradient layouts cost nothing there. Inside the
+    compiled recompute's torch.func.vjp dynamo runs a Function's own backward only where its operands are computed
+    in the recompute; for a primal (a piece's keys, the start weights) it differentiates the product itself
+    (torch 2.13; pytorch/pytorch#193279)."""
     if not torch.compiler.is_compiling():
         return a @ b.transpose(-1, -2)
     return _Gram.apply(a) if a is b else _MatmulNT.apply(a, b)
