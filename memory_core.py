@@ -270,8 +270,8 @@ def _layer_norm_backward(g, zhat, rstd, w):
 
 class _NormalParts(torch.autograd.Function):
     """[Phi(z), phi(z)], the standard normal's cdf and density, stacked, with the backward from the saved density
-    (Phi' = phi, phi' = -z phi). Under torch.compile gelu(z) = z Phi and gelu'(z) = Phi + z phi are spelled out
-    from these: Inductor on CPU evaluates a reused pointwise value again in each kernel that reads it unless the
+    (Phi' = phi, phi' = -z phi). In the compiled recompute gelu(z) = z Phi and gelu'(z) = Phi + z phi are spelled
+    out from these: Inductor on CPU evaluates a reused pointwise value again in each kernel that reads it unless the
     value holds an op it counts as heavy (exp, not erf), and it writes a stack's inputs into their buffer once, so
     the recompute's erf runs once per pre-activation and its backward reuses phi, where through gelu and aten's
     gelu backward the compiled chunk backward ran erf in six kernels over [N, b, E*d] tensors and exp in four."""

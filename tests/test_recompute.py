@@ -432,12 +432,12 @@ def test_layout_keeping_products_equal_matmul_with_row_major_gradients(product):
 
 
 def test_compiled_gelu_from_normal_parts_equals_aten_gelu_and_its_derivatives():
-    """Under torch.compile the memory's gelu and gelu' come from memory_core._NormalParts (Phi and phi once per
-    pre-activation, its own backward): the same values as aten's gelu and gelu backward, and the same vjp through
-    both (which takes gelu'' for the slope's input), float64, at 0, in both tails and around the bend. The
-    pre-activation is a product inside the differentiated function, as in the chunk recompute: dynamo runs a
-    Function's own backward under torch.func.vjp only for inputs computed there (for a primal it differentiates
-    the Function's forward instead, pytorch/pytorch#193279)."""
+    """In the compiled recompute (torch.compile, grad on) the memory's gelu and gelu' come from
+    memory_core._NormalParts (Phi and phi once per pre-activation, its own backward): the same values as aten's gelu
+    and gelu backward, and the same vjp through both (which takes gelu'' for the slope's input), float64, at 0, in
+    both tails and around the bend. The pre-activation is a product inside the differentiated function, as in the
+    chunk recompute: dynamo runs a Function's own backward under torch.func.vjp only for inputs computed there (for
+    a primal it differentiates the Function's forward instead, pytorch/pytorch#193279)."""
     g = torch.Generator().manual_seed(5)
     z = torch.cat([torch.tensor([0.0, -9.0, 9.0, -40.0, 40.0, 1e-8]), torch.randn(3 * 5 * 7 - 6, generator=g)])
     z = (z * 1.5).view(3, 5, 7).to(torch.float64)
