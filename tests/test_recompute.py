@@ -395,6 +395,14 @@ def test_recomputing_backward_through_the_state_alone(compile_chunks):
                      what=f"d/d{name}")
 
 
+def _vjp_of(fn, cotangent):
+    """xs -> (fn(xs), its vjp with `cotangent`), through torch.func.vjp as the compiled chunk backward runs it."""
+    def run(*xs):
+        out, pull = torch.func.vjp(fn, *xs)
+        return out, pull(cotangent)
+    return run
+
+
 @pytest.mark.parametrize("product", ["nt", "tn", "gram"])
 def test_layout_keeping_products_equal_matmul_with_row_major_gradients(product):
     """The compiled chunks' products (memory_core._mm_nt, _mm_tn) go through autograd Functions whose gradients
@@ -412,20 +420,17 @@ def test_layout_keeping_products_equal_matmul_with_row_major_gradients(product):
     function = {"nt": memory_core._MatmulNT, "tn": memory_core._MatmulTN, "gram": memory_core._Gram}[product]
     cotangent = torch.randn(plain(*leaves).shape, generator=g, dtype=torch.float64)
 
-    def vjp_of(fn, computed=False):
-        def run(*xs):
-            out, pull = torch.func.vjp(lambda *xs: fn(*(2.0 * t for t in xs)) if computed else fn(*xs), *xs)
-            return out, pull(cotangent)
-        return run
-    want_y, want_g = vjp_of(plain)(*leaves)
+    def computed(fn):  # the operands doubled inside the differentiated function
+        return lambda *xs: fn(*(2.0 * t for t in xs))
+    want_y, want_g = _vjp_of(plain, cotangent)(*leaves)
     xs = [t.clone().requires_grad_(True) for t in leaves]
     y = function.apply(*xs)
     assert_close(y, want_y, rtol=1e-13, atol=1e-13, what="eager y")
     for got, want in zip(torch.autograd.grad(y, xs, cotangent), want_g):
         assert got.is_contiguous(), "a gradient in a transposed layout"
         assert_close(got, want, rtol=1e-13, atol=1e-13, what="eager gradient")
-    want_y, want_g = vjp_of(plain, computed=True)(*leaves)
-    y_c, g_c = torch.compile(vjp_of(fast, computed=True), fullgraph=True, dynamic=False)(*leaves)
+    want_y, want_g = _vjp_of(computed(plain), cotangent)(*leaves)
+    y_c, g_c = torch.compile(_vjp_of(computed(fast), cotangent), fullgraph=True, dynamic=False)(*leaves)
     assert_close(y_c, want_y, rtol=1e-13, atol=1e-13, what="compiled y")
     for got, want in zip(g_c, want_g):
         assert_close(got, want, rtol=1e-13, atol=1e-13, what="compiled gradient")
@@ -453,13 +458,8 @@ def test_compiled_gelu_from_normal_parts_equals_aten_gelu_and_its_derivatives():
         a, record = memory_core._gelu(z * scale)
         return a, memory_core._gelu_vjp(x, record)
 
-    def vjp_of(fn):
-        def run(*xs):
-            out, pull = torch.func.vjp(fn, *xs)
-            return out, pull(tuple(cotangents))
-        return run
-    want_y, want_g = vjp_of(plain)(z, scale, x)
-    got_y, got_g = torch.compile(vjp_of(fast), fullgraph=True, dynamic=False)(z, scale, x)
+    want_y, want_g = _vjp_of(plain, tuple(cotangents))(z, scale, x)
+    got_y, got_g = torch.compile(_vjp_of(fast, tuple(cotangents)), fullgraph=True, dynamic=False)(z, scale, x)
     for got, want, what in ((got_y, want_y, "gelu, gelu' x"), (got_g, want_g, "d/dz, d/dscale, d/dx")):
         for a, b in zip(got, want):
             assert_close(a, b, rtol=1e-13, atol=1e-13, what=f"compiled {what}")
