@@ -210,22 +210,26 @@ def test_compiled_chunks_do_not_assert_their_inputs_again():
     assert not [c for c in codes if "assert_size_stride(" in c]
 
 
-def test_compiled_chunks_graph_count_is_bounded_per_rule_without_a_recompile_limit_patch(chunks_in_fours,
-                                                                                         monkeypatch):
-    """Each (rule, shapes but T's, dtype) gets its own compiled copy of each kind of group of pieces' forward
-    (memory_core._run_group) and backward (its recompute and vjp, memory_core._group_grads), with at most two
-    graphs each, so a process that trains and evaluates several rules stays within dynamo's default budget of 8 per
-    function (fullgraph makes running past it an error), and a new length compiles nothing. Dynamo's graphs and
-    guards, what this counts, are the backend's input: aot_eager stands in for Inductor, whose code for these 27
-    graphs was the suite's costliest compile on a cold cache (README, "What was verified where"; the other
-    compiled-chunk tests run Inductor)."""
-    from torch._dynamo.utils import counters
+@pytest.fixture
+def chunks_on_aot_eager(monkeypatch):
+    """Compiled chunks through aot_eager instead of Inductor, for tests that count dynamo's graphs and guards (the
+    backend's input): Inductor's code for them was the suite's costliest compile on a cold cache (README, "What
+    was verified where"; the tests that compare compiled chunks with eager run Inductor)."""
     compile_ = torch.compile
 
     def compile_with_aot_eager(fn, *, options=None, **kw):
         assert options == {"size_asserts": False}  # memory_core._compiled's Inductor options, dropped here
         return compile_(fn, backend="aot_eager", **kw)
     monkeypatch.setattr(memory_core.torch, "compile", compile_with_aot_eager)
+
+
+def test_compiled_chunks_graph_count_is_bounded_per_rule_without_a_recompile_limit_patch(chunks_in_fours,
+                                                                                         chunks_on_aot_eager):
+    """Each (rule, shapes but T's, dtype) gets its own compiled copy of each kind of group of pieces' forward
+    (memory_core._run_group) and backward (its recompute and vjp, memory_core._group_grads), with at most two
+    graphs each, so a process that trains and evaluates several rules stays within dynamo's default budget of 8 per
+    function (fullgraph makes running past it an error), and a new length compiles nothing."""
+    from torch._dynamo.utils import counters
     torch._dynamo.reset()
     memory_core._COMPILED.clear()
     counters.clear()
@@ -252,6 +256,24 @@ def test_compiled_chunks_graph_count_is_bounded_per_rule_without_a_recompile_lim
     for T in (14, 6, 30):
         run_all(T)
     assert counters["stats"]["unique_graphs"] == n_graphs, "a new length compiled a new graph"
+
+
+def test_compiled_chunks_of_one_memory_compile_nothing_for_a_new_length(chunks_on_aot_eager):
+    """B = H = 1: a whole chunk cut from one memory's inputs is contiguous whatever its stride along the size-1
+    memory dimension (the input's T * d), and dynamo guards on that stride too. More lengths than dynamo's
+    recompile limit, forward and recomputing backward, compile no new graph (they were one graph per length, then
+    a hard failure under fullgraph)."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    memory_core._COMPILED.clear()
+    counters.clear()
+    kw = dict(objective="l2", retention="l2", chunk_size=4, compile_chunks=True)
+    seen = []
+    for T in range(9, 9 + 4 * 10, 4):  # 10 lengths, each a padded last chunk after whole ones
+        x, leaves = grad_inputs(make_inputs(27, B=1, H=1, T=T), "l2", False)
+        grads(x, leaves, True, False, **kw)
+        seen.append(counters["stats"]["unique_graphs"])
+    assert seen == seen[:1] * len(seen), f"graphs after each length: {seen}"
 
 
 @pytest.mark.parametrize("name", ["moneta", "memora"])
