@@ -740,9 +740,10 @@ def _pad(x, size):
     return [None if t is None else _pad_to(t, size, f) for t, f in zip(x, _NO_OP)]
 
 
-def _dense(t):
-    """t contiguous, with a fresh tensor's strides (a view where it already is contiguous): .contiguous() leaves a
-    size-1 dimension's stride as it was (with B = H = 1, the T * d of a whole input), and dynamo guards on it."""
+def row_major(t):
+    """t with a fresh tensor's strides, size-1 dimensions included (a view where t is contiguous, else a copy):
+    .contiguous() leaves a size-1 dimension's stride as it was (a whole chunk of one memory, B = H = 1: the input's
+    T * d; a decode step's prompt[:, -1:]: T), and torch.compile guards on every stride."""
     return t.contiguous().view(-1).view(t.shape)
 
 
@@ -759,7 +760,7 @@ def _chunked_split(tensors, plan, chunk, fills):
             columns.append([None] * len(plan))
             continue
         rest = _pad_to(t[:, head:], n_rest * chunk, fill) if n_rest else None
-        chunks = list(_dense(rest.unflatten(1, (n_rest, chunk)).movedim(1, 0)).unbind(0)) if n_rest else []
+        chunks = list(row_major(rest.unflatten(1, (n_rest, chunk)).movedim(1, 0)).unbind(0)) if n_rest else []
         columns.append(([_pad_to(t[:, :head], chunk, fill)] if head else []) + chunks)
     pieces = list(zip(*columns))
     return [tuple(None if t is None else t[:, :1] for t in x) if kind == "lag" else x

@@ -279,17 +279,6 @@ def _write_back(before):
     return anchors
 
 
-def _dense(t):
-    """t with the row-major strides of its shape, size-1 dims included, copied only if it has others:
-    .contiguous() keeps a view such as prompt[:, -1:] as it is (stride T on its size-1 dim), while the step's
-    own outputs have stride 1 there."""
-    stride, acc = [], 1
-    for n in reversed(t.shape):
-        stride.insert(0, acc)
-        acc *= n
-    return t if t.stride() == tuple(stride) else _fresh(t)
-
-
 # Inductor's C++ wrapper makes every intermediate buffer of a graph a tensor (from one pooled allocation with
 # memory planning) and frees it after the call: a CPU decode step of a Miras model holds ~200 (per-head norms, gates,
 # step sizes), and making and freeing them was a large part of a small model's step (README, "Sampling"). Its
@@ -472,7 +461,7 @@ def make_step(model, autocast=None, compile=False, compile_mode="default", sampl
             if graphs:  # the replay reads and writes these addresses (a new cache re-records the graph)
                 for t in buffers + kv:
                     torch._dynamo.mark_static_address(t, guard=False)
-        idx, noise = _dense(idx), None if noise is None else _dense(noise)
+        idx, noise = memory_core.row_major(idx), None if noise is None else memory_core.row_major(noise)
         start = checked["chunk_pos"] == 0 if chunk_size else False
         fn, code = compiled_for(start, checked["geometry"])
         if not _debug_get_cache_entry_list(code):  # no graph (yet, or torch._dynamo.reset() dropped them): the
