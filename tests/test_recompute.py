@@ -394,6 +394,45 @@ def test_traced_operator_with_a_new_batch_size_or_length(compile_chunks):
             assert_close(g_c[name], g[name], rtol=1e-9, atol=1e-10, what=f"traced d/d{name} at B={B}, T={T}")
 
 
+@pytest.mark.parametrize("retention,chunks", [("l2", 1), ("kl", 4)])
+def test_traced_operator_compiles_no_graph_per_number_of_chunks(retention, chunks, monkeypatch):
+    """A whole-model compile that has met two lengths traces the operator with a symbolic T; the fake
+    implementation sizes the saved piece starts by arithmetic on T (memory_core._saved_counts), not by walking the
+    plan, whose comparisons guarded on T's range: a new graph for every number of chunks, until dynamo's recompile
+    limit (a hard failure under fullgraph). What is left are guards on a few cases (one saved group, which changes
+    the buffers' contiguity; kl in groups of four: T mod 4 = 1, a lone last lag token), met by the first lengths:
+    ten more, each another number of chunks of 4, compile nothing. Outputs and gradients stay eager's (float64),
+    and the arithmetic counts what the plan's groups save."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    layout = [2, 2, 2, 2, -1]  # weights, anchor, norms, momentum; no grad_sum
+    for b, pos, has_lag, size, T in itertools.product((1, 3, 4), range(4), (False, True), (1, 2, 4), range(1, 30)):
+        if pos < b:
+            plan = memory_core._plan(T, pos, b, has_lag)
+            groups = memory_core._groups(plan, size)
+            saved = [sum(row[j] for row in memory_core._saved_slots(plan, groups, layout)) for j in range(8)]
+            assert memory_core._saved_counts(T, pos, b, has_lag, size, layout) == saved, (b, pos, has_lag, size, T)
+    monkeypatch.setattr(memory_core, "CHUNKS_PER_GROUP", {"cpu": chunks})
+    objective = "huber" if retention == "kl" else "l2"
+    kw = dict(objective=objective, retention=retention, chunk_size=4)
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    traced = torch.compile(miras_memory, backend=counter, fullgraph=True)
+    # the first lengths: each case once (one saved group or more, each with and without a lone lag token)
+    for T in (6, 9, 13, 17, 22, 25, 30) + (34, 38, 41, 46, 49, 54, 57, 62, 65, 70):
+        if T == 34:
+            graphs = counter.frame_count
+        x, leaves = grad_inputs(make_inputs(41, T=T, retention=retention), objective, False)
+        if T in (6, 9, 38, 41):  # eager first: it imports the rule's model file, which dynamo does not trace
+            y, g = grads(x, leaves, True, False, **kw)
+            y_c, g_c = grads(x, leaves, True, False, fn=traced, **kw)
+            assert_close(y_c, y, rtol=1e-10, atol=1e-11, what=f"traced y at T={T}")
+            for name in g:
+                assert_close(g_c[name], g[name], rtol=1e-9, atol=1e-10, what=f"traced d/d{name} at T={T}")
+        else:
+            grads(x, leaves, True, False, fn=traced, **kw)
+    assert counter.frame_count == graphs, f"{counter.frame_count - graphs} graphs for ten more lengths"
+
+
 @pytest.mark.parametrize("compile_chunks", [False, True])
 def test_recomputing_backward_through_the_state_alone(compile_chunks):
     """A loss on the state after the call only (y unused: its gradient is None, and so are the saved piece
