@@ -928,10 +928,36 @@ def _saved_slots(plan, groups, layout):
     return [[plan[g[0]][0] == "continue" or not n_w <= j < n_w + n_a for j in range(n_st)] for g in groups[1:]]
 
 
-def _stacked_shapes(state, slots):
-    """The saved starts as one tensor per state slot, stacked over the groups that save it: the operator's
-    outputs are as many whatever T is (so is the graph a whole-model compile traces around it)."""
-    return [(sum(row[j] for row in slots), *t.shape) for j, t in enumerate(state)]
+def _group_count(T, pos, b, has_lag, size):
+    """len(_groups(_plan(T, pos, b, has_lag), size)) by arithmetic, without _plan's loop: under a whole-model
+    compile that has seen two lengths T is symbolic, and the loop's comparisons would guard on T's range (a new
+    graph around the operator for every number of chunks). A first piece continuing a chunk (pos > 0) is a group;
+    the m pieces after it make m // size groups of size and m % size alone, a last lone lag token (kl's last piece
+    of one token) alone too."""
+    head = int(pos > 0)
+    rest = T - torch.sym_min(T, b - pos) if head else T
+    m = (rest + b - 1) // b
+    if has_lag and b == 1:  # every piece a lone lag token
+        return head + m
+    lone = int(rest % b == 1) if has_lag and size > 1 else 0  # a guard on T mod b, not on its range
+    return head + (m - lone) // size + (m - lone) % size + lone
+
+
+def _saved_counts(T, pos, b, has_lag, size, layout):
+    """How many starts each state slot saves (the stacked shapes' first sizes, _saved_slots summed): every group
+    after the first saves every slot but the anchor's, which only a first group continuing a chunk reads."""
+    later = _group_count(T, pos, b, has_lag, size) - 1
+    n_w, n_a = layout[0], layout[1]
+    return [0 if n_w <= j < n_w + n_a else later for j in range(sum(max(n, 0) for n in layout))]
+
+
+def _new_stacked_starts(state, T, names, ints, pos, layout):
+    """Buffers for the saved starts, one per state slot, stacked over the groups that save it (_saved_counts): the
+    operator's outputs are as many whatever T is (so is the graph a whole-model compile traces around it). The
+    kernel and its fake implementation both make them here."""
+    has_lag = resolve("retention", names.split(",")[1]).lag_step is not None
+    counts = _saved_counts(T, pos, ints[0], has_lag, ints[4], layout)
+    return [t.new_empty((n, *t.shape)) for t, n in zip(state, counts)]
 
 
 def _unstack_starts(state, stacked, slots):
@@ -987,7 +1013,7 @@ def _chunk_loop(xs: list[torch.Tensor], present: list[bool], state: list[torch.T
     slots = _saved_slots(plan, groups, layout) if save_starts else []
     # the saved starts are copied into their stacked buffers as each group begins, while the previous group's
     # output is still in cache (a stack at the end re-reads them all from memory)
-    stacked = [t.new_empty(shape) for t, shape in zip(state, _stacked_shapes(state, slots))] if save_starts else []
+    stacked = _new_stacked_starts(state, xs[0].shape[1], names, ints, pos, layout) if save_starts else []
     used, ys = [0] * len(state), []
     compiled = fns[5] is not None
     if compiled:  # whole chunks (a first piece continuing a chunk padded to one), one graph per kind of group
@@ -1025,36 +1051,10 @@ def _run_group(kinds, xs, st, ln_w, ln_b, rule, fns, last_rows):
     return ys, st
 
 
-def _group_count(T, pos, b, has_lag, size):
-    """len(_groups(_plan(T, pos, b, has_lag), size)) by arithmetic, without _plan's loop: under a whole-model
-    compile that has seen two lengths T is symbolic, and the loop's comparisons would guard on T's range (a new
-    graph around the operator for every number of chunks). A first piece continuing a chunk (pos > 0) is a group;
-    the m pieces after it make m // size groups of size and m % size alone, a last lone lag token (kl's last piece
-    of one token) alone too."""
-    head = int(pos > 0)
-    rest = T - torch.sym_min(T, b - pos) if head else T
-    m = (rest + b - 1) // b
-    if has_lag and b == 1:  # every piece a lone lag token
-        return head + m
-    lone = int(rest % b == 1) if has_lag and size > 1 else 0  # a guard on T mod b, not on its range
-    return head + (m - lone) // size + (m - lone) % size + lone
-
-
-def _saved_counts(T, pos, b, has_lag, size, layout):
-    """How many starts each state slot saves (the stacked shapes' first sizes, _saved_slots summed): every group
-    after the first saves every slot but the anchor's, which only a first group continuing a chunk reads."""
-    later = _group_count(T, pos, b, has_lag, size) - 1
-    n_w, n_a = layout[0], layout[1]
-    return [0 if n_w <= j < n_w + n_a else later for j in range(sum(max(n, 0) for n in layout))]
-
-
 @_chunk_loop.register_fake
 def _(xs, present, state, ln_w, ln_b, names, ints, floats, pos, layout, save_starts):
-    if not save_starts:
-        return [_empty(t) for t in (xs[0], *state)]  # distinct tensors: no aliasing
-    has_lag = resolve("retention", names.split(",")[1]).lag_step is not None
-    counts = _saved_counts(xs[0].shape[1], pos, ints[0], has_lag, ints[4], layout)
-    return [_empty(t) for t in (xs[0], *state)] + [t.new_empty((n, *t.shape)) for t, n in zip(state, counts)]
+    stacked = _new_stacked_starts(state, xs[0].shape[1], names, ints, pos, layout) if save_starts else []
+    return [_empty(t) for t in (xs[0], *state)] + stacked  # distinct tensors: no aliasing
 
 
 def _autograd_inside_op():
