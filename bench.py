@@ -17,6 +17,8 @@ warms up with as many untimed steps as it takes to reach the positions of every 
 The batch is tokens_per_step // seq_len so every length does the same work per step.
 --interleave runs every model of one (length, mode) in one worker instead, the rounds taken in turns, so that
 the models compare on a machine whose speed drifts over minutes (a shared CPU); peak memory is then null.
+--interleave_lengths (with --interleave) puts every length of a mode in that worker too, so that the lengths
+compare as well (a decode sweep's flatness: ms per token from 128 to 8,192 tokens, timed in turns).
 --compile (default None: on CUDA only) compiles the models for train and prefill, and sample.py's decode step.
 A run that runs out of memory is reported as OOM and the sweep goes on. --profile adds each cell's `profile`:
 one warm call under torch.profiler (profile_call: on CUDA whether the GPU is busy or waits on the host; on a CPU
@@ -94,6 +96,7 @@ class BenchConfig:
     compile_mode: str = "default"   # torch.compile mode (cli.COMPILE_MODES); reduce-overhead: CUDA graphs (CUDA only)
     interleave: bool = False      # every model in one worker per (length, mode), timed in turns: comparable
                                   # on a machine whose speed drifts; no per-model peak memory (null)
+    interleave_lengths: bool = False  # with --interleave: every length of a mode in that one worker too
     profile: bool = False         # also profile one warm call of each cell (profile_call): where its time goes;
                                   # --op: also per chunk (host ops; CUDA kernels)
     mem_limit_gb: float = 0.0     # >0: cap each worker's memory (exercises the OOM path)
@@ -182,6 +185,9 @@ def validate(cfg):
         raise BenchError(f"--mem_limit_gb must be a finite number >= 0 (0 = no limit), got {cfg.mem_limit_gb}")
     if cfg.op and cfg.interleave:
         raise BenchError("--interleave times the models in turns; --op has no models: drop one of the two")
+    if cfg.interleave_lengths and not cfg.interleave:
+        raise BenchError("--interleave_lengths puts every length in the worker that --interleave shares between "
+                         "the models: pass --interleave=true with it")
     if cfg.op and cfg.compile_mode != "default":
         raise BenchError("--compile_mode compiles the models; --op times the implementations --op_impls names: "
                          "drop one of the two")
@@ -540,17 +546,19 @@ def bench_model(cfg, name, seq_len, mode):
     return out
 
 
-def bench_interleaved(cfg, names, seq_len, mode):
-    """Every model's cell at one length and mode in one worker (--interleave): all are prepared first, then
-    timed in turns, one round each per turn, the order reversed every other turn. On a machine whose speed
-    drifts over minutes (a shared CPU), cells timed minutes apart in their own workers do not compare; cells
-    timed in turns see the same drift. Returns {name: fields}."""
-    cells = {name: prepare_cell(cfg, name, seq_len, mode) for name in names}
-    times = {name: [] for name in names}
+def bench_interleaved(cfg, names, seq_lens, mode):
+    """Every model's cell at the given lengths (one, or all of them under --interleave_lengths) and one mode in one
+    worker (--interleave): all are prepared first, then timed in turns, one round each per turn, the order
+    reversed every other turn. On a machine whose speed drifts over minutes (a shared CPU), cells timed minutes
+    apart in their own workers do not compare; cells timed in turns see the same drift. Returns
+    {(name, seq_len): fields}."""
+    keys = [(name, n) for n in seq_lens for name in names]
+    cells = {key: prepare_cell(cfg, *key, mode) for key in keys}
+    times = {key: [] for key in keys}
     for turn in range(cfg.repeats):
-        for name in (names if turn % 2 == 0 else names[::-1]):
-            times[name] += cells[name][0]()
-    return {name: dict(cells[name][1](times[name]), interleaved=True) for name in names}
+        for key in (keys if turn % 2 == 0 else keys[::-1]):
+            times[key] += cells[key][0]()
+    return {key: dict(cells[key][1](times[key]), interleaved=True) for key in keys}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -749,24 +757,27 @@ def header(cfg):
 
 
 def _cells(cfg):
-    """(names, seq_len, mode) per worker: one model each, or every model at once under --interleave."""
+    """(names, seq_lens, mode) per worker: one model and length each, every model at once under --interleave,
+    and every length too under --interleave_lengths."""
     names, lens, modes = cfg.models.split(","), [int(s) for s in cfg.seq_lens.split(",")], cfg.modes.split(",")
+    if cfg.interleave_lengths:
+        return [(names, lens, mode) for mode in modes]
     if cfg.interleave:
-        return [(names, n, mode) for n in lens for mode in modes]
-    return [([name], n, mode) for name in names for n in lens for mode in modes]
+        return [(names, [n], mode) for n in lens for mode in modes]
+    return [([name], [n], mode) for name in names for n in lens for mode in modes]
 
 
 def run_models(cfg):
     records = []
-    for names, seq_len, mode in _cells(cfg):
+    for names, seq_lens, mode in _cells(cfg):
         if cfg.interleave:  # one worker for all: its peak belongs to no single model
-            outs, _ = in_worker(functools.partial(bench_interleaved, cfg, names, seq_len, mode), cfg)
+            outs, _ = in_worker(functools.partial(bench_interleaved, cfg, names, seq_lens, mode), cfg)
             failed = "oom" in outs or "error" in outs
-            cells = [(name, outs if failed else outs[name], None) for name in names]
+            cells = [(name, n, outs if failed else outs[name, n], None) for n in seq_lens for name in names]
         else:
-            out, peak = in_worker(functools.partial(bench_model, cfg, names[0], seq_len, mode), cfg)
-            cells = [(names[0], out, peak)]
-        for name, out, peak in cells:
+            out, peak = in_worker(functools.partial(bench_model, cfg, names[0], seq_lens[0], mode), cfg)
+            cells = [(names[0], seq_lens[0], out, peak)]
+        for name, seq_len, out, peak in cells:
             rec = dict(kind="model", model=name, seq_len=seq_len, mode=mode, device=cfg.device,
                        compile=cfg.compile, compile_mode=cfg.compile_mode, dtype=cfg.dtype,
                        model_preset=cfg.model_preset, model_args=model_args(cfg, name), vocab_size=cfg.vocab_size,

@@ -178,11 +178,51 @@ def test_interleave_prepares_every_model_then_times_rounds_in_turns(monkeypatch)
         return run, lambda times: dict(times=times)
     monkeypatch.setattr(bench, "prepare_cell", fake_prepare)
     cfg = bench.parse_args([*TINY, "--repeats=3", "--interleave=true"])
-    out = bench.bench_interleaved(cfg, ["a", "b"], 16, "train")
+    out = bench.bench_interleaved(cfg, ["a", "b"], [16], "train")
     assert log == [("prepare", "a"), ("prepare", "b"), ("run", "a"), ("run", "b"), ("run", "b"), ("run", "a"),
                    ("run", "a"), ("run", "b")]
-    assert out == {"a": dict(times=[3.0, 6.0, 7.0], interleaved=True),
-                   "b": dict(times=[4.0, 5.0, 8.0], interleaved=True)}
+    assert out == {("a", 16): dict(times=[3.0, 6.0, 7.0], interleaved=True),
+                   ("b", 16): dict(times=[4.0, 5.0, 8.0], interleaved=True)}
+
+
+def test_interleaved_lengths_are_prepared_then_timed_in_turns_with_the_models(monkeypatch):
+    """--interleave_lengths: every (model, length) cell of a mode is built before any is timed, and each turn
+    times one round of every cell, the order reversed every other turn."""
+    log = []
+
+    def fake_prepare(cfg, name, seq_len, mode):
+        log.append(("prepare", name, seq_len))
+
+        def run():
+            log.append((name, seq_len))
+            return [float(len(log))]
+        return run, lambda times: dict(times=times)
+    monkeypatch.setattr(bench, "prepare_cell", fake_prepare)
+    cfg = bench.parse_args([*TINY, "--repeats=2", "--interleave=true", "--interleave_lengths=true"])
+    out = bench.bench_interleaved(cfg, ["a", "b"], [16, 32], "decode")
+    cells = [("a", 16), ("b", 16), ("a", 32), ("b", 32)]
+    assert log == [("prepare", *c) for c in cells] + cells + cells[::-1]
+    assert out == {c: dict(times=[5.0 + i, 12.0 - i], interleaved=True) for i, c in enumerate(cells)}
+
+
+def test_interleave_lengths_runs_one_worker_per_mode(tmp_path, monkeypatch):
+    """End to end: one worker per mode holds every model and length (so a decode sweep's lengths see the same
+    drift of the machine), and every (model, length) gets its own record."""
+    workers = []
+    in_worker = bench.in_worker
+
+    def counting(fn, cfg):
+        workers.append(fn.args[1:])  # (names, seq_lens, mode)
+        return in_worker(fn, cfg)
+    monkeypatch.setattr(bench, "in_worker", counting)
+    report = run_bench(tmp_path, "--models=moneta,transformer", "--seq_lens=16,32", "--modes=prefill,decode",
+                       "--model_preset=tiny", "--interleave=true", "--interleave_lengths=true")
+    assert workers == [(["moneta", "transformer"], [16, 32], mode) for mode in ("prefill", "decode")]
+    assert sorted((r["model"], r["seq_len"], r["mode"]) for r in report["records"]) == sorted(
+        (m, n, mode) for m in ("moneta", "transformer") for n in (16, 32) for mode in ("prefill", "decode"))
+    for r in report["records"]:
+        assert "oom" not in r and "error" not in r, r
+        assert r["interleaved"] is True and r["tokens_per_s"] > 0
 
 
 def test_a_failed_interleaved_worker_fails_every_model_of_it(tmp_path):
@@ -306,6 +346,7 @@ TINY = ["--models=transformer", "--seq_lens=16", "--modes=prefill", "--model_pre
     (["--compile=false", "--compile_mode=max-autotune-no-cudagraphs"], "add --compile=true"),
     (["--json="], "--json"),
     (["--op", "--interleave=true"], "--interleave"),
+    (["--interleave_lengths=true"], "--interleave=true"),
     (["--op", "--compile=true", "--compile_mode=max-autotune-no-cudagraphs"], "--op_impls names"),
 ])
 def test_impossible_argument_is_a_one_line_error(tmp_path, capsys, args, key):
