@@ -760,11 +760,9 @@ def _cells(cfg):
     """(names, seq_lens, mode) per worker: one model and length each, every model at once under --interleave,
     and every length too under --interleave_lengths."""
     names, lens, modes = cfg.models.split(","), [int(s) for s in cfg.seq_lens.split(",")], cfg.modes.split(",")
-    if cfg.interleave_lengths:
-        return [(names, lens, mode) for mode in modes]
-    if cfg.interleave:
-        return [(names, [n], mode) for n in lens for mode in modes]
-    return [([name], [n], mode) for name in names for n in lens for mode in modes]
+    name_groups = [names] if cfg.interleave else [[name] for name in names]
+    len_groups = [lens] if cfg.interleave_lengths else [[n] for n in lens]
+    return [(group, ns, mode) for group in name_groups for ns in len_groups for mode in modes]
 
 
 def run_models(cfg):
