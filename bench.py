@@ -13,7 +13,7 @@ start (heap_in_use: what the step holds, without the pages the allocator keeps a
 over --repeats rounds after --warmup untimed runs (at least one: the first call, timed on its own as
 first_call_s, which includes compiling under --compile); a round is one training step or prefill, or
 --decode_tokens decode steps after a fresh prefill of seq_len tokens (the decode median is over every step; decode
-warms up with as many untimed steps as it takes to reach the positions of every graph the timed steps use).
+warms up with as many untimed steps as it takes to run every graph that the timed and profiled steps run).
 The batch is tokens_per_step // seq_len so every length does the same work per step.
 --interleave runs every model of one (length, mode) in one worker instead, the rounds taken in turns, so that
 the models compare on a machine whose speed drifts over minutes (a shared CPU); peak memory is then null.
@@ -437,6 +437,24 @@ def achieved_flops(model, seq_len, tokens_per_s, training):
     return dict(model_flops_per_token=per_token, model_gflops_per_s=per_token * tokens_per_s / 1e9)
 
 
+def decode_warm_steps(config, seq_len, cfg):
+    """Untimed decode steps from position seq_len: --warmup (at least one), and more until they have run every graph
+    of the compiled step that a later step runs: a Miras chunk's first token has a graph of its own (sample.make_step),
+    and a round steps through positions seq_len to seq_len + decode_tokens, the profiled step (--profile) through the
+    one after the warm-up. A prefill that ends at a chunk's end (every default length) makes the first step a chunk
+    start and the second one of the other graph."""
+    steps = max(cfg.warmup, 1)
+    if "M" not in config.layers:
+        return steps
+
+    def graphs(positions):  # which graphs the steps at these positions run: a chunk start's, the other one
+        return {pos % config.chunk_size == 0 for pos in positions}
+    rounds = graphs(range(seq_len, seq_len + cfg.decode_tokens + 1))
+    while not rounds | graphs([seq_len + steps] if cfg.profile else []) <= graphs(range(seq_len, seq_len + steps)):
+        steps += 1
+    return steps
+
+
 @with_compiled_kernel_records
 def prepare_cell(cfg, name, seq_len, mode):
     """Build one (model, length, mode) cell and make its first call (compiling under --compile) and its warm-up.
@@ -449,11 +467,9 @@ def prepare_cell(cfg, name, seq_len, mode):
     batch = max(1, cfg.tokens_per_step // seq_len)
     max_len = seq_len
     if mode == "decode":
-        # untimed steps from position seq_len on, so many that they reach the chunk start the timed steps (seq_len
-        # to seq_len + decode_tokens) reach, if any: its graph's compile would otherwise land in a timed step
-        config = make_config(name, cfg.model_preset, **model_args(cfg, name))
-        to_start = sample.steps_to_chunk_start(config, seq_len)
-        warm_steps = max(cfg.warmup, 1, to_start + 1 if to_start is not None and to_start <= cfg.decode_tokens else 0)
+        # untimed steps from position seq_len on, through every graph a timed or profiled step runs: a graph's
+        # compile would otherwise land in that step
+        warm_steps = decode_warm_steps(make_config(name, cfg.model_preset, **model_args(cfg, name)), seq_len, cfg)
         # the cache holds a round's steps, or the warm-up's and the profiled one
         max_len += max(cfg.decode_tokens + 1, warm_steps + (1 if cfg.profile else 0))
     model = build_model(name, cfg.model_preset, block_size=max_len, vocab_size=cfg.vocab_size,

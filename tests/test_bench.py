@@ -151,17 +151,32 @@ def test_decode_rounds_restart_from_the_prefill():
     assert sizes[0] == sizes[1]
 
 
-def test_compiled_decode_warms_up_to_every_graph_the_timed_steps_use(decode_graph_counter):
-    """A compiled Miras decode step has a graph of its own for a chunk's first token. From a prefill of 62 tokens
-    (chunks of 64) the timed steps cross position 64, so the untimed warm-up steps reach it too, whatever
-    --warmup says: no timed step compiles (graphs counted with aot_eager instead of inductor)."""
-    counter = decode_graph_counter
-    cfg = bench.parse_args([*TINY, "--models=moneta", "--modes=decode", "--decode_tokens=4", "--warmup=1",
-                            "--compile=true", "--device=cpu"])
-    run, _ = bench.prepare_cell(cfg, "moneta", 62, "decode")
-    assert counter.frame_count == 2  # both graphs, before any timed step
-    run()
-    assert counter.frame_count == 2
+@pytest.mark.parametrize("seq_len,warmup,profile,n_graphs", [(62, 1, False, 2), (64, 1, False, 2), (64, 1, True, 2),
+                                                            (16, 1, False, 1), (59, 5, True, 2)])
+def test_compiled_decode_warms_up_to_every_graph_the_timed_steps_use(decode_graph_counter, monkeypatch, seq_len, warmup,
+                                                                       profile, n_graphs):
+    """A compiled Miras decode step has a graph of its own for a chunk's first token (chunks of 64 here). The untimed
+    warm-up steps run every graph a later step runs, whatever --warmup says, so that no timed or profiled step
+    compiles (graphs counted with aot_eager instead of inductor): from a prefill of 62 tokens the timed steps cross
+    position 64; from 64 (a chunk's end, as every default length) the round's untimed step is a chunk start and the
+    timed ones are not; from 16 no step reaches a chunk start (one graph); from 59 with --warmup=5 the profiled step
+    is at 64."""
+    counter, profile_call, profiled = decode_graph_counter, bench.profile_call, []
+
+    def graphs_around_profile(*args):
+        before = counter.frame_count
+        out = profile_call(*args)
+        profiled.append((before, counter.frame_count))
+        return out
+    monkeypatch.setattr(bench, "profile_call", graphs_around_profile)
+    cfg = bench.parse_args([*TINY, "--models=moneta", "--modes=decode", "--decode_tokens=4", f"--warmup={warmup}",
+                            "--compile=true", "--device=cpu", f"--profile={profile}"])
+    run, result = bench.prepare_cell(cfg, "moneta", seq_len, "decode")
+    assert counter.frame_count == n_graphs  # before any timed step
+    assert profiled == ([(n_graphs, n_graphs)] if profile else [])
+    times = run()
+    assert counter.frame_count == n_graphs and len(times) == 4
+    assert ("profile" in result(times)) == profile
 
 
 def test_interleave_prepares_every_model_then_times_rounds_in_turns(monkeypatch):
