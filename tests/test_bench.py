@@ -136,8 +136,9 @@ def test_profile_of_a_compiled_model_times_its_generated_kernels(tmp_path, capsy
     parts = report["records"][0]["profile"]["breakdown"]
     assert parts["fused_s"] > 0 and parts["attention_s"] > 0 and parts["matmul_s"] > 0
     row = next(line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("transformer"))
-    assert row.endswith(f"| profiled: matmul {parts['matmul_s']:.3f} s, attention {parts['attention_s']:.3f} s, "
-                        f"fused {parts['fused_s']:.3f} s, other {parts['other_s']:.3f} s")
+    ms = {k: 1e3 * v for k, v in parts.items()}
+    assert row.endswith(f"| profiled: matmul {ms['matmul_s']:.3f} ms, attention {ms['attention_s']:.3f} ms, "
+                        f"fused {ms['fused_s']:.3f} ms, other {ms['other_s']:.3f} ms")
 
 
 def test_decode_rounds_restart_from_the_prefill():
