@@ -807,9 +807,8 @@ def run_models(cfg):
                 if out.get("peak_heap_bytes") is not None:
                     mem += f" (heap {out['peak_heap_bytes'] / 2**20:.1f} MiB)"
                 parts = out.get("profile", {}).get("breakdown")
-                if parts:  # the profiled call's self time by kind of work (a CPU run with --profile), in ms: a
-                    extra += " | profiled: " + ", ".join(f"{k[:-2]} {1e3 * v:.3f} ms"  # decode step's is ~1 ms
-                                                         for k, v in parts.items())
+                if parts:  # the profiled call's self time by kind of work (a CPU run with --profile), in ms
+                    extra += " | profiled: " + ", ".join(f"{k[:-2]} {1e3 * v:.3f} ms" for k, v in parts.items())
                 print(f"{name:>12} {seq_len:>6} {mode:<8} {out['tokens_per_s']:>10.0f} tok/s {mem}{extra}")
     return records
 
