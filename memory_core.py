@@ -709,7 +709,9 @@ def with_own_code(fn, tag):
     """fn with a code object of its own (named fn's name + tag): torch.compile's recompile limit counts the
     graphs of a code object, so a copy per key gives each key its own budget."""
     code = fn.__code__.replace(co_name=f"{fn.__name__}_{tag}")
-    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+    copy = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+    copy.__kwdefaults__ = fn.__kwdefaults__  # keyword-only defaults are not FunctionType's arguments
+    return copy
 
 
 def _unflat(B, H, xs):

@@ -293,6 +293,16 @@ def test_op_profile_counts_host_ops_per_chunk(tmp_path):
             assert per_chunk["compiled_chunks", retention, mode, 512] <= per_chunk["compiled_chunks", retention, mode, 128]
 
 
+def test_op_compiled_runs_every_rule_at_every_length(tmp_path):
+    """--op_impls=compiled (the whole call under torch.compile, fullgraph) compiles each rule with and without grad,
+    then with T dynamic: 12 graphs, past dynamo's recompile limit of 8 per code object, which a copy of the op's code
+    per rule keeps each rule within (one code object for all of them failed at the third rule)."""
+    report = run_bench(tmp_path, "--op", "--seq_lens=64,128", "--op_impls=compiled", "--op_shape=1,1,4,2")
+    rows = {(r["retention"], r["seq_len"], r["mode"]) for r in report["records"] if r["impl"] == "compiled"}
+    assert rows == {(ret, T, m) for ret in ("l2", "lq", "kl") for T in (64, 128) for m in ("fwd", "fwd+bwd")}
+    assert all(r["tokens_per_s"] > 0 and r["compile"] for r in report["records"] if r["impl"] == "compiled")
+
+
 def test_op_mode_measures_fast_path_and_reference(tmp_path):
     report = run_bench(tmp_path, "--op", "--seq_lens=64", "--op_impls=eager,reference")
     impls = {(r["impl"], r["retention"], r["mode"]) for r in report["records"] if r["impl"] != "titans-pytorch"}
