@@ -62,6 +62,7 @@ RECOMPUTE_BACKWARD = True  # False: plain autograd through the chunk loop (keeps
 # models' steps slower and their saved starts are about the size of one group's recompute (README, "The memory
 # engine")
 CHUNKS_PER_GROUP = {"cuda": 4}
+CHUNK_BACKEND = "inductor"  # torch.compile's backend for compiled chunks (tests of graph counts use aot_eager)
 STEP_FLOOR = 1.0  # normalize_step: the smallest output gain per unit step the normalizer assumes, so eta
                   # never exceeds eta_hat <g, e> / ||g||^2 (see normalized_eta). With 1e-3 the floor let
                   # eta grow ~1000x as the LayerNorm-invariant weight scale drifted up (README, "Stability")
@@ -700,8 +701,9 @@ def _compiled(fn, key):
     guards check every input's shape and strides (static), so Inductor's own assert of each on every call, host
     work paid once per chunk, is off."""
     if (fn, key) not in _COMPILED:
+        options = {"size_asserts": False} if CHUNK_BACKEND == "inductor" else None
         _COMPILED[(fn, key)] = torch.compile(with_own_code(fn, len(_COMPILED)), fullgraph=True, dynamic=False,
-                                             options={"size_asserts": False})
+                                             backend=CHUNK_BACKEND, options=options)
     return _COMPILED[(fn, key)]
 
 

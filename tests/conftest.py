@@ -53,6 +53,18 @@ def decode_graph_counter(monkeypatch):
     return counter
 
 
+@pytest.fixture
+def chunks_on_aot_eager(monkeypatch):
+    """memory_core's compiled chunks through aot_eager instead of Inductor (memory_core.CHUNK_BACKEND), in a cache of
+    compiled chunk functions of their own (the process's is put back after, so that no other test runs these): for
+    the tests whose subject is dynamo's graphs and guards or what surrounds the chunks, not Inductor's code for them,
+    which was the suite's costliest compile on a cold cache. The tests that compare compiled chunks with eager run
+    Inductor."""
+    import memory_core
+    monkeypatch.setattr(memory_core, "CHUNK_BACKEND", "aot_eager")
+    monkeypatch.setattr(memory_core, "_COMPILED", {})
+
+
 # Tolerances for comparisons that must run in float32 / bfloat16 (compile vs eager, autocast). Exactness checks
 # run in float64 instead: a float32 comparison with a hand-picked atol passes on one machine and fails on the
 # next, because thread count, vectorization and fusion change the reduction order and so the rounding.

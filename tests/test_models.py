@@ -282,7 +282,7 @@ def test_compile_matches_eager(f32_tol, monkeypatch):
 
 @pytest.mark.parametrize("name,variant,kinds", [("moneta", None, 1), ("memora", "hybrid", 2),
                                                 ("transformer", None, 1)])
-def test_compile_regions_compiles_each_kind_of_block_once(name, variant, kinds):
+def test_compile_regions_compiles_each_kind_of_block_once(name, variant, kinds, chunks_on_aot_eager):
     """LM.compile_regions (train.py's and bench.py's --compile) on 4 blocks: a training step compiles one graph per
     kind of block (the hybrid: Miras and sliding-window attention) and one for the head, whatever the depth, and a
     second step none; evaluation without grad one more of each; prefill and decode run eagerly (no graph). The
@@ -314,7 +314,7 @@ def test_compile_regions_compiles_each_kind_of_block_once(name, variant, kinds):
     assert counter.frame_count == 2 * (kinds + 1)
 
 
-def test_compile_regions_keeps_each_kind_of_block_within_the_recompile_limit(monkeypatch):
+def test_compile_regions_keeps_each_kind_of_block_within_the_recompile_limit(monkeypatch, chunks_on_aot_eager):
     """Three kinds of block (layer pattern "MSA": Miras, sliding-window and full attention), each trained and
     evaluated at two batch sizes: 12 block graphs, more than Dynamo's limit of 8 graphs per code object, past which
     it would run them eagerly (a warning), had the kinds shared one code object. Each kind has its own copy: with

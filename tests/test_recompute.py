@@ -158,7 +158,7 @@ def test_compiled_chunks_from_a_carried_state_equal_eager(objective, retention, 
         for name in g:
             assert_close(g_c[name], g[name], rtol=1e-9, atol=1e-10, what=f"compiled d/d{name} at T={T}")
 
-def test_compiled_chunks_inside_a_compiled_model_compile_on_the_first_step_only():
+def test_compiled_chunks_inside_a_compiled_model_compile_on_the_first_step_only(chunks_on_aot_eager):
     """A whole-model compile (compile_memory None: its chunks compiled too) builds every chunk graph in the first
     training step: the forward and the backward's recompute. Later steps reuse them (the forward kernel used to
     see its inputs with another dispatch key set after the first call: one more graph on the second step)."""
@@ -183,11 +183,13 @@ def test_compiled_chunks_inside_a_compiled_model_compile_on_the_first_step_only(
     assert graphs[0] == graphs[1] == graphs[2], f"graphs compiled after steps 1, 2, 3: {graphs}"
 
 
-def test_compiled_chunks_with_the_gauss_newton_step():
+@pytest.mark.parametrize("objective,retention,T", [("lp", "lq", 9), ("l2", "kl", 6)])
+def test_compiled_chunks_with_the_gauss_newton_step(objective, retention, T):
     """The Gauss-Newton step inside compiled, padded pieces: the padded no-op tokens (k = 0) have no step and
-    no gradient (its ratios are 0 / floor there, not 0 / 0), and outputs and gradients are eager's (float64)."""
-    kw = dict(objective="lp", retention="lq", chunk_size=4, normalize_step="gauss_newton")
-    x, leaves = grad_inputs(make_inputs(26, T=9, retention="lq"), "lp", False)
+    no gradient (its ratios are 0 / floor there, not 0 / 0), and outputs and gradients are eager's (float64);
+    also with kl (Memora's default rule): a chunk from its lag token, then a padded one."""
+    kw = dict(objective=objective, retention=retention, chunk_size=4, normalize_step="gauss_newton")
+    x, leaves = grad_inputs(make_inputs(26, T=T, retention=retention), objective, False)
     y, g = grads(x, leaves, True, False, **kw)
     y_c, g_c = grads(x, leaves, True, False, compile_chunks=True, **kw)
     assert_close(y_c, y, rtol=1e-10, atol=1e-11, what="compiled y")
@@ -208,19 +210,6 @@ def test_compiled_chunks_do_not_assert_their_inputs_again():
                                     compile_chunks=True)
     assert len(codes) >= 2  # the forward's chunk and the backward's recompute and vjp
     assert not [c for c in codes if "assert_size_stride(" in c]
-
-
-@pytest.fixture
-def chunks_on_aot_eager(monkeypatch):
-    """Compiled chunks through aot_eager instead of Inductor, for tests that count dynamo's graphs and guards (the
-    backend's input): Inductor's code for them was the suite's costliest compile on a cold cache (README, "What
-    was verified where"; the tests that compare compiled chunks with eager run Inductor)."""
-    compile_ = torch.compile
-
-    def compile_with_aot_eager(fn, *, options=None, **kw):
-        assert options == {"size_asserts": False}  # memory_core._compiled's Inductor options, dropped here
-        return compile_(fn, backend="aot_eager", **kw)
-    monkeypatch.setattr(memory_core.torch, "compile", compile_with_aot_eager)
 
 
 def test_compiled_chunks_graph_count_is_bounded_per_rule_without_a_recompile_limit_patch(chunks_in_fours,
@@ -377,7 +366,7 @@ def test_flop_counter_counts_the_operator():
 
 
 @pytest.mark.parametrize("compile_chunks", [False, True])
-def test_traced_operator_with_a_new_batch_size_or_length(compile_chunks):
+def test_traced_operator_with_a_new_batch_size_or_length(compile_chunks, chunks_on_aot_eager):
     """A whole-model compile that meets a second batch size or length (training on B / world rows per rank,
     evaluating on B: dynamo then marks those sizes dynamic) traces the operator with symbolic shapes: its fake
     implementation must plan without building the compiled chunk functions, whose cache key needs concrete
