@@ -444,11 +444,9 @@ def decode_warm_steps(config, seq_len, cfg):
     one after the warm-up. A prefill that ends at a chunk's end (every default length) makes the first step a chunk
     start and the second one of the other graph."""
     steps = max(cfg.warmup, 1)
-    if "M" not in config.layers:
-        return steps
 
     def graphs(positions):  # which graphs the steps at these positions run: a chunk start's, the other one
-        return {pos % config.chunk_size == 0 for pos in positions}
+        return {sample.steps_to_chunk_start(config, pos) == 0 for pos in positions}  # None == 0: no Miras layer
     rounds = graphs(range(seq_len, seq_len + cfg.decode_tokens + 1))
     while not rounds | graphs([seq_len + steps] if cfg.profile else []) <= graphs(range(seq_len, seq_len + steps)):
         steps += 1
