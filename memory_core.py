@@ -63,6 +63,10 @@ RECOMPUTE_BACKWARD = True  # False: plain autograd through the chunk loop (keeps
 # engine")
 CHUNKS_PER_GROUP = {"cuda": 4}
 CHUNK_BACKEND = "inductor"  # torch.compile's backend for compiled chunks (tests of graph counts use aot_eager)
+# Devices whose compiled chunks run a call's run of whole chunks as one compiled scan (_scan_run: Inductor turns
+# it into one loop in its C++ wrapper, with no Python, dynamo entry or graph call per chunk). Not CUDA: Inductor's
+# loop reads its condition on the host every iteration, and this path has not been run on a GPU (README)
+SCAN_DEVICES = ("cpu",)
 STEP_FLOOR = 1.0  # normalize_step: the smallest output gain per unit step the normalizer assumes, so eta
                   # never exceeds eta_hat <g, e> / ||g||^2 (see normalized_eta). With 1e-3 the floor let
                   # eta grow ~1000x as the LayerNorm-invariant weight scale drifted up (README, "Stability")
@@ -702,6 +706,11 @@ def _compiled(fn, key):
     work paid once per chunk, is off."""
     if (fn, key) not in _COMPILED:
         options = {"size_asserts": False} if CHUNK_BACKEND == "inductor" else None
+        if options and fn in (_scan_run, _scan_run_grads):
+            # the scan's loop in C++, not Python; and Inductor's on-disk cache for its graphs, which it leaves to
+            # the caller for a graph with a scan (its key holds the scanned function's code as it does the graph's)
+            options.update(cpp_wrapper=True,
+                           unsafe_marked_cacheable_functions={"torch.ops.higher_order.scan": torch.__version__})
         _COMPILED[(fn, key)] = torch.compile(with_own_code(fn, len(_COMPILED)), fullgraph=True, dynamic=False,
                                              backend=CHUNK_BACKEND, options=options)
     return _COMPILED[(fn, key)]
@@ -758,20 +767,24 @@ def _chunked_split(tensors, plan, chunk, fills):
     """_split for compiled chunks: contiguous pieces, each a whole chunk (the last one padded with `fills`) cut
     from one chunk-major copy of each tensor made once per call, so that the loop copies and pads nothing per
     chunk (on a GPU, each copy is a kernel launched from Python). Two exceptions: a first piece that continues a
-    chunk is a padded copy of its own, and a lone lag token is its chunk's first row."""
+    chunk is a padded copy of its own, and a lone lag token is its chunk's first row. Returns (pieces, and per
+    tensor the chunk-major copy [chunks after a continuing first piece, N, chunk, ...] or None), the copy being what
+    a scan over the chunks reads (_scan_run)."""
     head = plan[0][1] if plan[0][0] == "continue" else 0
     n_rest = len(plan) - (head > 0)
-    columns = []
+    columns, stacks = [], []
     for t, fill in zip(tensors, fills):
         if t is None:
             columns.append([None] * len(plan))
+            stacks.append(None)
             continue
         rest = _pad_to(t[:, head:], n_rest * chunk, fill) if n_rest else None
-        chunks = list(row_major(rest.unflatten(1, (n_rest, chunk)).movedim(1, 0)).unbind(0)) if n_rest else []
-        columns.append(([_pad_to(t[:, :head], chunk, fill)] if head else []) + chunks)
+        stack = row_major(rest.unflatten(1, (n_rest, chunk)).movedim(1, 0)) if n_rest else None
+        stacks.append(stack)
+        columns.append(([_pad_to(t[:, :head], chunk, fill)] if head else []) + (list(stack.unbind(0)) if n_rest else []))
     pieces = list(zip(*columns))
     return [tuple(None if t is None else t[:, :1] for t in x) if kind == "lag" else x
-            for (kind, _), x in zip(plan, pieces)]
+            for (kind, _), x in zip(plan, pieces)], stacks
 
 
 def _last_rows(plan, groups, device):
@@ -871,12 +884,13 @@ _IMPL_TAG = hashlib.sha1(pathlib.Path(__file__).read_bytes()).hexdigest()[:16]
 
 def _spec(rule, compile_chunks, track, device):
     """The rule as the operator's typed arguments: (names "objective,retention,memory,link,implementation tag",
-    ints [chunk_size, normalize_step, compile_chunks, track, chunks per group (CHUNKS_PER_GROUP, by device)],
+    ints [chunk_size, normalize_step, compile_chunks, track, chunks per group (CHUNKS_PER_GROUP, by device),
+    scan (SCAN_DEVICES, by device)],
     floats [p, q_norm, sharpness, eps, simplex_scale or 0])."""
     names = ",".join((rule["objective"].name, rule["retention"].name, rule["memory"], rule["link"], _IMPL_TAG))
     norm_code = 1 + STEP_NORMS.index(rule["normalize_step"]) if rule["normalize_step"] else 0
     group = CHUNKS_PER_GROUP.get(device.type, 1)
-    ints = [rule["chunk_size"], norm_code, int(compile_chunks), int(track), group]
+    ints = [rule["chunk_size"], norm_code, int(compile_chunks), int(track), group, int(device.type in SCAN_DEVICES)]
     floats = [rule["p"], rule["q_norm"], rule["sharpness"], rule["eps"], float(rule["simplex_scale"] or 0.0)]
     return names, ints, floats
 
@@ -894,7 +908,7 @@ def _loop_setup(inputs, state, names, ints, floats, pos):
     (_run_group, _group_grads), so that what a compiled function's key needs (concrete shapes) is never asked of the
     fake implementation, whose shapes may be symbolic under a whole-model compile."""
     objective, retention, memory, link, _ = names.split(",")
-    chunk_size, normalize_step, compile_chunks, track, group = ints
+    chunk_size, normalize_step, compile_chunks, track, group, _ = ints
     p, q_norm, sharpness, eps, simplex = floats
     rule = _rule(objective, retention, chunk_size, p, q_norm, sharpness, eps, simplex or None, memory, normalize_step,
                  link)
@@ -928,11 +942,13 @@ def _groups(plan, size):
 
 
 def _saved_slots(plan, groups, layout):
-    """Which state slots each group after the first saves for the backward (a list of bools per group). The anchor
-    is left out where it need not be kept: a group that starts by refreshing it (a chunk's start, the kl lag step)
-    never reads the old one."""
+    """Which state slots each group saves for the backward (a list of bools per group): every group that starts a
+    chunk saves every slot but the anchor, which it never reads (it refreshes it: a chunk's start, the kl lag step);
+    a first group continuing a chunk saves nothing, as its start is the call's own state. The first group's start
+    is saved too when it starts a chunk (one state more than the backward needs), so that a run of chunks has its
+    starts in one slice of the stacked buffers (_scan_run)."""
     n_st, n_w, n_a = sum(max(n, 0) for n in layout), layout[0], layout[1]
-    return [[plan[g[0]][0] == "continue" or not n_w <= j < n_w + n_a for j in range(n_st)] for g in groups[1:]]
+    return [[plan[g[0]][0] != "continue" and not n_w <= j < n_w + n_a for j in range(n_st)] for g in groups]
 
 
 def _group_count(T, pos, b, has_lag, size):
@@ -952,10 +968,10 @@ def _group_count(T, pos, b, has_lag, size):
 
 def _saved_counts(T, pos, b, has_lag, size, layout):
     """How many starts each state slot saves (the stacked shapes' first sizes, _saved_slots summed): every group
-    after the first saves every slot but the anchor's, which only a first group continuing a chunk reads."""
-    later = _group_count(T, pos, b, has_lag, size) - 1
+    but a first one continuing a chunk (pos > 0) saves every slot but the anchor's."""
+    saving = _group_count(T, pos, b, has_lag, size) - int(pos > 0)
     n_w, n_a = layout[0], layout[1]
-    return [0 if n_w <= j < n_w + n_a else later for j in range(sum(max(n, 0) for n in layout))]
+    return [0 if n_w <= j < n_w + n_a else saving for j in range(sum(max(n, 0) for n in layout))]
 
 
 def _new_stacked_starts(state, T, names, ints, pos, layout):
@@ -968,10 +984,14 @@ def _new_stacked_starts(state, T, names, ints, pos, layout):
 
 
 def _unstack_starts(state, stacked, slots):
-    """Every group's start state, flattened: the first group's is `state`; later groups read their saved slots
-    from `stacked` and get an empty tensor for a slot they did not save."""
-    starts, used = list(state), [0] * len(state)
+    """Every group's start state, flattened: a first group continuing a chunk (one that saved nothing) starts from
+    `state`; the others read their saved slots from `stacked` and get an empty tensor for a slot they did not
+    save."""
+    starts, used = [], [0] * len(state)
     for row in slots:
+        if not any(row):
+            starts += list(state)
+            continue
         for j, saved in enumerate(row):
             starts.append(stacked[j][used[j]] if saved else stacked[j].new_empty(0))
             used[j] += saved
@@ -1016,15 +1036,20 @@ def _chunk_loop(xs: list[torch.Tensor], present: list[bool], state: list[torch.T
     xs, state, ln_w, ln_b = [t.detach() for t in xs], [t.detach() for t in state], ln_w.detach(), ln_b.detach()
     inputs = _with_absent(xs, present)
     plan, groups, rule, fns = _loop_setup(inputs, state, names, ints, floats, pos)
-    st = _unflatten_state(state, _like(layout))
+    like = _like(layout)
+    st = _unflatten_state(state, like)
     slots = _saved_slots(plan, groups, layout) if save_starts else []
-    # the saved starts are copied into their stacked buffers as each group begins, while the previous group's
-    # output is still in cache (a stack at the end re-reads them all from memory)
-    stacked = _new_stacked_starts(state, xs[0].shape[1], names, ints, pos, layout) if save_starts else []
-    used, ys = [0] * len(state), []
     compiled = fns[5] is not None
+    segments = _segments(plan, groups, compiled and bool(ints[5]))
+    head = int(plan[0][0] == "continue")  # a first group continuing a chunk saves no start (_saved_slots)
+    # the saved starts are copied into their stacked buffers as each group begins, while the previous group's
+    # output is still in cache (a stack at the end re-reads them all from memory); a scan that runs every group
+    # that saves one returns them stacked itself
+    direct = save_starts and any(scanned and n == len(groups) - head for _, n, scanned in segments)
+    stacked = _new_stacked_starts(state, xs[0].shape[1], names, ints, pos, layout) if save_starts else []
+    ys = []
     if compiled:  # whole chunks (a first piece continuing a chunk padded to one), one graph per kind of group
-        pieces = _chunked_split(inputs, plan, fns[5], _NO_OP)
+        pieces, stacks = _chunked_split(inputs, plan, fns[5], _NO_OP)
         last_rows, key = _last_rows(plan, groups, xs[0].device), _chunk_key(inputs, state, names, ints, floats)
     else:
         pieces, last_rows = _split(inputs, plan), [None] * len(groups)
@@ -1032,19 +1057,91 @@ def _chunk_loop(xs: list[torch.Tensor], present: list[bool], state: list[torch.T
     # that key excluded and its later calls did not, and compiled chunks guard on it (one more graph, compiled
     # on the second training step)
     with torch.no_grad(), torch._C._AutoDispatchBelowADInplaceOrView():
-        for gi, group in enumerate(groups):
-            if save_starts and gi > 0:
+        for gi, n_groups, scanned in segments:
+            if scanned:
+                first = groups[gi][0]  # one piece per group: pieces first.., stacks' rows first - head..
+                kind = plan[first][0]
+                y, flat, saved = _compiled(_scan_run, ("scan", kind, *key))(
+                    kind, present, *_run_inputs(stacks, plan, first, n_groups, head), _flatten_state(st), ln_w,
+                    ln_b, rule, fns, like, save_starts)
+                st = _unflatten_state(flat, like)
+                ys.append(y.movedim(0, 1).flatten(1, 2)[:, :sum(n for _, n in plan[first:first + n_groups])])
+                if save_starts:
+                    saved = iter(saved)
+                    for j, (buf, keep) in enumerate(zip(stacked, slots[gi])):
+                        if keep and direct:
+                            stacked[j] = next(saved)
+                        elif keep:
+                            buf[gi - head:gi - head + n_groups].copy_(next(saved))
+                continue
+            group = groups[gi]
+            if save_starts and any(slots[gi]):
                 for j, t in enumerate(_flatten_state(st)):
-                    if slots[gi - 1][j]:
-                        stacked[j][used[j]].copy_(t)
-                        used[j] += 1
+                    if slots[gi][j]:
+                        stacked[j][gi - head].copy_(t)
             kinds = tuple(plan[i][0] for i in group)
             if kinds[0] != "continue":  # the anchor is not read: the weights stand in for it (_groups)
                 st = (st[0], list(st[0]), *st[2:])
             run = _compiled(_run_group, (kinds, *key)) if compiled else _run_group
             group_ys, st = run(kinds, [pieces[i] for i in group], st, ln_w, ln_b, rule, fns, last_rows[gi])
             ys += [y[:, :plan[i][1]] for i, y in zip(group, group_ys)]
-    return _fresh([torch.cat(ys, dim=1), *_flatten_state(st), *stacked], {id(t) for t in (*xs, *state)})
+    y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=1)
+    return _fresh([y, *_flatten_state(st), *stacked], {id(t) for t in (*xs, *state)})
+
+
+def _segments(plan, groups, scan):
+    """The groups as the loop runs them: (first group, number of groups, scanned). With scan (compiled chunks on
+    SCAN_DEVICES) two or more consecutive groups of one whole chunk each, of one kind that starts a chunk, run as
+    one scan (_scan_run); every other group runs alone."""
+    out, gi = [], 0
+    while gi < len(groups):
+        kind, n = plan[groups[gi][0]][0], 1
+        if scan and len(groups[gi]) == 1 and kind in ("refresh", "lag_chunk"):
+            while gi + n < len(groups) and len(groups[gi + n]) == 1 and plan[groups[gi + n][0]][0] == kind:
+                n += 1
+        out.append((gi, n, n >= 2))
+        gi += n
+    return out
+
+
+def _run_inputs(stacks, plan, first, n, head):
+    """A scanned run's inputs (pieces first.. first + n - 1): the present chunk-major stacks' rows of its chunks
+    (their first dimension marked dynamic, so that one graph serves every number of chunks) and each chunk's last
+    real row [n, 1]."""
+    xs = [t[first - head:first - head + n] for t in stacks if t is not None]
+    last_rows = torch.full((n, 1), plan[first][1] - 1, device=xs[0].device)
+    if plan[first + n - 1][1] != plan[first][1]:  # a padded last chunk
+        last_rows[-1].fill_(plan[first + n - 1][1] - 1)
+    for t in (*xs, last_rows):
+        torch._dynamo.mark_dynamic(t, 0)
+    return xs, last_rows
+
+
+def _scan_run(kind, present, xs, last_rows, start, ln_w, ln_b, rule, fns, like, save):
+    """Consecutive whole chunks of one kind that each start one (_segments), as one scan
+    (torch._higher_order_ops.scan) over their chunk-major inputs xs (the present ones, [n, N, b, ...]; last_rows
+    [n, 1]: each one's last real row), from the flat state `start`. What compiled chunks compile as one graph for
+    every n >= 2, which Inductor runs as one loop in its C++ wrapper. Returns (y [n, N, b, d], the flat state after,
+    and with save every chunk's start, [n, ...] for each slot but the anchor's)."""
+    keep = _kept_slots(like)
+
+    def chunk(carry, x):
+        st = _unflatten_state(carry, like)
+        st = (st[0], list(st[0]), *st[2:])  # the anchor is not read: the weights stand in for it (_groups)
+        y, st = _run_piece(kind, _with_absent(list(x[:-1]), present), st, ln_w, ln_b, rule, fns, x[-1])
+        after = [t.clone() if any(t is c for c in carry) else t for t in _flatten_state(st)]  # no aliases
+        return after, [y, *([carry[j].clone() for j in keep] if save else [])]
+
+    n_w = len(like[0])  # the anchor is often the weights themselves, and a scan's inputs must not alias
+    start = [t.clone() if n_w <= j < 2 * n_w else t for j, t in enumerate(start)]
+    after, ys = torch._higher_order_ops.scan(chunk, start, [*xs, last_rows])
+    return ys[0], after, ys[1:]
+
+
+def _kept_slots(like):
+    """The flat state's slots but the anchor's (what a chunk start saves and reads)."""
+    n_w = len(like[0])
+    return [j for j in range(n_w + sum(len(p) for p in like[1:] if p is not None)) if not n_w <= j < 2 * n_w]
 
 
 def _run_group(kinds, xs, st, ln_w, ln_b, rule, fns, last_rows):
@@ -1073,10 +1170,8 @@ def _autograd_inside_op():
 
 def _group_grads(kinds, xs, start, ln_w, ln_b, dys, d_state, rule, fns, like, last_rows):
     """One group's backward: (d ln_w, d ln_b, [d of each piece's present inputs], [d of its start state]) from the
-    gradients of its pieces' outputs and its end state (d_state: every slot's, full-sized), through its recompute.
-    Compiled (compile_chunks), by torch.func.vjp: the recompute and its backward are one graph, and no autograd
-    graph is built and replayed between them, which cuts the host's work per chunk (what a GPU waits on at
-    small chunks; README, "A GPU, twice"). Eager, by autograd (torch.func's eager transforms cost more per op)."""
+    gradients of its pieces' outputs and its end state (d_state: every slot's, full-sized), through its recompute
+    (_vjp)."""
     present = [t is not None for t in xs[0]]
     n_x = sum(present)
     flat = [t for x in xs for t in x if t is not None]
@@ -1086,17 +1181,26 @@ def _group_grads(kinds, xs, start, ln_w, ln_b, dys, d_state, rule, fns, like, la
         ys, st = _run_group(kinds, pieces, _unflatten_state(start, like), ln_w, ln_b, rule, fns, last_rows)
         return ys, _flatten_state(st)
 
-    if torch.compiler.is_compiling():
-        _, vjp = torch.func.vjp(group, ln_w, ln_b, flat, start)
-        d_lw, d_lb, d_flat, d_start = vjp((list(dys), d_state))
-    else:
-        leaves = [t.detach().requires_grad_(True) for t in (ln_w, ln_b, *flat, *start)]
-        ys, outs = group(leaves[0], leaves[1], leaves[2:2 + len(flat)], leaves[2 + len(flat):])
-        used = [(o, g) for o, g in zip((*ys, *outs), (*dys, *d_state)) if o.requires_grad]  # kl's lag: a fresh grad_sum
-        grads = torch.autograd.grad([o for o, _ in used], leaves, [g for _, g in used], allow_unused=True)
-        grads = [torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads)]
-        d_lw, d_lb, d_flat, d_start = grads[0], grads[1], grads[2:2 + len(flat)], grads[2 + len(flat):]
+    d_lw, d_lb, d_flat, d_start = _vjp(group, ln_w, ln_b, flat, start, dys, d_state)
     return d_lw, d_lb, [list(d_flat[i * n_x:(i + 1) * n_x]) for i in range(len(kinds))], list(d_start)
+
+
+def _vjp(fn, ln_w, ln_b, flat, start, dys, d_state):
+    """(d ln_w, d ln_b, [d flat], [d start]) of fn(ln_w, ln_b, flat, start) -> ([ys], [state after]) for the
+    gradients dys and d_state of its outputs. Compiled, by torch.func.vjp: the recompute and its backward are one
+    graph, and no autograd graph is built and replayed between them, which cuts the host's work per chunk (what a
+    GPU waits on at small chunks; README, "A GPU, twice"). Eager, by autograd (torch.func's eager transforms cost
+    more per op)."""
+    if torch.compiler.is_compiling():
+        _, vjp = torch.func.vjp(fn, ln_w, ln_b, flat, start)
+        d_lw, d_lb, d_flat, d_start = vjp((list(dys), list(d_state)))
+        return d_lw, d_lb, list(d_flat), list(d_start)
+    leaves = [t.detach().requires_grad_(True) for t in (ln_w, ln_b, *flat, *start)]
+    ys, outs = fn(leaves[0], leaves[1], leaves[2:2 + len(flat)], leaves[2 + len(flat):])
+    used = [(o, g) for o, g in zip((*ys, *outs), (*dys, *d_state)) if o.requires_grad]  # kl's lag: a fresh grad_sum
+    grads = torch.autograd.grad([o for o, _ in used], leaves, [g for _, g in used], allow_unused=True)
+    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads)]
+    return grads[0], grads[1], grads[2:2 + len(flat)], grads[2 + len(flat):]
 
 
 @torch.library.custom_op("miras::chunk_loop_backward", mutates_args=())
@@ -1115,9 +1219,12 @@ def _chunk_loop_backward(xs: list[torch.Tensor], present: list[bool], starts: li
     if len(starts) != 2 * n_st:
         raise RuntimeError("miras::chunk_loop backward without the saved piece starts: the forward ran with "
                            "grad mode off; run it under torch.enable_grad() to differentiate it")
-    starts = _unstack_starts(starts[:n_st], starts[n_st:], _saved_slots(plan, groups, layout))
+    state, stacked, slots = starts[:n_st], starts[n_st:], _saved_slots(plan, groups, layout)
+    starts = _unstack_starts(state, stacked, slots)
+    segments = _segments(plan, groups, compiled and bool(ints[5]))
+    head = int(plan[0][0] == "continue")
     if compiled:  # whole chunks, padded once per call (_chunked_split), dy with zeros
-        both = _chunked_split([*inputs, grads_out[0]], plan, fns[5], (*_NO_OP, 0.0))
+        both, stacks = _chunked_split([*inputs, grads_out[0]], plan, fns[5], (*_NO_OP, 0.0))
         pieces, dys = [x[:-1] for x in both], [x[-1] for x in both]
         last_rows = _last_rows(plan, groups, grads_out[0].device)
     else:
@@ -1125,13 +1232,34 @@ def _chunk_loop_backward(xs: list[torch.Tensor], present: list[bool], starts: li
         last_rows = [None] * len(groups)
     # the state after the call, where unused: zeros of the full start's shapes (distinct from `zeros` below, as
     # the compiled vjp guards on its inputs' aliasing)
-    d_state = [s.new_zeros(s.shape) if g is None else g for s, g in zip(starts[:n_st], grads_out[1:])]
+    d_state = [s.new_zeros(s.shape) if g is None else g for s, g in zip(state, grads_out[1:])]
     d_lws, d_lbs = [], []
-    d_pieces = [None] * len(plan)
+    d_segments = [None] * len(segments)  # per segment, the gradient of each present input over its pieces
     # a start slot not saved (_saved_slots) is not read by its group: zeros of its size stand in for it and
     # for its gradient, so that every group of a kind has the same inputs (one graph)
-    zeros = [t.new_zeros(t.shape) for t in starts[:n_st]]
-    for gi in range(len(groups) - 1, -1, -1):
+    zeros = [t.new_zeros(t.shape) for t in state]
+    for si in range(len(segments) - 1, -1, -1):
+        gi, n_groups, scanned = segments[si]
+        d_state = [t.detach() if t.shape == z.shape else z for t, z in zip(d_state, zeros)]
+        if scanned:  # one reverse scan over the run's chunks, each recomputed from its saved start
+            first = groups[gi][0]
+            kind, keep = plan[first][0], _kept_slots(like)
+            # detached, as a group's inputs are below: the saved starts are outputs of the forward
+            xs_r, last_r = _run_inputs([None if t is None else t.detach() for t in stacks[:-1]], plan, first,
+                                       n_groups, head)
+            saved = [stacked[j][gi - head:gi - head + n_groups].detach() for j in keep]
+            dys_r = stacks[-1][first - head:first - head + n_groups].detach()
+            for t in (*saved, dys_r):
+                torch._dynamo.mark_dynamic(t, 0)
+            with _autograd_inside_op(), torch.enable_grad(), torch.autocast(ln_w.device.type, enabled=False):
+                d_xs, d_lw, d_lb, d_state = _compiled(_scan_run_grads, ("scan_grads", kind, *key))(
+                    kind, present, xs_r, last_r, dys_r, saved, d_state, ln_w.detach(), ln_b.detach(), rule, fns,
+                    like)
+            length = sum(n for _, n in plan[first:first + n_groups])
+            d_segments[si] = [g.movedim(0, 1).flatten(1, 2)[:, :length] for g in d_xs]
+            d_lws.append(d_lw.sum(0))
+            d_lbs.append(d_lb.sum(0))
+            continue
         group = groups[gi]
         kinds, start = tuple(plan[i][0] for i in group), starts[gi * n_st:(gi + 1) * n_st]
         xs_g, dys_g = [pieces[i] for i in group], [dys[i] for i in group]
@@ -1140,21 +1268,43 @@ def _chunk_loop_backward(xs: list[torch.Tensor], present: list[bool], starts: li
             group_grads = _compiled(_group_grads, (kinds, *key))
             xs_g = [[None if t is None else t.detach() for t in x] for x in xs_g]
             dys_g = [dy.detach() for dy in dys_g]
-        start, d_state = ([t.detach() if t.shape == z.shape else z for t, z in zip(ts, zeros)]
-                          for ts in (start, d_state))
+        start = [t.detach() if t.shape == z.shape else z for t, z in zip(start, zeros)]
         if kinds[0] != "continue":  # the anchor is not read: the weights stand in for it, as in the forward
             start[layout[0]:2 * layout[0]] = start[:layout[0]]
         # recompute as the forward ran: with grad, and in the compute dtype whatever autocast is around
         with _autograd_inside_op(), torch.enable_grad(), torch.autocast(ln_w.device.type, enabled=False):
             d_lw, d_lb, d_xs, d_state = group_grads(kinds, xs_g, start, ln_w.detach(), ln_b.detach(), dys_g,
                                                     d_state, rule, fns, like, last_rows[gi])
-        for i, d_x in zip(group, d_xs):
-            d_pieces[i] = [g[:, :plan[i][1]] for g in d_x]
+        d_segments[si] = [torch.cat([d[:, :plan[i][1]] for i, d in zip(group, parts)], dim=1)
+                          for parts in zip(*d_xs)]
         d_lws.append(d_lw)
         d_lbs.append(d_lb)
     d_ln = [torch.stack(d_lws).sum(0), torch.stack(d_lbs).sum(0)]  # two kernels, not two per group
-    d_inputs = [torch.cat(parts, dim=1) for parts in zip(*d_pieces)]
+    d_inputs = [parts[0] if len(parts) == 1 else torch.cat(parts, dim=1) for parts in zip(*d_segments)]
     return _fresh([*d_ln, *d_inputs, *d_state], {id(t) for t in (*xs, ln_w, ln_b, *grads_out)})
+
+
+def _scan_run_grads(kind, present, xs, last_rows, dys, saved, d_end, ln_w, ln_b, rule, fns, like):
+    """_scan_run's backward: a reverse scan that recomputes each chunk from its saved start (saved: [n, ...] for
+    each slot but the anchor's) and differentiates it (torch.func.vjp), carrying the gradient of the state from
+    d_end (the state after the run). Returns (d xs [n, N, b, ...] per present input, d ln_w and d ln_b per chunk
+    [n, ...], d of the run's start state, zeros for the anchor, which a chunk start does not read)."""
+    n_w, n_x = len(like[0]), len(xs)
+
+    def chunk_grads(d_after, x):
+        inputs, dy, last_row, start = list(x[:n_x]), x[n_x], x[n_x + 1], list(x[n_x + 2:])
+
+        def chunk(ln_w, ln_b, x, start):
+            st = _unflatten_state([*start[:n_w], *start[:n_w], *start[n_w:]], like)  # the weights stand in for the anchor
+            y, st = _run_piece(kind, _with_absent(x, present), st, ln_w, ln_b, rule, fns, last_row)
+            return [y], _flatten_state(st)
+
+        d_lw, d_lb, d_inputs, d_start = _vjp(chunk, ln_w, ln_b, inputs, start, [dy], d_after)
+        d_anchor = [torch.zeros_like(t) for t in d_after[n_w:2 * n_w]]
+        return [*d_start[:n_w], *d_anchor, *d_start[n_w:]], [*d_inputs, d_lw, d_lb]
+
+    d_start, ys = torch._higher_order_ops.scan(chunk_grads, list(d_end), [*xs, dys, last_rows, *saved], reverse=True)
+    return ys[:n_x], ys[n_x], ys[n_x + 1], d_start
 
 
 @_chunk_loop_backward.register_fake

@@ -52,16 +52,20 @@ def _call(inp, fn, state, **kw):
 
 @pytest.fixture(params=[1, 2], ids=["chunks_alone", "chunks_in_pairs"])
 def chunks_per_group(request, monkeypatch):
-    """The operator's chunks run alone (a CPU's default) or in groups (memory_core.CHUNKS_PER_GROUP: 4 on CUDA;
-    2 here, so that a few chunks make groups, alone ones and a padded one)."""
+    """The operator's chunks run alone (a CPU's default: compiled, consecutive whole chunks run as one scan,
+    memory_core.SCAN_DEVICES) or in groups (memory_core.CHUNKS_PER_GROUP: 4 on CUDA; 2 here, so that a few chunks
+    make groups, alone ones and a padded one; as on CUDA, no scan)."""
     monkeypatch.setattr(memory_core, "CHUNKS_PER_GROUP", {"cpu": request.param})
+    if request.param > 1:
+        monkeypatch.setattr(memory_core, "SCAN_DEVICES", ())
     return request.param
 
 
 @pytest.fixture
 def chunks_in_fours(monkeypatch):
-    """Groups of four chunks, CUDA's default (memory_core.CHUNKS_PER_GROUP), on the CPU."""
+    """Groups of four chunks and no scan, CUDA's way (memory_core.CHUNKS_PER_GROUP, SCAN_DEVICES), on the CPU."""
     monkeypatch.setattr(memory_core, "CHUNKS_PER_GROUP", {"cpu": 4})
+    monkeypatch.setattr(memory_core, "SCAN_DEVICES", ())
 
 
 @pytest.mark.parametrize("objective,retention", list(itertools.product(OBJECTIVES, RETENTIONS)))
@@ -181,6 +185,31 @@ def test_compiled_chunks_inside_a_compiled_model_compile_on_the_first_step_only(
         graphs.append(counters["stats"]["unique_graphs"])
     assert memory_core._COMPILED, "the chunks ran eagerly inside a compiled model"
     assert graphs[0] == graphs[1] == graphs[2], f"graphs compiled after steps 1, 2, 3: {graphs}"
+
+
+@pytest.mark.parametrize("objective,retention", [("lp", "lq"), ("l2", "kl")])
+def test_scanned_chunks_compile_once_for_every_number_of_chunks(objective, retention, monkeypatch):
+    """On a CPU (memory_core.SCAN_DEVICES) a call's whole chunks run as one scan (_scan_run) with the number of
+    chunks dynamic: its forward and its backward (_scan_run_grads) compile once for 3, 5 (a padded last one) and
+    6 chunks, nothing else compiles (for kl: a lag chunk at every chunk start), and outputs and gradients equal
+    eager's (float64). The compiler is a counting aot_eager (Inductor's code for the scan: the other compiled-chunk
+    tests)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    counter = CompileCounterWithBackend("aot_eager")
+    monkeypatch.setattr(memory_core, "CHUNK_BACKEND", counter)
+    monkeypatch.setattr(memory_core, "_COMPILED", {})
+    assert "cpu" in memory_core.SCAN_DEVICES
+    torch._dynamo.reset()
+    kw = dict(objective=objective, retention=retention, chunk_size=4)
+    for T in (12, 19, 24):
+        x, leaves = grad_inputs(make_inputs(31, T=T, retention=retention), objective, False)
+        y, g = grads(x, leaves, True, False, **kw)
+        y_c, g_c = grads(x, leaves, True, False, compile_chunks=True, **kw)
+        assert_close(y_c, y, rtol=1e-10, atol=1e-11, what=f"scanned y at T={T}")
+        for name in g:
+            assert_close(g_c[name], g[name], rtol=1e-9, atol=1e-10, what=f"scanned d/d{name} at T={T}")
+    assert sorted(fn.__name__ for fn, _ in memory_core._COMPILED) == ["_scan_run", "_scan_run_grads"]
+    assert counter.frame_count == 2, f"{counter.frame_count} graphs for 3, 5 and 6 chunks"
 
 
 @pytest.mark.parametrize("objective,retention,T", [("lp", "lq", 9), ("l2", "kl", 6)])
@@ -521,7 +550,9 @@ class _HostSyncSpy(TorchDispatchMode):
     """Records the aten calls that make the host wait on the device (a tensor's value read on the host: .item(),
     bool(), a data-dependent shape) or copy host data to it (torch.tensor / as_tensor of Python values), neither
     of which a CUDA-graph capture allows, including those inside the miras::chunk_loop operators, whose kernels
-    it runs under itself (a dispatch mode is off inside the ops it handles)."""
+    it runs under itself (a dispatch mode is off inside the ops it handles), and the scan of compiled chunks on a
+    CPU, run eagerly (memory_core._scan_run), whose loop it runs under itself likewise."""
+    supports_higher_order_operators = True
     SYNCS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default,
              torch.ops.aten.equal.default, torch.ops.aten.nonzero.default, torch.ops.aten.masked_select.default,
              torch.ops.aten.lift_fresh.default, torch.ops.aten.lift_fresh_copy.default}
@@ -536,6 +567,12 @@ class _HostSyncSpy(TorchDispatchMode):
         if func in self.SYNCS:
             ours = [f for f in traceback.extract_stack() if os.path.dirname(os.path.abspath(f.filename)) == ROOT]
             self.syncs[func.__name__, f"{os.path.basename(ours[-1].filename)}:{ours[-1].lineno}" if ours else "?"] += 1
+        if func is torch.ops.higher_order.scan:
+            from torch._higher_order_ops.scan import _extract_carry_and_out, generic_scan  # the scan's eager loop
+            combine_fn, init, xs, additional_inputs = args
+            with self:
+                return _extract_carry_and_out(generic_scan(combine_fn, init, xs, additional_inputs=additional_inputs),
+                                              len(init))
         if func.namespace == "miras" and func._opname in self.loop:
             self.inside_loop += 1
             with self:
