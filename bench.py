@@ -244,7 +244,9 @@ def with_compiled_kernel_records(fn):
 def self_time_breakdown(stats):
     """A CPU profile's self time in seconds by kind of work: matmul (the BLAS products, MATMUL_OPS), attention
     (SDPA's kernels), fused (Inductor's generated kernels: with_compiled_kernel_records), other (the rest: eager
-    elementwise ops, copies and concatenations, the host's Python and dispatch, the compiled graphs' wrappers)."""
+    elementwise ops, copies and concatenations, the host's Python and dispatch, the compiled graphs' wrappers, and
+    the matmuls that a graph's C++ wrapper calls past the profiler's records: a compiled decode step's, the scanned
+    compiled chunks' on a CPU, memory_core.SCAN_DEVICES)."""
     parts = dict(matmul_s=0.0, attention_s=0.0, fused_s=0.0, other_s=0.0)
     for a in stats:
         kind = ("matmul_s" if a.key in MATMUL_OPS else "attention_s" if "scaled_dot_product" in a.key

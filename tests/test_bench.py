@@ -282,9 +282,12 @@ def test_op_profile_counts_host_ops_per_chunk(tmp_path):
             p = r["profile"]
             assert p["host_ops"] > 0 and p["host_ops_per_chunk"] == p["host_ops"] / (r["seq_len"] // 64)
             per_chunk[r["impl"], r["retention"], r["mode"], r["seq_len"]] = p["host_ops_per_chunk"]
-            # compiled chunks' kernels are timed as such; eager chunks generate none
+            # compiled chunks' kernels are timed as such; eager chunks generate none. On a CPU compiled chunks run as
+            # a scan whose loop is Inductor's C++ wrapper, which calls the matmuls past the profiler's records
+            # (memory_core.SCAN_DEVICES): their time is the graph call's there
             parts = p["breakdown"]
-            assert (parts["fused_s"] > 0) == (r["impl"] == "compiled_chunks") and parts["matmul_s"] > 0
+            assert (parts["fused_s"] > 0) == (r["impl"] == "compiled_chunks")
+            assert (parts["matmul_s"] > 0) == (r["impl"] == "eager")
     # the op ran in this process: the kernel records were a patch for its compiles, not left on
     assert not torch._inductor.config.cpp.enable_kernel_profile
     for retention in ("l2", "lq", "kl"):
