@@ -1062,8 +1062,8 @@ def _chunk_loop(xs: list[torch.Tensor], present: list[bool], state: list[torch.T
                 first = groups[gi][0]  # one piece per group: pieces first.., stacks' rows first - head..
                 kind = plan[first][0]
                 y, flat, saved = _compiled(_scan_run, ("scan", kind, *key))(
-                    kind, present, *_run_inputs(stacks, plan, first, n_groups, head), _flatten_state(st), ln_w,
-                    ln_b, rule, fns, like, save_starts)
+                    kind, present, *_run_inputs(stacks, plan, first, n_groups, head), _unaliased(_flatten_state(st)),
+                    ln_w, ln_b, rule, fns, like, save_starts)
                 st = _unflatten_state(flat, like)
                 ys.append(y.movedim(0, 1).flatten(1, 2)[:, :sum(n for _, n in plan[first:first + n_groups])])
                 if save_starts:
@@ -1132,10 +1132,19 @@ def _scan_run(kind, present, xs, last_rows, start, ln_w, ln_b, rule, fns, like, 
         after = [t.clone() if any(t is c for c in carry) else t for t in _flatten_state(st)]  # no aliases
         return after, [y, *([carry[j].clone() for j in keep] if save else [])]
 
-    n_w = len(like[0])  # the anchor is often the weights themselves, and a scan's inputs must not alias
-    start = [t.clone() if n_w <= j < 2 * n_w else t for j, t in enumerate(start)]
-    after, ys = torch._higher_order_ops.scan(chunk, start, [*xs, last_rows])
+    after, ys = torch._higher_order_ops.scan(chunk, list(start), [*xs, last_rows])
     return ys[0], after, ys[1:]
+
+
+def _unaliased(tensors):
+    """tensors, each one that shares storage with an earlier one cloned: a scan's carried inputs must not alias (the
+    anchor is often the weights themselves; a model's start state can be views of one buffer)."""
+    seen, out = set(), []
+    for t in tensors:
+        ptr = t.untyped_storage().data_ptr()
+        out.append(t.clone() if ptr in seen else t)
+        seen.add(ptr)
+    return out
 
 
 def _kept_slots(like):
@@ -1253,8 +1262,8 @@ def _chunk_loop_backward(xs: list[torch.Tensor], present: list[bool], starts: li
                 torch._dynamo.mark_dynamic(t, 0)
             with _autograd_inside_op(), torch.enable_grad(), torch.autocast(ln_w.device.type, enabled=False):
                 d_xs, d_lw, d_lb, d_state = _compiled(_scan_run_grads, ("scan_grads", kind, *key))(
-                    kind, present, xs_r, last_r, dys_r, saved, d_state, ln_w.detach(), ln_b.detach(), rule, fns,
-                    like)
+                    kind, present, xs_r, last_r, dys_r, saved, _unaliased(d_state), ln_w.detach(), ln_b.detach(),
+                    rule, fns, like)
             length = sum(n for _, n in plan[first:first + n_groups])
             d_segments[si] = [g.movedim(0, 1).flatten(1, 2)[:, :length] for g in d_xs]
             d_lws.append(d_lw.sum(0))
@@ -1301,6 +1310,7 @@ def _scan_run_grads(kind, present, xs, last_rows, dys, saved, d_end, ln_w, ln_b,
 
         d_lw, d_lb, d_inputs, d_start = _vjp(chunk, ln_w, ln_b, inputs, start, [dy], d_after)
         d_anchor = [torch.zeros_like(t) for t in d_after[n_w:2 * n_w]]
+        d_start = [t.clone() if any(t is c for c in d_after) else t for t in d_start]  # a slot passed through
         return [*d_start[:n_w], *d_anchor, *d_start[n_w:]], [*d_inputs, d_lw, d_lb]
 
     d_start, ys = torch._higher_order_ops.scan(chunk_grads, list(d_end), [*xs, dys, last_rows, *saved], reverse=True)

@@ -212,6 +212,26 @@ def test_scanned_chunks_compile_once_for_every_number_of_chunks(objective, reten
     assert counter.frame_count == 2, f"{counter.frame_count} graphs for 3, 5 and 6 chunks"
 
 
+def test_scanned_chunks_from_a_start_state_of_one_tensor(monkeypatch):
+    """A scan refuses carried inputs that alias each other, and a start state can be views of one buffer (here both
+    weight matrices are one tensor, expansion 1): the scanned chunks run from it as from any other, forward and
+    backward, and equal eager (float64; a counting aot_eager compiles the scan: it checks the aliasing as Inductor
+    does)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    monkeypatch.setattr(memory_core, "CHUNK_BACKEND", CompileCounterWithBackend("aot_eager"))
+    monkeypatch.setattr(memory_core, "_COMPILED", {})
+    torch._dynamo.reset()
+    kw = dict(objective="lp", retention="lq", chunk_size=4)
+    x, leaves = grad_inputs(make_inputs(32, T=12, E=1, retention="lq"), "lp", False)
+    x["state"] = (x["state"][0], x["state"][0])
+    y, g = grads(x, leaves, True, False, **kw)
+    y_c, g_c = grads(x, leaves, True, False, compile_chunks=True, **kw)
+    assert_close(y_c, y, rtol=1e-10, atol=1e-11, what="scanned y")
+    for name in g:
+        assert_close(g_c[name], g[name], rtol=1e-9, atol=1e-10, what=f"scanned d/d{name}")
+    assert memory_core.CHUNK_BACKEND.frame_count == 2
+
+
 @pytest.mark.parametrize("objective,retention,T", [("lp", "lq", 9), ("l2", "kl", 6)])
 def test_compiled_chunks_with_the_gauss_newton_step(objective, retention, T):
     """The Gauss-Newton step inside compiled, padded pieces: the padded no-op tokens (k = 0) have no step and
