@@ -781,7 +781,8 @@ def _chunked_split(tensors, plan, chunk, fills):
         rest = _pad_to(t[:, head:], n_rest * chunk, fill) if n_rest else None
         stack = row_major(rest.unflatten(1, (n_rest, chunk)).movedim(1, 0)) if n_rest else None
         stacks.append(stack)
-        columns.append(([_pad_to(t[:, :head], chunk, fill)] if head else []) + (list(stack.unbind(0)) if n_rest else []))
+        chunks = list(stack.unbind(0)) if n_rest else []
+        columns.append(([_pad_to(t[:, :head], chunk, fill)] if head else []) + chunks)
     pieces = list(zip(*columns))
     return [tuple(None if t is None else t[:, :1] for t in x) if kind == "lag" else x
             for (kind, _), x in zip(plan, pieces)], stacks
@@ -1243,7 +1244,7 @@ def _chunk_loop_backward(xs: list[torch.Tensor], present: list[bool], starts: li
     # the compiled vjp guards on its inputs' aliasing)
     d_state = [s.new_zeros(s.shape) if g is None else g for s, g in zip(state, grads_out[1:])]
     d_lws, d_lbs = [], []
-    d_segments = [None] * len(segments)  # per segment, the gradient of each present input over its pieces
+    d_segments = [None] * len(segments)  # per segment, per piece (a scanned run: one), each present input's grad
     # a start slot not saved (_saved_slots) is not read by its group: zeros of its size stand in for it and
     # for its gradient, so that every group of a kind has the same inputs (one graph)
     zeros = [t.new_zeros(t.shape) for t in state]
@@ -1265,7 +1266,7 @@ def _chunk_loop_backward(xs: list[torch.Tensor], present: list[bool], starts: li
                     kind, present, xs_r, last_r, dys_r, saved, _unaliased(d_state), ln_w.detach(), ln_b.detach(),
                     rule, fns, like)
             length = sum(n for _, n in plan[first:first + n_groups])
-            d_segments[si] = [g.movedim(0, 1).flatten(1, 2)[:, :length] for g in d_xs]
+            d_segments[si] = [[g.movedim(0, 1).flatten(1, 2)[:, :length] for g in d_xs]]
             d_lws.append(d_lw.sum(0))
             d_lbs.append(d_lb.sum(0))
             continue
@@ -1284,12 +1285,12 @@ def _chunk_loop_backward(xs: list[torch.Tensor], present: list[bool], starts: li
         with _autograd_inside_op(), torch.enable_grad(), torch.autocast(ln_w.device.type, enabled=False):
             d_lw, d_lb, d_xs, d_state = group_grads(kinds, xs_g, start, ln_w.detach(), ln_b.detach(), dys_g,
                                                     d_state, rule, fns, like, last_rows[gi])
-        d_segments[si] = [torch.cat([d[:, :plan[i][1]] for i, d in zip(group, parts)], dim=1)
-                          for parts in zip(*d_xs)]
+        d_segments[si] = [[g[:, :plan[i][1]] for g in d_x] for i, d_x in zip(group, d_xs)]
         d_lws.append(d_lw)
         d_lbs.append(d_lb)
     d_ln = [torch.stack(d_lws).sum(0), torch.stack(d_lbs).sum(0)]  # two kernels, not two per group
-    d_inputs = [parts[0] if len(parts) == 1 else torch.cat(parts, dim=1) for parts in zip(*d_segments)]
+    d_pieces = [d for segment in d_segments for d in segment]
+    d_inputs = [parts[0] if len(parts) == 1 else torch.cat(parts, dim=1) for parts in zip(*d_pieces)]
     return _fresh([*d_ln, *d_inputs, *d_state], {id(t) for t in (*xs, ln_w, ln_b, *grads_out)})
 
 
@@ -1304,7 +1305,8 @@ def _scan_run_grads(kind, present, xs, last_rows, dys, saved, d_end, ln_w, ln_b,
         inputs, dy, last_row, start = list(x[:n_x]), x[n_x], x[n_x + 1], list(x[n_x + 2:])
 
         def chunk(ln_w, ln_b, x, start):
-            st = _unflatten_state([*start[:n_w], *start[:n_w], *start[n_w:]], like)  # the weights stand in for the anchor
+            # the weights stand in for the anchor, which a chunk start does not read
+            st = _unflatten_state([*start[:n_w], *start[:n_w], *start[n_w:]], like)
             y, st = _run_piece(kind, _with_absent(x, present), st, ln_w, ln_b, rule, fns, last_row)
             return [y], _flatten_state(st)
 
