@@ -1266,7 +1266,9 @@ def _chunk_loop_backward(xs: list[torch.Tensor], present: list[bool], starts: li
                     kind, present, xs_r, last_r, dys_r, saved, _unaliased(d_state), ln_w.detach(), ln_b.detach(),
                     rule, fns, like)
             length = sum(n for _, n in plan[first:first + n_groups])
-            d_segments[si] = [[g.movedim(0, 1).flatten(1, 2)[:, :length] for g in d_xs]]
+            # the reverse scan's outputs are in reverse chunk order: one copy puts them back and in [N, T] order
+            back = torch.arange(n_groups - 1, -1, -1, device=ln_w.device)
+            d_segments[si] = [[g.movedim(0, 1).index_select(1, back).flatten(1, 2)[:, :length] for g in d_xs]]
             d_lws.append(d_lw.sum(0))
             d_lbs.append(d_lb.sum(0))
             continue
@@ -1295,14 +1297,16 @@ def _chunk_loop_backward(xs: list[torch.Tensor], present: list[bool], starts: li
 
 
 def _scan_run_grads(kind, present, xs, last_rows, dys, saved, d_end, ln_w, ln_b, rule, fns, like):
-    """_scan_run's backward: a reverse scan that recomputes each chunk from its saved start (saved: [n, ...] for
-    each slot but the anchor's) and differentiates it (torch.func.vjp), carrying the gradient of the state from
-    d_end (the state after the run). Returns (d xs [n, N, b, ...] per present input, d ln_w and d ln_b per chunk
-    [n, ...], d of the run's start state, zeros for the anchor, which a chunk start does not read)."""
+    """_scan_run's backward: a scan over the chunks in reverse that recomputes each chunk from its saved start
+    (saved: [n, ...] for each slot but the anchor's) and differentiates it (torch.func.vjp), carrying the gradient
+    of the state from d_end (the state after the run). Returns (d xs [n, N, b, ...] per present input and d ln_w and
+    d ln_b [n, ...], each in reverse chunk order, and d of the run's start state, zeros for the anchor, which a
+    chunk start does not read)."""
     n_w, n_x = len(like[0]), len(xs)
 
-    def chunk_grads(d_after, x):
-        inputs, dy, last_row, start = list(x[:n_x]), x[n_x], x[n_x + 1], list(x[n_x + 2:])
+    def chunk_grads(d_after, i):
+        x = [t.index_select(0, i[0]).squeeze(0) for t in (*xs, dys, last_rows, *saved)]  # chunk i's rows
+        inputs, dy, last_row, start = x[:n_x], x[n_x], x[n_x + 1], x[n_x + 2:]
 
         def chunk(ln_w, ln_b, x, start):
             # the weights stand in for the anchor, which a chunk start does not read
@@ -1315,7 +1319,10 @@ def _scan_run_grads(kind, present, xs, last_rows, dys, saved, d_end, ln_w, ln_b,
         d_start = [t.clone() if any(t is c for c in d_after) else t for t in d_start]  # a slot passed through
         return [*d_start[:n_w], *d_anchor, *d_start[n_w:]], [*d_inputs, d_lw, d_lb]
 
-    d_start, ys = torch._higher_order_ops.scan(chunk_grads, list(d_end), [*xs, dys, last_rows, *saved], reverse=True)
+    # the chunks in reverse by an index each reads its rows at: scan's reverse=True flips (copies) every input
+    # first, the saved starts included, which raised a training step's peak memory
+    order = torch.arange(xs[0].shape[0] - 1, -1, -1, device=xs[0].device).unsqueeze(-1)
+    d_start, ys = torch._higher_order_ops.scan(chunk_grads, list(d_end), [order])
     return ys[:n_x], ys[n_x], ys[n_x + 1], d_start
 
 
