@@ -1047,7 +1047,10 @@ def _chunk_loop(xs: list[torch.Tensor], present: list[bool], state: list[torch.T
     # output is still in cache (a stack at the end re-reads them all from memory); a scan that runs every group
     # that saves one returns them stacked itself
     direct = save_starts and any(scanned and n == len(groups) - head for _, n, scanned in segments)
-    stacked = _new_stacked_starts(state, xs[0].shape[1], names, ints, pos, layout) if save_starts else []
+    if direct:  # the scan's saved starts stand in for every slot it saves; the anchor's saves none
+        stacked = [t.new_empty((0, *t.shape)) for t in state]
+    else:
+        stacked = _new_stacked_starts(state, xs[0].shape[1], names, ints, pos, layout) if save_starts else []
     ys = []
     if compiled:  # whole chunks (a first piece continuing a chunk padded to one), one graph per kind of group
         pieces, stacks = _chunked_split(inputs, plan, fns[5], _NO_OP)
@@ -1061,19 +1064,17 @@ def _chunk_loop(xs: list[torch.Tensor], present: list[bool], state: list[torch.T
         for gi, n_groups, scanned in segments:
             if scanned:
                 first = groups[gi][0]  # one piece per group: pieces first.., stacks' rows first - head..
-                kind = plan[first][0]
+                kind, keep = plan[first][0], [j for j, kept in enumerate(slots[gi]) if kept] if save_starts else []
                 y, flat, saved = _compiled(_scan_run, ("scan", kind, *key))(
                     kind, present, *_run_inputs(stacks, plan, first, n_groups, head), _unaliased(_flatten_state(st)),
-                    ln_w, ln_b, rule, fns, like, save_starts)
+                    ln_w, ln_b, rule, fns, like, keep)
                 st = _unflatten_state(flat, like)
                 ys.append(y.movedim(0, 1).flatten(1, 2)[:, :sum(n for _, n in plan[first:first + n_groups])])
-                if save_starts:
-                    saved = iter(saved)
-                    for j, (buf, keep) in enumerate(zip(stacked, slots[gi])):
-                        if keep and direct:
-                            stacked[j] = next(saved)
-                        elif keep:
-                            buf[gi - head:gi - head + n_groups].copy_(next(saved))
+                for j, starts in zip(keep, saved):
+                    if direct:
+                        stacked[j] = starts
+                    else:
+                        stacked[j][gi - head:gi - head + n_groups].copy_(starts)
                 continue
             group = groups[gi]
             if save_starts and any(slots[gi]):
@@ -1118,20 +1119,20 @@ def _run_inputs(stacks, plan, first, n, head):
     return xs, last_rows
 
 
-def _scan_run(kind, present, xs, last_rows, start, ln_w, ln_b, rule, fns, like, save):
+def _scan_run(kind, present, xs, last_rows, start, ln_w, ln_b, rule, fns, like, keep):
     """Consecutive whole chunks of one kind that each start one (_segments), as one scan
     (torch._higher_order_ops.scan) over their chunk-major inputs xs (the present ones, [n, N, b, ...]; last_rows
     [n, 1]: each one's last real row), from the flat state `start`. What compiled chunks compile as one graph for
     every n >= 2, which Inductor runs as one loop in its C++ wrapper. Returns (y [n, N, b, d], the flat state after,
-    and with save every chunk's start, [n, ...] for each slot but the anchor's)."""
-    keep = _kept_slots(like)
+    and every chunk's start in the slots `keep` (those a chunk start saves, _saved_slots; none without a backward),
+    [n, ...] each)."""
 
     def chunk(carry, x):
         st = _unflatten_state(carry, like)
         st = (st[0], list(st[0]), *st[2:])  # the anchor is not read: the weights stand in for it (_groups)
         y, st = _run_piece(kind, _with_absent(list(x[:-1]), present), st, ln_w, ln_b, rule, fns, x[-1])
         after = [t.clone() if any(t is c for c in carry) else t for t in _flatten_state(st)]  # no aliases
-        return after, [y, *([carry[j].clone() for j in keep] if save else [])]
+        return after, [y, *[carry[j].clone() for j in keep]]
 
     after, ys = torch._higher_order_ops.scan(chunk, list(start), [*xs, last_rows])
     return ys[0], after, ys[1:]
@@ -1146,12 +1147,6 @@ def _unaliased(tensors):
         out.append(t.clone() if ptr in seen else t)
         seen.add(ptr)
     return out
-
-
-def _kept_slots(like):
-    """The flat state's slots but the anchor's (what a chunk start saves and reads)."""
-    n_w = len(like[0])
-    return [j for j in range(n_w + sum(len(p) for p in like[1:] if p is not None)) if not n_w <= j < 2 * n_w]
 
 
 def _run_group(kinds, xs, st, ln_w, ln_b, rule, fns, last_rows):
@@ -1253,7 +1248,7 @@ def _chunk_loop_backward(xs: list[torch.Tensor], present: list[bool], starts: li
         d_state = [t.detach() if t.shape == z.shape else z for t, z in zip(d_state, zeros)]
         if scanned:  # one reverse scan over the run's chunks, each recomputed from its saved start
             first = groups[gi][0]
-            kind, keep = plan[first][0], _kept_slots(like)
+            kind, keep = plan[first][0], [j for j, kept in enumerate(slots[gi]) if kept]
             # detached, as a group's inputs are below: the saved starts are outputs of the forward
             xs_r, last_r = _run_inputs([None if t is None else t.detach() for t in stacks[:-1]], plan, first,
                                        n_groups, head)
