@@ -59,10 +59,13 @@ def chunks_on_aot_eager(monkeypatch):
     compiled chunk functions of their own (the process's is put back after, so that no other test runs these): for
     the tests whose subject is dynamo's graphs and guards or what surrounds the chunks, not Inductor's code for them,
     which was the suite's costliest compile on a cold cache. The tests that compare compiled chunks with eager run
-    Inductor."""
+    Inductor. Returns the backend, aot_eager counting the graphs it compiles (frame_count)."""
     import memory_core
-    monkeypatch.setattr(memory_core, "CHUNK_BACKEND", "aot_eager")
+    from torch._dynamo.testing import CompileCounterWithBackend
+    counter = CompileCounterWithBackend("aot_eager")
+    monkeypatch.setattr(memory_core, "CHUNK_BACKEND", counter)
     monkeypatch.setattr(memory_core, "_COMPILED", {})
+    return counter
 
 
 # Tolerances for comparisons that must run in float32 / bfloat16 (compile vs eager, autocast). Exactness checks

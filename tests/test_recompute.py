@@ -188,16 +188,12 @@ def test_compiled_chunks_inside_a_compiled_model_compile_on_the_first_step_only(
 
 
 @pytest.mark.parametrize("objective,retention", [("lp", "lq"), ("l2", "kl")])
-def test_scanned_chunks_compile_once_for_every_number_of_chunks(objective, retention, monkeypatch):
+def test_scanned_chunks_compile_once_for_every_number_of_chunks(objective, retention, chunks_on_aot_eager):
     """On a CPU (memory_core.SCAN_DEVICES) a call's whole chunks run as one scan (_scan_run) with the number of
     chunks dynamic: its forward and its backward (_scan_run_grads) compile once for 3, 5 (a padded last one) and
     6 chunks, nothing else compiles (for kl: a lag chunk at every chunk start), and outputs and gradients equal
     eager's (float64). The compiler is a counting aot_eager (Inductor's code for the scan: the other compiled-chunk
     tests)."""
-    from torch._dynamo.testing import CompileCounterWithBackend
-    counter = CompileCounterWithBackend("aot_eager")
-    monkeypatch.setattr(memory_core, "CHUNK_BACKEND", counter)
-    monkeypatch.setattr(memory_core, "_COMPILED", {})
     assert "cpu" in memory_core.SCAN_DEVICES
     torch._dynamo.reset()
     kw = dict(objective=objective, retention=retention, chunk_size=4)
@@ -209,17 +205,14 @@ def test_scanned_chunks_compile_once_for_every_number_of_chunks(objective, reten
         for name in g:
             assert_close(g_c[name], g[name], rtol=1e-9, atol=1e-10, what=f"scanned d/d{name} at T={T}")
     assert sorted(fn.__name__ for fn, _ in memory_core._COMPILED) == ["_scan_run", "_scan_run_grads"]
-    assert counter.frame_count == 2, f"{counter.frame_count} graphs for 3, 5 and 6 chunks"
+    assert chunks_on_aot_eager.frame_count == 2, f"{chunks_on_aot_eager.frame_count} graphs for 3, 5 and 6 chunks"
 
 
-def test_scanned_chunks_from_a_start_state_of_one_tensor(monkeypatch):
+def test_scanned_chunks_from_a_start_state_of_one_tensor(chunks_on_aot_eager):
     """A scan refuses carried inputs that alias each other, and a start state can be views of one buffer (here both
     weight matrices are one tensor, expansion 1): the scanned chunks run from it as from any other, forward and
     backward, and equal eager (float64; a counting aot_eager compiles the scan: it checks the aliasing as Inductor
     does)."""
-    from torch._dynamo.testing import CompileCounterWithBackend
-    monkeypatch.setattr(memory_core, "CHUNK_BACKEND", CompileCounterWithBackend("aot_eager"))
-    monkeypatch.setattr(memory_core, "_COMPILED", {})
     torch._dynamo.reset()
     kw = dict(objective="lp", retention="lq", chunk_size=4)
     x, leaves = grad_inputs(make_inputs(32, T=12, E=1, retention="lq"), "lp", False)
@@ -229,7 +222,7 @@ def test_scanned_chunks_from_a_start_state_of_one_tensor(monkeypatch):
     assert_close(y_c, y, rtol=1e-10, atol=1e-11, what="scanned y")
     for name in g:
         assert_close(g_c[name], g[name], rtol=1e-9, atol=1e-10, what=f"scanned d/d{name}")
-    assert memory_core.CHUNK_BACKEND.frame_count == 2
+    assert chunks_on_aot_eager.frame_count == 2
 
 
 @pytest.mark.parametrize("objective,retention,T", [("lp", "lq", 9), ("l2", "kl", 6)])
