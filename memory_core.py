@@ -36,6 +36,7 @@ length plus token-by-token decoding (miras_memory_step) equals one call over the
 The semantics (the contract tests and benchmarks rely on) and where they deviate from the paper: README,
 "The memory engine" and "Deviations".
 """
+import gc
 import hashlib
 import importlib
 import math
@@ -711,9 +712,24 @@ def _compiled(fn, key):
             # the caller for a graph with a scan (its key holds the scanned function's code as it does the graph's)
             options.update(cpp_wrapper=True,
                            unsafe_marked_cacheable_functions={"torch.ops.higher_order.scan": torch.__version__})
-        _COMPILED[(fn, key)] = torch.compile(with_own_code(fn, len(_COMPILED)), fullgraph=True, dynamic=False,
-                                             backend=CHUNK_BACKEND, options=options)
+        compiled = torch.compile(with_own_code(fn, len(_COMPILED)), fullgraph=True, dynamic=False,
+                                 backend=CHUNK_BACKEND, options=options)
+        _COMPILED[(fn, key)] = _collecting_compile_garbage(compiled) if fn in (_scan_run, _scan_run_grads) else compiled
     return _COMPILED[(fn, key)]
+
+
+def _collecting_compile_garbage(compiled):
+    """A compiled function whose calls that compile a graph end with a full garbage collection. Dynamo's tracer
+    keeps the inputs of the call it compiles in reference cycles; a scan's inputs are a whole call's chunk-major
+    stacks and saved starts, which would otherwise stay until Python's next full collection (the peak heap of a CPU
+    training run held them). For the scans only: a per-chunk graph's inputs are one chunk's."""
+    def call(*args):
+        before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        out = compiled(*args)
+        if torch._dynamo.utils.counters["stats"]["unique_graphs"] != before:
+            gc.collect()
+        return out
+    return call
 
 
 def with_own_code(fn, tag):

@@ -225,6 +225,28 @@ def test_scanned_chunks_from_a_start_state_of_one_tensor(chunks_on_aot_eager):
     assert chunks_on_aot_eager.frame_count == 2
 
 
+def test_a_scan_that_compiles_leaves_its_inputs_to_no_reference_cycle(chunks_on_aot_eager):
+    """Dynamo's tracer keeps the inputs of a call it compiles in reference cycles, for a scan the whole call's
+    chunk-major stacks and saved starts: the scanned call that compiled collects them, so that none waits for
+    Python's next full collection (automatic collection off here; 3 chunks of 4: a stack is [3, N, 4, ...])."""
+    import gc
+    torch._dynamo.reset()
+    x, leaves = grad_inputs(make_inputs(33, T=12, retention="lq"), "lp", False)
+    gc.collect()
+    gc.disable()
+    try:
+        grads(x, leaves, True, False, compile_chunks=True, objective="lp", retention="lq", chunk_size=4)
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        left = [tuple(o.shape) for o in gc.garbage if type(o) is torch.Tensor and o.dim() > 1 and o.shape[0] == 3]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert chunks_on_aot_eager.frame_count == 2
+    assert not left, f"the scans' inputs left in reference cycles: {left}"
+
+
 @pytest.mark.parametrize("objective,retention,T", [("lp", "lq", 9), ("l2", "kl", 6)])
 def test_compiled_chunks_with_the_gauss_newton_step(objective, retention, T):
     """The Gauss-Newton step inside compiled, padded pieces: the padded no-op tokens (k = 0) have no step and
