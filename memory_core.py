@@ -706,15 +706,16 @@ def _compiled(fn, key):
     guards check every input's shape and strides (static), so Inductor's own assert of each on every call, host
     work paid once per chunk, is off."""
     if (fn, key) not in _COMPILED:
+        scan = fn in (_scan_run, _scan_run_grads)
         options = {"size_asserts": False} if CHUNK_BACKEND == "inductor" else None
-        if options and fn in (_scan_run, _scan_run_grads):
+        if options and scan:
             # the scan's loop in C++, not Python; and Inductor's on-disk cache for its graphs, which it leaves to
             # the caller for a graph with a scan (its key holds the scanned function's code as it does the graph's)
             options.update(cpp_wrapper=True,
                            unsafe_marked_cacheable_functions={"torch.ops.higher_order.scan": torch.__version__})
         compiled = torch.compile(with_own_code(fn, len(_COMPILED)), fullgraph=True, dynamic=False,
                                  backend=CHUNK_BACKEND, options=options)
-        _COMPILED[(fn, key)] = _collecting_compile_garbage(compiled) if fn in (_scan_run, _scan_run_grads) else compiled
+        _COMPILED[(fn, key)] = _collecting_compile_garbage(compiled) if scan else compiled
     return _COMPILED[(fn, key)]
 
 
@@ -1000,19 +1001,13 @@ def _new_stacked_starts(state, T, names, ints, pos, layout):
     return [t.new_empty((n, *t.shape)) for t, n in zip(state, counts)]
 
 
-def _unstack_starts(state, stacked, slots):
-    """Every group's start state, flattened: a first group continuing a chunk (one that saved nothing) starts from
-    `state`; the others read their saved slots from `stacked` and get an empty tensor for a slot they did not
-    save."""
-    starts, used = [], [0] * len(state)
-    for row in slots:
-        if not any(row):
-            starts += list(state)
-            continue
-        for j, saved in enumerate(row):
-            starts.append(stacked[j][used[j]] if saved else stacked[j].new_empty(0))
-            used[j] += saved
-    return starts
+def _group_start(state, stacked, slots, gi, head):
+    """Group gi's start state, flattened: a first group continuing a chunk (one that saved nothing) starts from
+    `state`; the others read their saved slots from row gi - head of `stacked` (every group but such a head saves,
+    _saved_slots) and get an empty tensor for a slot they did not save."""
+    if not any(slots[gi]):
+        return list(state)
+    return [stacked[j][gi - head] if saved else stacked[j].new_empty(0) for j, saved in enumerate(slots[gi])]
 
 
 def _with_absent(xs, present):
@@ -1241,7 +1236,6 @@ def _chunk_loop_backward(xs: list[torch.Tensor], present: list[bool], starts: li
         raise RuntimeError("miras::chunk_loop backward without the saved piece starts: the forward ran with "
                            "grad mode off; run it under torch.enable_grad() to differentiate it")
     state, stacked, slots = starts[:n_st], starts[n_st:], _saved_slots(plan, groups, layout)
-    starts = _unstack_starts(state, stacked, slots)
     segments = _segments(plan, groups, compiled and bool(ints[5]))
     head = int(plan[0][0] == "continue")
     if compiled:  # whole chunks, padded once per call (_chunked_split), dy with zeros
@@ -1284,7 +1278,7 @@ def _chunk_loop_backward(xs: list[torch.Tensor], present: list[bool], starts: li
             d_lbs.append(d_lb.sum(0))
             continue
         group = groups[gi]
-        kinds, start = tuple(plan[i][0] for i in group), starts[gi * n_st:(gi + 1) * n_st]
+        kinds, start = tuple(plan[i][0] for i in group), _group_start(state, stacked, slots, gi, head)
         xs_g, dys_g = [pieces[i] for i in group], [dys[i] for i in group]
         group_grads = _group_grads
         if compiled:  # one graph per kind of group, whatever its length, strides and requires_grad
