@@ -127,7 +127,7 @@ class MirasConfig(LMConfig):
                                   # (train.py --compile): on a CPU alone, compiling costs more than it saves
     recompute_inputs: bool = True  # training: the backward recomputes the memory's inputs (input projection, short
                                   # conv, silu, norms, gates) instead of keeping them: the activation memory of
-                                  # the default, for a slower step; False keeps them (README, "Benchmarks")
+                                  # the default, for a slower step; False keeps them (README, "The memory engine")
     conv_size: int = 4            # depthwise causal conv on q, k, v
     use_rope: bool = False        # RoPE on the Miras layer's q, k (attention layers always use RoPE)
     gate_rank: int = 32           # rank of the low-rank gate projection (paper: 32 or 64)
