@@ -4,6 +4,7 @@ retention, T not a multiple of the chunk and T < chunk, a carried MemoryState in
 normalize_step; its compiled chunks; and that a training step and a decode step never make the host wait on the
 device (CUDA-graph capture)."""
 import collections
+import gc
 import itertools
 import os
 import traceback
@@ -229,7 +230,6 @@ def test_a_scan_that_compiles_leaves_its_inputs_to_no_reference_cycle(chunks_on_
     """Dynamo's tracer keeps the inputs of a call it compiles in reference cycles, for a scan the whole call's
     chunk-major stacks and saved starts: the scanned call that compiled collects them, so that none waits for
     Python's next full collection (automatic collection off here; 3 chunks of 4: a stack is [3, N, 4, ...])."""
-    import gc
     torch._dynamo.reset()
     x, leaves = grad_inputs(make_inputs(33, T=12, retention="lq"), "lp", False)
     gc.collect()
