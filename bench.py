@@ -14,7 +14,10 @@ over --repeats rounds after --warmup untimed runs (at least one: the first call,
 first_call_s, which includes compiling under --compile); a round is one training step or prefill, or
 --decode_tokens decode steps after a fresh prefill of seq_len tokens (the decode median is over every step; decode
 warms up with as many untimed steps as it takes to run every graph that the timed and profiled steps run).
-The batch is tokens_per_step // seq_len so every length does the same work per step.
+The batch is tokens_per_step // seq_len so every length does the same work per step. Every row has
+minor_faults_per_round: the host's minor page faults in a timed round, the rounds' median (the worker's, every
+thread's; interleaved, the round's own): pages the allocator gave back to the system and touched again, each paid
+in system time.
 --interleave runs every model of one (length, mode) in one worker instead, the rounds taken in turns, so that
 the models compare on a machine whose speed drifts over minutes (a shared CPU); peak memory is then null.
 --interleave_lengths (with --interleave) puts every length of a mode in that worker too, so that the lengths
@@ -550,10 +553,29 @@ def prepare_cell(cfg, name, seq_len, mode):
     return run, result
 
 
+def counting_faults(cell):
+    """A cell's (run, result) with the process's minor page faults counted in each round: result's fields gain
+    minor_faults_per_round, the median over the rounds run so far (None before any). A step whose allocator
+    returns memory to the system when it frees it and faults it back in at the next allocation pays that in
+    system time, a cost the step's own code does not show (README, "Another CPU")."""
+    run, result = cell
+    faults = []
+
+    def counted_run():
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        out = run()
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+        return out
+
+    def counted_result(times):
+        return dict(result(times), minor_faults_per_round=int(statistics.median(faults)) if faults else None)
+    return counted_run, counted_result
+
+
 def bench_model(cfg, name, seq_len, mode):
     """One cell in its own worker: --repeats rounds, timed after the warm-up; on a CPU whose C library can say,
     one more round under HeapPeak for peak_heap_bytes (above the worker's start)."""
-    run, result = prepare_cell(cfg, name, seq_len, mode)
+    run, result = counting_faults(prepare_cell(cfg, name, seq_len, mode))
     out = result([t for _ in range(cfg.repeats) for t in run()])
     if _HEAP_AT_START is not None:
         with HeapPeak() as heap:
@@ -569,7 +591,7 @@ def bench_interleaved(cfg, names, seq_lens, mode):
     apart in their own workers do not compare; cells timed in turns see the same drift. Returns
     {(name, seq_len): fields}."""
     keys = [(name, n) for n in seq_lens for name in names]
-    cells = {key: prepare_cell(cfg, *key, mode) for key in keys}
+    cells = {key: counting_faults(prepare_cell(cfg, *key, mode)) for key in keys}
     times = {key: [] for key in keys}
     for turn in range(cfg.repeats):
         for key in (keys if turn % 2 == 0 else keys[::-1]):

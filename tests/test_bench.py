@@ -13,7 +13,7 @@ import torch
 import bench
 
 MODEL_FIELDS = {"model", "seq_len", "mode", "tokens_per_s", "peak_mem_bytes", "device", "compile", "dtype",
-                "first_call_s", "model_args"}
+                "first_call_s", "model_args", "minor_faults_per_round"}
 
 
 def run_bench(tmp_path, *extra):
@@ -32,6 +32,7 @@ def test_two_models_two_lengths_write_every_field(tmp_path):
         assert MODEL_FIELDS <= r.keys(), MODEL_FIELDS - r.keys()
         assert "oom" not in r and "error" not in r, r
         assert r["tokens_per_s"] > 0 and r["peak_mem_bytes"] >= 0
+        assert isinstance(r["minor_faults_per_round"], int) and r["minor_faults_per_round"] >= 0
         if bench._MALLINFO2 is not None:  # glibc: the heap's bytes in use at one more round's peak (the model's
             assert r["peak_heap_bytes"] > 0  # weights alone are above the worker's start)
         assert r["device"] == "cpu" and r["compile"] is False and r["dtype"] == "float32"
@@ -49,6 +50,24 @@ def test_two_models_two_lengths_write_every_field(tmp_path):
     assert all(r["compiled_by_regions"] is False for r in decode.values())
     assert report["info"]["torch"] and report["info"]["threads"] >= 1
     assert (tmp_path / "bench.png").exists() or "matplotlib" not in str(report)
+
+
+def test_counting_faults_counts_the_pages_a_round_touches_afresh():
+    """A round that allocates and fills 64 MiB (above any malloc's mmap threshold: mapped at the allocation and
+    given back at the free) faults on each of its pages, 4 KiB or 2 MiB (transparent huge pages), every round; a
+    round that touches nothing new does not. The median is over the rounds run, None before any."""
+    def fresh():
+        torch.ones(16 * 2**20).sum()
+        return [0.0]
+    run, result = bench.counting_faults((fresh, lambda times: {"seconds": times}))
+    assert result([1.0]) == {"seconds": [1.0], "minor_faults_per_round": None}
+    assert run() == [0.0]
+    run()
+    assert result([1.0])["minor_faults_per_round"] >= 64 * 2**20 // (2 * 2**20)
+    idle_run, idle_result = bench.counting_faults((lambda: [0.0], lambda times: {}))
+    idle_run()
+    idle_run()
+    assert idle_result([])["minor_faults_per_round"] < result([1.0])["minor_faults_per_round"]
 
 
 @pytest.mark.skipif(bench._MALLINFO2 is None, reason="the C library is not glibc: no mallinfo2")
@@ -180,6 +199,14 @@ def test_compiled_decode_warms_up_to_every_graph_the_timed_steps_use(decode_grap
     assert ("profile" in result(times)) == profile
 
 
+def without_faults(out):
+    """An interleaved result's fields but minor_faults_per_round, after checking that every cell has that count
+    (counting_faults: each cell its own rounds')."""
+    for fields in out.values():
+        assert isinstance(fields["minor_faults_per_round"], int) and fields["minor_faults_per_round"] >= 0
+    return {key: {k: v for k, v in fields.items() if k != "minor_faults_per_round"} for key, fields in out.items()}
+
+
 def test_interleave_prepares_every_model_then_times_rounds_in_turns(monkeypatch):
     """All cells are built (and compiled) before any is timed; each turn times one round of every model, the
     order reversed every other turn; each model's result sees all of its rounds."""
@@ -197,8 +224,8 @@ def test_interleave_prepares_every_model_then_times_rounds_in_turns(monkeypatch)
     out = bench.bench_interleaved(cfg, ["a", "b"], [16], "train")
     assert log == [("prepare", "a"), ("prepare", "b"), ("run", "a"), ("run", "b"), ("run", "b"), ("run", "a"),
                    ("run", "a"), ("run", "b")]
-    assert out == {("a", 16): dict(times=[3.0, 6.0, 7.0], interleaved=True),
-                   ("b", 16): dict(times=[4.0, 5.0, 8.0], interleaved=True)}
+    assert without_faults(out) == {("a", 16): dict(times=[3.0, 6.0, 7.0], interleaved=True),
+                                   ("b", 16): dict(times=[4.0, 5.0, 8.0], interleaved=True)}
 
 
 def test_interleaved_lengths_are_prepared_then_timed_in_turns_with_the_models(monkeypatch):
@@ -218,7 +245,7 @@ def test_interleaved_lengths_are_prepared_then_timed_in_turns_with_the_models(mo
     out = bench.bench_interleaved(cfg, ["a", "b"], [16, 32], "decode")
     cells = [("a", 16), ("b", 16), ("a", 32), ("b", 32)]
     assert log == [("prepare", *c) for c in cells] + cells + cells[::-1]
-    assert out == {c: dict(times=[5.0 + i, 12.0 - i], interleaved=True) for i, c in enumerate(cells)}
+    assert without_faults(out) == {c: dict(times=[5.0 + i, 12.0 - i], interleaved=True) for i, c in enumerate(cells)}
 
 
 def test_interleave_lengths_runs_one_worker_per_mode(tmp_path, monkeypatch):
