@@ -771,8 +771,8 @@ def titans_baseline(cfg):
 
 def cpu_name(cpuinfo="/proc/cpuinfo"):
     """The CPU's model name where the OS says it (Linux's cpuinfo), else what platform knows (on Linux only the
-    architecture, "x86_64"): the ratios between models move with the machine (results/bench/HISTORY.md, "On a
-    second CPU")."""
+    architecture, "x86_64"): the ratios between models move with the machine (README, "Another CPU: an Intel Xeon
+    with AVX-512"; results/bench/HISTORY.md, "On a second CPU")."""
     try:
         with open(cpuinfo) as f:
             for line in f:
